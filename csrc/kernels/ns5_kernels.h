@@ -1,0 +1,63 @@
+// Launch interface of the ns5 CUDA kernels. Torch-free on purpose: the .cu files that include it
+// compile quickly, and csrc/ns5_cuda.cpp (which knows torch) fills these structs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define MUONKERN_HOST_DEVICE __host__ __device__
+#else
+#define MUONKERN_HOST_DEVICE
+#endif
+
+namespace muonkern {
+
+enum class DType : int { Float32, BFloat16, Float16, Float64 };
+
+inline constexpr int kMaxBatchDims = 8;
+
+// A batch of strided matrices: element (b, r, c) lives at data + offset(b) + r*row_stride + c*col_stride
+// (in elements), where offset(b) decodes the flat batch index b over the leading dims.
+struct StridedMatrices {
+  const void* data;
+  DType dtype;
+  int batch_dims;
+  int64_t batch_sizes[kMaxBatchDims];
+  int64_t batch_strides[kMaxBatchDims];
+  int64_t row_stride, col_stride;
+};
+
+// One ns5 call: `batch` matrices of m x n read from `in`, results written to the contiguous
+// (batch, m, n) tensor `out` of the same dtype. The iteration runs on the wide orientation:
+// R = min(m, n) rows, C = max(m, n) columns, transposing when m > n.
+struct Ns5Problem {
+  StridedMatrices in;
+  void* out;
+  int64_t batch, m, n;
+  float eps;
+  int steps;
+  MUONKERN_HOST_DEVICE bool transpose() const { return m > n; }
+  MUONKERN_HOST_DEVICE int64_t short_side() const { return m < n ? m : n; }
+  MUONKERN_HOST_DEVICE int64_t long_side() const { return m < n ? n : m; }
+};
+
+// ---- fused path: one launch, one thread block per matrix, all iterations in shared memory ----
+inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows lives in registers
+inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
+// Shared memory the fused kernel needs for an m x n problem (0 when the short side is too long).
+size_t ns5_fused_smem_bytes(int64_t m, int64_t n);
+// `abc` holds 3*steps host floats.
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, cudaStream_t stream);
+
+// ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
+// X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
+// kernel; `sumsq` is scratch for `batch` floats.
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* sumsq, cudaStream_t stream);
+// out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
+cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
+
+}  // namespace muonkern

@@ -1,0 +1,153 @@
+// Elementwise ends of the general ns5 path, around the cuBLASLt products:
+//   normalize: X = bf16(G / (||G||_F + eps)), transposed to the wide orientation, in ONE cooperative
+//              launch (zero the sums | grid sync | sum of squares | grid sync | scale, cast, transpose);
+//   finish:    out = X transposed back and cast to G's dtype.
+// Both walk 32x32 tiles of the m x n matrices and transpose through shared memory, so global reads
+// and writes stay coalesced in either orientation.
+#include <cooperative_groups.h>
+
+#include "ns5_device.cuh"
+#include "ns5_kernels.h"
+
+namespace muonkern {
+namespace {
+
+namespace cg = cooperative_groups;
+using bf16 = __nv_bfloat16;
+
+constexpr int kTile = 32;
+constexpr int kRowsPerPass = 8;  // a 32 x 8 thread block covers a tile in 4 passes
+constexpr int kThreads = kTile * kRowsPerPass;
+
+struct TileGrid {
+  int64_t tiles_m, tiles_n, per_matrix, total;
+  __host__ __device__ explicit TileGrid(const Ns5Problem& p)
+      : tiles_m((p.m + kTile - 1) / kTile), tiles_n((p.n + kTile - 1) / kTile),
+        per_matrix(tiles_m * tiles_n), total(p.batch * per_matrix) {}
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
+                                                                 float* sumsq) {
+  __shared__ float tile[kTile][kTile + 1];
+  __shared__ float scratch[32];
+  const cg::grid_group grid = cg::this_grid();
+  const TileGrid tg(p);
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  const T* G = static_cast<const T*>(p.in.data);
+  // Each block takes a contiguous run of tiles, so it flushes one partial sum per matrix it touches.
+  const int64_t chunk = (tg.total + gridDim.x - 1) / gridDim.x;
+  const int64_t first = blockIdx.x * chunk, last = min(first + chunk, tg.total);
+
+  for (int64_t b = blockIdx.x * blockDim.x + threadIdx.x; b < p.batch; b += gridDim.x * blockDim.x) sumsq[b] = 0.f;
+  grid.sync();
+
+  float partial = 0.f;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
+    const T* g = G + batch_offset(p.in, b);
+    const int64_t c = ct * kTile + tx;
+    for (int i = ty; i < kTile; i += kRowsPerPass) {
+      const int64_t r = rt * kTile + i;
+      if (r < p.m && c < p.n) {
+        const float v = to_float(g[r * p.in.row_stride + c * p.in.col_stride]);
+        partial += v * v;
+      }
+    }
+    if (t + 1 == last || (t + 1) / tg.per_matrix != b) {  // block-uniform: flush at each matrix's end
+      const float s = block_sum(partial, scratch);
+      if (threadIdx.x == 0) atomicAdd(&sumsq[b], s);
+      partial = 0.f;
+    }
+  }
+  grid.sync();
+
+  const int64_t R = p.short_side(), C = p.long_side();
+  const bool transpose = p.transpose();
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
+    const T* g = G + batch_offset(p.in, b);
+    bf16* x = X + b * R * C;
+    const float scale = 1.f / (sqrtf(sumsq[b]) + p.eps);
+    for (int i = ty; i < kTile; i += kRowsPerPass) {
+      const int64_t r = rt * kTile + i, c = ct * kTile + tx;
+      const float v = (r < p.m && c < p.n) ? to_float(g[r * p.in.row_stride + c * p.in.col_stride]) * scale : 0.f;
+      if (!transpose) {
+        if (r < p.m && c < p.n) x[r * C + c] = __float2bfloat16_rn(v);
+      } else {
+        tile[i][tx] = v;
+      }
+    }
+    if (transpose) {  // X row = G column
+      __syncthreads();
+      for (int i = ty; i < kTile; i += kRowsPerPass) {
+        const int64_t xr = ct * kTile + i, xc = rt * kTile + tx;
+        if (xr < R && xc < C) x[xr * C + xc] = __float2bfloat16_rn(tile[tx][i]);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ns5_finish_kernel(const __grid_constant__ Ns5Problem p, const bf16* X) {
+  __shared__ float tile[kTile][kTile + 1];
+  const TileGrid tg(p);
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  const int64_t R = p.short_side(), C = p.long_side();
+  const bool transpose = p.transpose();
+  for (int64_t t = blockIdx.x; t < tg.total; t += gridDim.x) {
+    const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
+    const bf16* x = X + b * R * C;
+    T* out = static_cast<T*>(p.out) + b * p.m * p.n;
+    if (transpose) {  // read the tile along X's rows (= out's columns), write along out's rows
+      for (int i = ty; i < kTile; i += kRowsPerPass) {
+        const int64_t xr = ct * kTile + i, xc = rt * kTile + tx;
+        tile[i][tx] = (xr < R && xc < C) ? __bfloat162float(x[xr * C + xc]) : 0.f;
+      }
+      __syncthreads();
+    }
+    for (int i = ty; i < kTile; i += kRowsPerPass) {
+      const int64_t r = rt * kTile + i, c = ct * kTile + tx;
+      if (r < p.m && c < p.n) out[r * p.n + c] = from_float<T>(transpose ? tile[tx][i] : __bfloat162float(x[r * C + c]));
+    }
+    if (transpose) __syncthreads();
+  }
+}
+
+int sm_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count;
+}
+
+}  // namespace
+
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* sumsq, cudaStream_t stream) {
+  return dispatch_dtype(p.in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    int per_sm = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ns5_normalize_kernel<T>, kThreads, 0);
+    if (err != cudaSuccess) return err;
+    // Cooperative launches need every block resident at once.
+    const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
+    const int64_t tiles = TileGrid(p).total;
+    const int64_t wanted = tiles > p.batch ? tiles : p.batch;
+    dim3 grid(static_cast<unsigned>(wanted < resident ? wanted : resident)), block(kThreads);
+    Ns5Problem problem = p;
+    void* args[] = {&problem, &X, &sumsq};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ns5_normalize_kernel<T>), grid, block, args, 0, stream);
+  });
+}
+
+cudaError_t launch_ns5_finish(const Ns5Problem& p, const bf16* X, cudaStream_t stream) {
+  return dispatch_dtype(p.in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t tiles = TileGrid(p).total, cap = static_cast<int64_t>(sm_count()) * 16;
+    ns5_finish_kernel<T><<<static_cast<unsigned>(tiles < cap ? tiles : cap), kThreads, 0, stream>>>(p, X);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace muonkern

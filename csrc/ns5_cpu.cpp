@@ -1,0 +1,30 @@
+// CPU kernel of muonkern::ns5: the reference iteration as a composite of ATen ops, op for op the
+// same arithmetic as the Python fallback (muonkern/ops/fallback.py), so the two agree bitwise.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "ns5_common.h"
+
+namespace muonkern {
+
+at::Tensor ns5_cpu(const at::Tensor& G, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
+                   double eps) {
+  check_ns5_args(G, steps, coefficients, eps);
+  const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
+  at::Tensor X = G.to(at::kBFloat16);
+  X = X / (at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true) + eps);
+  const bool transposed = G.size(-2) > G.size(-1);
+  if (transposed) X = X.mT();
+  for (int64_t s = 0; s < steps; ++s) {
+    const double a = abc[3 * s], b = abc[3 * s + 1], c = abc[3 * s + 2];
+    at::Tensor A = at::matmul(X, X.mT());
+    at::Tensor B = A * b + at::matmul(A, A) * c;
+    X = X * a + at::matmul(B, X);
+  }
+  if (transposed) X = X.mT();
+  return X.to(G.scalar_type()).contiguous();
+}
+
+TORCH_LIBRARY_IMPL(muonkern, CPU, m) { m.impl("ns5", &ns5_cpu); }
+
+}  // namespace muonkern

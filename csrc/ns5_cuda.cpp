@@ -1,0 +1,238 @@
+// CUDA kernel of muonkern::ns5: picks the fused one-launch kernel for small matrices or the general
+// path (normalize kernel, three cuBLASLt batched GEMMs per step with the polynomial in alpha/beta,
+// finish kernel), and turns torch tensors into the torch-free launch structs of kernels/.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+#include "kernels/ns5_kernels.h"
+#include "ns5_common.h"
+
+namespace muonkern {
+namespace {
+
+#define MUONKERN_CUBLAS_CHECK(expr)                                                                  \
+  do {                                                                                              \
+    const cublasStatus_t _status = (expr);                                                          \
+    TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS, "ns5: ", #expr, " failed with cuBLAS status ",    \
+                static_cast<int>(_status));                                                         \
+  } while (0)
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    case at::kDouble: return DType::Float64;
+    default: TORCH_CHECK_TYPE(false, "ns5: unsupported dtype ", t);
+  }
+}
+
+// Leading dims, merged where their strides allow, so most inputs fit kMaxBatchDims without a copy.
+bool describe_batch(const at::Tensor& G, StridedMatrices& s) {
+  s.batch_dims = 0;
+  for (int64_t d = 0; d < G.dim() - 2; ++d) {
+    const int64_t size = G.size(d), stride = G.stride(d);
+    if (size == 1) continue;
+    if (s.batch_dims > 0 && s.batch_strides[s.batch_dims - 1] == stride * size) {
+      s.batch_sizes[s.batch_dims - 1] *= size;
+      s.batch_strides[s.batch_dims - 1] = stride;
+      continue;
+    }
+    if (s.batch_dims == kMaxBatchDims) return false;
+    s.batch_sizes[s.batch_dims] = size;
+    s.batch_strides[s.batch_dims] = stride;
+    ++s.batch_dims;
+  }
+  return true;
+}
+
+Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, double eps) {
+  Ns5Problem p{};
+  p.in.data = G.data_ptr();
+  p.in.dtype = to_dtype(G.scalar_type());
+  TORCH_INTERNAL_ASSERT(describe_batch(G, p.in));
+  p.in.row_stride = G.stride(-2);
+  p.in.col_stride = G.stride(-1);
+  p.out = out.data_ptr();
+  p.m = G.size(-2);
+  p.n = G.size(-1);
+  p.batch = G.numel() / (p.m * p.n);
+  p.eps = static_cast<float>(eps);
+  p.steps = static_cast<int>(steps);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuBLASLt: D = alpha * op(A) op(B) + beta * C, column-major, bf16 operands, fp32 accumulation,
+// strided batches. C and D are separate buffers, which is what lets the NS polynomial ride in beta.
+// All fields int64 so the struct has no padding and compares/hashes bytewise.
+struct GemmShape {
+  int64_t ta, tb;  // cublasOperation_t
+  int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
+  int64_t batch, device;
+  bool operator==(const GemmShape& o) const { return std::memcmp(this, &o, sizeof(GemmShape)) == 0; }
+};
+struct GemmShapeHash {
+  size_t operator()(const GemmShape& s) const {
+    size_t h = 0;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(&s);
+    for (size_t i = 0; i < sizeof(GemmShape); ++i) h = h * 131 + bytes[i];
+    return h;
+  }
+};
+
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+cublasLtMatrixLayout_t make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int batch) {
+  cublasLtMatrixLayout_t layout;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, rows, cols, ld));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+  MUONKERN_CUBLAS_CHECK(
+      cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  return layout;
+}
+
+// Plans (descriptors + heuristic algorithm) are cached per shape: building one costs more than a
+// small GEMM. They are never freed; a process sees few distinct shapes.
+const GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspace) {
+  static std::mutex mutex;
+  static std::unordered_map<GemmShape, GemmPlan, GemmShapeHash> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(s);
+  if (it != plans.end()) return it->second;
+  GemmPlan plan;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const auto ta = static_cast<cublasOperation_t>(s.ta), tb = static_cast<cublasOperation_t>(s.tb);
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
+  const int batch = static_cast<int>(s.batch);
+  plan.a = make_layout(na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
+  plan.b = make_layout(nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
+  plan.c = make_layout(s.m, s.n, s.ldc, s.stride_c, batch);
+  cublasLtMatmulPreference_t pref;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                             &workspace, sizeof(workspace)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  MUONKERN_CUBLAS_CHECK(
+      cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found));
+  cublasLtMatmulPreferenceDestroy(pref);
+  TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a ", s.m, "x", s.n, "x", s.k, " bf16 GEMM");
+  plan.algo = result.algo;
+  return plans.emplace(s, plan).first->second;
+}
+
+void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
+          const __nv_bfloat16* C, __nv_bfloat16* D, cudaStream_t stream) {
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  const GemmPlan& plan = gemm_plan(s, handle, workspace_size);
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, D, plan.c,
+                                       &plan.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size, stream));
+}
+
+// The general path. Row-major X (R x C) is column-major X^T, so in cuBLAS terms (Xc = X^T, ld C):
+//   A  = X X^T        = Xc^T Xc           (T, N; R x R x C)
+//   B  = c A A + b A                       (N, N; R x R x R; C = A, beta = b)
+//   X' = B X + a X    ->  Xc' = Xc B + a Xc (N, N; C x R x R; C = Xc, beta = a; B is symmetric)
+void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
+  const int64_t R = p.short_side(), C = p.long_side();
+  const int64_t batch = p.batch, device = out.get_device();
+  auto bf16_options = out.options().dtype(at::kBFloat16);
+  at::Tensor work = at::empty({p.batch * (2 * R * C + 2 * R * R)}, bf16_options);
+  at::Tensor sumsq = at::empty({p.batch}, out.options().dtype(at::kFloat));
+  auto* base = reinterpret_cast<__nv_bfloat16*>(work.data_ptr());
+  __nv_bfloat16* X[2] = {base, base + p.batch * R * C};
+  __nv_bfloat16* A = base + 2 * p.batch * R * C;
+  __nv_bfloat16* B = A + p.batch * R * R;
+  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], sumsq.data_ptr<float>(), stream));
+
+  const GemmShape gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device};
+  const GemmShape square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device};
+  const GemmShape update{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device};
+  // bf16 results in the wide orientation need no finishing pass: the last product writes `out`.
+  const bool write_out_directly = !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
+  int cur = 0;
+  for (int s = 0; s < p.steps; ++s) {
+    const float a = static_cast<float>(abc[3 * s]), b = static_cast<float>(abc[3 * s + 1]),
+                c = static_cast<float>(abc[3 * s + 2]);
+    gemm(gram, 1.f, X[cur], X[cur], 0.f, A, A, stream);
+    gemm(square, c, A, A, b, A, B, stream);
+    __nv_bfloat16* next = (write_out_directly && s + 1 == p.steps)
+                              ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr())
+                              : X[1 - cur];
+    gemm(update, 1.f, X[cur], B, a, X[cur], next, stream);
+    cur = 1 - cur;
+  }
+  if (!write_out_directly) C10_CUDA_CHECK(launch_ns5_finish(p, X[cur], stream));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Path choice. MUONKERN_NS5_PATH=fused|general forces one (fused only where it fits); otherwise a
+// cost model: the fused kernel runs one matrix per SM at a rate per SM, in waves of batch/SMs; the
+// general path pays a launch per kernel and runs its products near the chip's GEMM rate.
+constexpr double kFusedFlopsPerSm = 2.0e12;    // mma.sync from shared memory, measured on H100
+constexpr double kGeneralGemmFlops = 5.0e14;   // cuBLASLt bf16 on H100 at sizes that leave the fused path
+constexpr double kLaunchSeconds = 4.0e-6;      // per kernel of the general path
+
+enum class Path { Fused, General };
+
+Path choose_path(const Ns5Problem& p) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t smem = ns5_fused_smem_bytes(p.m, p.n);
+  const bool fits = smem > 0 && smem <= prop->sharedMemPerBlockOptin && p.steps <= kFusedMaxSteps;
+  const char* forced = std::getenv("MUONKERN_NS5_PATH");
+  if (forced != nullptr && std::strcmp(forced, "general") == 0) return Path::General;
+  if (forced != nullptr && std::strcmp(forced, "fused") == 0 && fits) return Path::Fused;
+  if (!fits) return Path::General;
+  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), C = static_cast<double>(p.long_side());
+  const double flops = p.steps * (4 * R * R * C + 2 * R * R * R);
+  const double waves = std::ceil(static_cast<double>(p.batch) / prop->multiProcessorCount);
+  const double fused = waves * flops / kFusedFlopsPerSm;
+  const double general = (3 * p.steps + 2) * kLaunchSeconds + p.batch * flops / kGeneralGemmFlops;
+  return fused <= general ? Path::Fused : Path::General;
+}
+
+at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
+                    double eps) {
+  check_ns5_args(G_in, steps, coefficients, eps);
+  const c10::cuda::CUDAGuard guard(G_in.device());
+  at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  StridedMatrices probe{};
+  const at::Tensor G = describe_batch(G_in, probe) ? G_in : G_in.contiguous();  // > 8 unmergeable batch dims
+  const Ns5Problem p = describe(G, out, steps, eps);
+  const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (choose_path(p) == Path::Fused) {
+    std::vector<float> abc32(abc.begin(), abc.end());
+    C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), stream));
+  } else {
+    ns5_general(p, abc, out, stream);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(muonkern, CUDA, m) { m.impl("ns5", &ns5_cuda); }
+
+}  // namespace muonkern

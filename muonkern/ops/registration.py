@@ -1,0 +1,58 @@
+"""Makes every muonkern op callable: the compiled extension when present, the fallback otherwise.
+
+Order matters: the extension (if loaded) defines the schemas and its CPU/CUDA kernels in C++;
+otherwise the schemas are defined here with the pure-PyTorch fallback as their kernel. Fake
+kernels are registered in both cases so torch.compile and FakeTensor see through the ops.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import fallback
+from .ns5_args import check_ns5_args
+from .schemas import SCHEMAS
+
+_FALLBACK_KERNELS = {"ns5": fallback.ns5_reference}
+_library = None  # keeps the torch.library registrations alive
+_backend = None
+
+
+def _load_extension() -> bool:
+    if os.environ.get("MUONKERN_FORCE_FALLBACK", "") not in ("", "0"):
+        return False
+    try:
+        importlib.import_module("muonkern._C")
+    except ImportError:
+        return False
+    return True
+
+
+def _ns5_fake(G, steps=5, coefficients=None, eps=1e-7):
+    check_ns5_args(G, steps, coefficients, eps)
+    return G.new_empty(G.shape)
+
+
+def register() -> str:
+    """Registers the ops once; returns the backend name (see muonkern.backend)."""
+    global _library, _backend
+    if _backend is not None:
+        return _backend
+    if _load_extension():
+        _library = torch.library.Library("muonkern", "IMPL")
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("muonkern::ns5", "CUDA")
+        if not has_cuda:
+            # A CPU-only build of the extension still serves CUDA tensors through the fallback.
+            for name, kernel in _FALLBACK_KERNELS.items():
+                _library.impl(name, kernel, "CUDA")
+        _backend = "cuda" if has_cuda else "cpu"
+    else:
+        _library = torch.library.Library("muonkern", "DEF")
+        for name, schema in SCHEMAS.items():
+            _library.define(schema)
+            _library.impl(name, _FALLBACK_KERNELS[name], "CompositeExplicitAutograd")
+        _backend = "fallback"
+    torch.library.register_fake("muonkern::ns5", _ns5_fake, lib=_library)
+    return _backend
