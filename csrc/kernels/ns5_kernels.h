@@ -50,8 +50,8 @@ inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows liv
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
 // Shared memory the fused kernel needs for an m x n problem (0 when the short side is too long).
 size_t ns5_fused_smem_bytes(int64_t m, int64_t n);
-// `abc` holds 3*steps host floats.
-cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, cudaStream_t stream);
+// `abc` holds 3*steps host floats; `warps` per block is 8 or 16.
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int warps, cudaStream_t stream);
 
 // ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
 // X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
