@@ -189,12 +189,12 @@ void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor
   const int64_t batch = p.batch, device = out.get_device();
   auto bf16_options = out.options().dtype(at::kBFloat16);
   at::Tensor work = at::empty({p.batch * (2 * R * C + 2 * R * R)}, bf16_options);
-  at::Tensor sumsq = at::empty({p.batch}, out.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
   auto* base = reinterpret_cast<__nv_bfloat16*>(work.data_ptr());
   __nv_bfloat16* X[2] = {base, base + p.batch * R * C};
   __nv_bfloat16* A = base + 2 * p.batch * R * C;
   __nv_bfloat16* B = A + p.batch * R * R;
-  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], sumsq.data_ptr<float>(), stream));
+  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], scratch.data_ptr<float>(), stream));
 
   const GemmShape gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device};
   const GemmShape square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device};
@@ -217,36 +217,51 @@ void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice. MUONKERN_NS5_PATH=fused|general forces one (fused only where it fits); otherwise a
-// cost model: the fused kernel runs one matrix per SM at a rate per SM, in waves of batch/SMs; the
+// Path choice. MUONKERN_NS5_PATH=fused|general forces a path (fused only where it fits) and
+// MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size; otherwise a cost model decides. The
+// fused kernel runs one block per SM at a rate per SM, in waves of (matrices x cluster) / SMs; the
 // general path pays a launch per kernel and runs its products near the chip's GEMM rate.
-constexpr double kFusedFlopsPerSm = 2.0e12;    // mma.sync from shared memory, measured on H100
-constexpr double kGeneralGemmFlops = 5.0e14;   // cuBLASLt bf16 on H100 at sizes that leave the fused path
-constexpr double kLaunchSeconds = 4.0e-6;      // per kernel of the general path
+// Constants fitted to H100 timings (48x128x128, 12x64x768, 1x128x600, 132x64x512, 768x768).
+constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, one block per SM
+constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per step
+constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
+constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 
-enum class Path { Fused, General };
-
-// Warps per block of the fused kernel: 16 measured faster than 8 on every shape tried on H100
-// (48x128x128, 12x64x768, 128x600, 132x64x512). MUONKERN_NS5_FUSED_WARPS=8 overrides for tuning.
-int fused_warps() {
-  const char* forced = std::getenv("MUONKERN_NS5_FUSED_WARPS");
-  return (forced != nullptr && std::strcmp(forced, "8") == 0) ? 8 : 16;
+int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-Path choose_path(const Ns5Problem& p) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const size_t smem = ns5_fused_smem_bytes(p.m, p.n);
-  const bool fits = smem > 0 && smem <= prop->sharedMemPerBlockOptin && p.steps <= kFusedMaxSteps;
-  const char* forced = std::getenv("MUONKERN_NS5_PATH");
-  if (forced != nullptr && std::strcmp(forced, "general") == 0) return Path::General;
-  if (forced != nullptr && std::strcmp(forced, "fused") == 0 && fits) return Path::Fused;
-  if (!fits) return Path::General;
-  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), C = static_cast<double>(p.long_side());
-  const double flops = p.steps * (4 * R * R * C + 2 * R * R * R);
-  const double waves = std::ceil(static_cast<double>(p.batch) / prop->multiProcessorCount);
-  const double fused = waves * flops / kFusedFlopsPerSm;
-  const double general = (3 * p.steps + 2) * kLaunchSeconds + p.batch * flops / kGeneralGemmFlops;
-  return fused <= general ? Path::Fused : Path::General;
+bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
+  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);
+  return smem > 0 && smem <= prop.sharedMemPerBlockOptin && p.steps <= kFusedMaxSteps;
+}
+
+// Cluster size for the fused path, 0 when the matrices do not fit on chip. A matrix is spread over
+// more blocks while SMs would otherwise idle and each block keeps at least Rp columns (below that
+// the redundant B = bA + cA^2 dominates: 48x128x128 ran 1.5x slower on 2 blocks than on 1), or
+// while its slice does not fit one block.
+int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop) {
+  const int forced = env_int("MUONKERN_NS5_CLUSTER", 0);
+  if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return fused_fits(p, forced, prop) ? forced : 0;
+  const int64_t Rp = (p.short_side() + 31) / 32 * 32, C = p.long_side();
+  int cluster = 1;
+  while (cluster < kFusedMaxCluster && p.batch * cluster * 2 <= prop.multiProcessorCount && C / (2 * cluster) >= Rp)
+    cluster *= 2;
+  while (cluster <= kFusedMaxCluster && !fused_fits(p, cluster, prop)) cluster *= 2;
+  return cluster <= kFusedMaxCluster ? cluster : 0;
+}
+
+double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
+  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), Cs = static_cast<double>(p.long_side()) / cluster;
+  const double per_block = p.steps * (4 * R * R * Cs + 2 * R * R * R) / kFusedFlopsPerSm;
+  const double waves = std::ceil(static_cast<double>(p.batch * cluster) / prop.multiProcessorCount);
+  return waves * (per_block + (cluster > 1 ? p.steps * kClusterStepSeconds : 0.0));
+}
+
+double general_seconds(const Ns5Problem& p) {
+  const double R = static_cast<double>(p.short_side()), C = static_cast<double>(p.long_side());
+  return (3 * p.steps + 2) * kLaunchSeconds + p.batch * p.steps * (4 * R * R * C + 2 * R * R * R) / kGeneralGemmFlops;
 }
 
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
@@ -260,9 +275,13 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   const Ns5Problem p = describe(G, out, steps, eps);
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (choose_path(p) == Path::Fused) {
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  const char* forced = std::getenv("MUONKERN_NS5_PATH");
+  const std::string path = forced != nullptr ? forced : "auto";
+  const int cluster = path == "general" ? 0 : fused_cluster(p, prop);
+  if (cluster > 0 && (path == "fused" || fused_seconds(p, cluster, prop) <= general_seconds(p))) {
     std::vector<float> abc32(abc.begin(), abc.end());
-    C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), fused_warps(), stream));
+    C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), cluster, stream));
   } else {
     ns5_general(p, abc, out, stream);
   }

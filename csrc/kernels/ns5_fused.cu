@@ -1,12 +1,21 @@
-// Fused small-matrix NS5: ONE launch for the whole batch, one thread block per matrix, every
-// iteration in shared memory on the tensor cores (mma.sync m16n8k16, bf16 operands, fp32 accumulation).
+// Fused small-matrix NS5: ONE launch for the whole batch, every iteration on chip, on the tensor
+// cores (mma.sync m16n8k16, bf16 operands, fp32 accumulation).
 //
-// Shared memory per block (bf16, rows padded by 8 elements so ldmatrix rows fall in distinct banks):
-//   X: Rp x (Cp + 8)   the iterate, Rp = short side rounded up to 32, Cp = long side rounded up to 16
-//   A: Rp x (Rp + 8)   A = X X^T
-//   B: Rp x (Rp + 8)   B = b A + c A A
+// Each matrix belongs to a thread-block cluster of S = 1, 2, 4 or 8 blocks. Block `rank` holds the
+// column slice [rank*Cs, (rank+1)*Cs) of the wide iterate X (R x C, R <= C) and, per step:
+//   1. P_rank = X_slice X_slice^T                  (its share of the Gram matrix)
+//   2. A = sum over the cluster of P_rank          (through distributed shared memory, S > 1)
+//   3. B = b A + c A A                             (every block, redundantly: R^3 is small)
+//   4. X_slice = B X_slice + a X_slice             (in place)
+// With few matrices a cluster spreads one matrix over several SMs; S = 1 is the plain one-block case.
+//
+// Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
+//   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
+//   A, B: Rp x (Rp + 8) each
+//   P: Rp x Rp fp32    (S > 1 only)
 // Padding rows/columns are zero and stay zero through the iteration, so they never change the result.
-// On an H100 (227 KB opt-in per block) this holds e.g. 128 x 624, 64 x 1616, 32 x 3392.
+#include <cooperative_groups.h>
+
 #include "ns5_device.cuh"
 #include "ns5_kernels.h"
 
@@ -17,11 +26,24 @@ constexpr int kRowPad = 8;
 
 using bf16 = __nv_bfloat16;
 
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = 16;
+
 struct FusedParams {
   Ns5Problem problem;
-  int Rp, Cp;
+  int Rp, Cs;  // padded short side; columns per block of a cluster
   float abc[3 * kFusedMaxSteps];
 };
+
+__device__ __forceinline__ void store_pair(bf16* out, int i, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(out + i) = __floats2bfloat162_rn(v0, v1);
+}
+__device__ __forceinline__ void store_pair(float* out, int i, float v0, float v1) {
+  *reinterpret_cast<float2*>(out + i) = make_float2(v0, v1);
+}
+__device__ __forceinline__ void store_one(bf16* out, int i, float v) { out[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_one(float* out, int i, float v) { out[i] = v; }
 
 __host__ __device__ constexpr int round_up(int64_t x, int to) { return static_cast<int>((x + to - 1) / to * to); }
 
@@ -69,8 +91,11 @@ __device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
 // out = alpha * P P^T (+ beta * in if kAddInput), all Rp x Rp symmetric. P is Rp x K. Only the lower triangle of
 // kTile x kTile tiles is computed; off-diagonal tiles are mirrored on store. Small Rp uses 16-row
 // tiles so that more warps find work.
-template <int kWarps, int kTile, bool kAddInput>
-__device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, bf16* out, const bf16* in, int ld,
+// out = alpha * P P^T (+ beta * in if kAddInput), Rp x Rp symmetric, out in bf16 or fp32. P is
+// Rp x K. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
+// mirrored on store.
+template <int kTile, bool kAddInput, typename OutT>
+__device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* out, const bf16* in, int ld,
                                   float alpha, float beta) {
   constexpr int kM = kTile / 16, kN = kTile / 8;  // mma tiles per warp tile
   // Small tiles issue few mma per k-step: rotate over several accumulator sets so consecutive
@@ -127,37 +152,36 @@ __device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, bf16* o
             v0 += beta * old.x;
             v1 += beta * old.y;
           }
-          const bf16 w0 = __float2bfloat16_rn(v0), w1 = __float2bfloat16_rn(v1);
-          *reinterpret_cast<__nv_bfloat162*>(out + r * ld + c) = __halves2bfloat162(w0, w1);
+          store_pair(out, r * ld + c, v0, v1);
           if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
-            out[c * ld + r] = w0;
-            out[(c + 1) * ld + r] = w1;
+            store_one(out, c * ld + r, v0);
+            store_one(out, (c + 1) * ld + r, v1);
           }
         }
   }
 }
 
-template <int kWarps, bool kAddInput>
-__device__ __forceinline__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, bf16* out, const bf16* in,
+template <bool kAddInput, typename OutT>
+__device__ __forceinline__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* out, const bf16* in,
                                                   int ld, float alpha, float beta) {
   // 32-row tiles issue 8 mma per 4 ldmatrix, 16-row tiles 2 per 2: prefer them once they keep
   // at least half the warps busy.
   const int big_tiles = Rp / 32;
   if (2 * big_tiles * (big_tiles + 1) / 2 >= kWarps) {
-    symmetric_product<kWarps, 32, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
+    symmetric_product<32, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
   } else {
-    symmetric_product<kWarps, 16, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
+    symmetric_product<16, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
   }
 }
 
-// X = B X + a X in place. Each warp owns strips of 16 columns over all Rp rows: it reads only its
-// strip of X, so it may overwrite the strip once its products are in registers.
-template <int kWarps, int kRowTiles>
-__device__ void apply_polynomial(bf16* X, int ldx, int Cp, const bf16* B, int ldb, float a) {
+// X = B X + a X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all rows: it
+// reads only its strip of X, so it may overwrite the strip once its products are in registers.
+template <int kRowTiles>
+__device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   constexpr int Rp = 16 * kRowTiles;
   const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
-  for (int c0 = 16 * warp; c0 < Cp; c0 += 16 * kWarps) {
+  for (int c0 = 16 * warp; c0 < Cs; c0 += 16 * kWarps) {
     float acc[kRowTiles][2][4] = {};
 #pragma unroll 2
     for (int k = 0; k < Rp; k += 16) {
@@ -165,35 +189,39 @@ __device__ void apply_polynomial(bf16* X, int ldx, int Cp, const bf16* B, int ld
       ldmatrix_x4_trans(b, x_addr + 2u * (k * ldx + c0));
 #pragma unroll
       for (int i = 0; i < kRowTiles; ++i) {
-        {
-          uint32_t fa[4];
-          ldmatrix_x4(fa, b_addr + 2u * (16 * i * ldb + k));
-          mma_16x8x16(acc[i][0], fa, b[0], b[1]);
-          mma_16x8x16(acc[i][1], fa, b[2], b[3]);
-        }
+        uint32_t fa[4];
+        ldmatrix_x4(fa, b_addr + 2u * (16 * i * ldb + k));
+        mma_16x8x16(acc[i][0], fa, b[0], b[1]);
+        mma_16x8x16(acc[i][1], fa, b[2], b[3]);
       }
     }
     const int g = lane / 4, q = lane % 4;
 #pragma unroll
-    for (int i = 0; i < kRowTiles; ++i) {
-      {
+    for (int i = 0; i < kRowTiles; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            __nv_bfloat162* x = reinterpret_cast<__nv_bfloat162*>(X + (16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
-            const float2 old = __bfloat1622float2(*x);
-            *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
-          }
-      }
-    }
+        for (int h = 0; h < 2; ++h) {
+          __nv_bfloat162* x = reinterpret_cast<__nv_bfloat162*>(X + (16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
+          const float2 old = __bfloat1622float2(*x);
+          *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
+        }
   }
 }
 
-// Calls f(v, r, c) for every element G[r][c] of one m x n matrix, warps striding over rows and lanes
-// over columns. Loads go out kBatch at a time before any is used: one block reads a whole matrix,
-// and only many requests in flight cover the memory latency.
-template <int kWarps, typename T, typename F>
+__device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float a) {
+  switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
+    case 1: apply_polynomial<2>(X, ldx, Cs, B, ldb, a); break;
+    case 2: apply_polynomial<4>(X, ldx, Cs, B, ldb, a); break;
+    case 3: apply_polynomial<6>(X, ldx, Cs, B, ldb, a); break;
+    default: apply_polynomial<8>(X, ldx, Cs, B, ldb, a); break;
+  }
+}
+
+// Calls f(v, r, c) for every element G[r][c], r < m, c < n, warps striding over rows and lanes over
+// columns. Loads go out kBatch at a time before any is used: one block reads a whole matrix, and
+// only many requests in flight cover the memory latency.
+template <typename T, typename F>
 __device__ __forceinline__ void for_each_element(const T* g, int m, int n, int64_t row_stride, int64_t col_stride,
                                                  F&& f) {
   constexpr int kBatch = 16;
@@ -220,88 +248,156 @@ __device__ __forceinline__ void for_each_element(const T* g, int m, int n, int64
   }
 }
 
-template <typename T, int kWarps>
+// Sum of `v` over the cluster's blocks (every thread gets it). `slot` is one shared float.
+template <int kCluster>
+__device__ __forceinline__ float cluster_sum(float v, float* slot) {
+  if (kCluster == 1) return v;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) *slot = v;
+  cluster.sync();
+  float total = 0.f;
+  for (int r = 0; r < kCluster; ++r) total += *cluster.map_shared_rank(slot, r);
+  cluster.sync();  // nobody rewrites `slot` before every block has read it
+  return total;
+}
+
+// A (bf16, every block) = sum over the cluster of the fp32 partial Gram matrices P. Block `rank`
+// reduces rows [rank*Rp/S, (rank+1)*Rp/S) and writes them into every block's A.
+template <int kCluster>
+__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int rows = Rp / kCluster, quads = Rp / 4;
+  cluster.sync();  // every partial is written
+  for (int e = threadIdx.x; e < rows * quads; e += kWarps * 32) {
+    const int i = rank * rows + e / quads, j = 4 * (e % quads);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < kCluster; ++r) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(P, r) + i * Rp + j);
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x, sum.y), hi = __floats2bfloat162_rn(sum.z, sum.w);
+#pragma unroll
+    for (int r = 0; r < kCluster; ++r) {
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(cluster.map_shared_rank(A, r) + i * lda + j);
+      dst[0] = lo;
+      dst[1] = hi;
+    }
+  }
+  cluster.sync();  // A is complete everywhere, and every partial has been read
+}
+
+template <typename T, int kCluster>
 __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_constant__ FusedParams params) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Ns5Problem& p = params.problem;
-  const int Rp = params.Rp, Cp = params.Cp, ldx = Cp + kRowPad, lda = Rp + kRowPad;
+  const int Rp = params.Rp, Cs = params.Cs, ldx = Cs + kRowPad, lda = Rp + kRowPad;
   bf16* X = reinterpret_cast<bf16*>(smem);
   bf16* A = X + Rp * ldx;
   bf16* B = A + Rp * lda;
-  float* scratch = reinterpret_cast<float*>(B + Rp * lda);
+  float* scratch = reinterpret_cast<float*>(B + Rp * lda);  // 32 floats for block_sum, 1 for cluster_sum
+  float* P = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
   const T* G = static_cast<const T*>(p.in.data);
-
+  const int rank = static_cast<int>(blockIdx.x % kCluster);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
-    const T* g = G + batch_offset(p.in, b);
+  // This block's slice of X's columns is a range of G's columns (or rows when transposed).
+  const int lo = rank * Cs, hi = min(lo + Cs, static_cast<int>(p.long_side()));
+  const int sub_m = transpose ? max(hi - lo, 0) : m, sub_n = transpose ? n : max(hi - lo, 0);
+  const int64_t sub_offset = static_cast<int64_t>(lo) * (transpose ? p.in.row_stride : p.in.col_stride);
+
+  for (int64_t b = blockIdx.x / kCluster; b < p.batch; b += gridDim.x / kCluster) {
+    const T* g = G + batch_offset(p.in, b) + sub_offset;
     float sumsq = 0.f;
-    for_each_element<kWarps>(g, m, n, p.in.row_stride, p.in.col_stride,
-                             [&](float v, int, int) { sumsq += v * v; });
-    const float scale = 1.f / (sqrtf(block_sum(sumsq, scratch)) + p.eps);
+    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int, int) { sumsq += v * v; });
+    const float total = cluster_sum<kCluster>(block_sum(sumsq, scratch), scratch + 32);
+    const float scale = 1.f / (sqrtf(total) + p.eps);
 
     for (int e = threadIdx.x; e < Rp * ldx / 8; e += kWarps * 32) reinterpret_cast<uint4*>(X)[e] = make_uint4(0, 0, 0, 0);
     __syncthreads();
-    for_each_element<kWarps>(g, m, n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
+    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
       X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v * scale);
     });
     __syncthreads();
 
     for (int s = 0; s < p.steps; ++s) {
       const float ca = params.abc[3 * s], cb = params.abc[3 * s + 1], cc = params.abc[3 * s + 2];
-      symmetric_product<kWarps, false>(X, ldx, Cp, Rp, A, nullptr, lda, 1.f, 0.f);
-      __syncthreads();
-      symmetric_product<kWarps, true>(A, lda, Rp, Rp, B, A, lda, cc, cb);
-      __syncthreads();
-      switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
-        case 1: apply_polynomial<kWarps, 2>(X, ldx, Cp, B, lda, ca); break;
-        case 2: apply_polynomial<kWarps, 4>(X, ldx, Cp, B, lda, ca); break;
-        case 3: apply_polynomial<kWarps, 6>(X, ldx, Cp, B, lda, ca); break;
-        default: apply_polynomial<kWarps, 8>(X, ldx, Cp, B, lda, ca); break;
+      if (kCluster == 1) {
+        symmetric_product<false>(X, ldx, Cs, Rp, A, nullptr, lda, 1.f, 0.f);
+      } else {
+        symmetric_product<false>(X, ldx, Cs, Rp, P, nullptr, Rp, 1.f, 0.f);
+        cluster_reduce_gram<kCluster>(P, Rp, A, lda);
       }
+      __syncthreads();
+      symmetric_product<true>(A, lda, Rp, Rp, B, A, lda, cc, cb);
+      __syncthreads();
+      apply_polynomial(X, ldx, Cs, Rp, B, lda, ca);
       __syncthreads();
     }
 
-    T* out = static_cast<T*>(p.out) + b * m * n;
-    for (int r = warp; r < m; r += kWarps)
-      for (int c = lane; c < n; c += 32)
+    T* out = static_cast<T*>(p.out) + b * m * n + (transpose ? static_cast<int64_t>(lo) * n : lo);
+    for (int r = warp; r < sub_m; r += kWarps)
+      for (int c = lane; c < sub_n; c += 32)
         out[r * n + c] = from_float<T>(__bfloat162float(X[transpose ? c * ldx + r : r * ldx + c]));
     __syncthreads();  // the next matrix reuses shared memory
   }
 }
 
-template <typename T, int kWarps>
+template <typename T, int kCluster>
 cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, cudaStream_t stream) {
-  cudaError_t err = cudaFuncSetAttribute(ns5_fused_kernel<T, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  auto* kernel = ns5_fused_kernel<T, kCluster>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ns5_fused_kernel<T, kWarps><<<grid, kWarps * 32, smem, stream>>>(params);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid * kCluster);
+  config.blockDim = dim3(kWarps * 32);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kCluster;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, params);
 }
+
+int64_t padded_long_side(int64_t C, int cluster) { return (C + 16 * cluster - 1) / (16 * cluster) * (16 * cluster); }
 
 }  // namespace
 
-size_t ns5_fused_smem_bytes(int64_t m, int64_t n) {
+size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster) {
   const int64_t R = m < n ? m : n, C = m < n ? n : m;
   if (R > kFusedMaxShortSide || R < 1) return 0;
-  const int64_t Rp = round_up(R, 32), Cp = round_up(C, 16);
-  return static_cast<size_t>(2 * Rp * (Cp + kRowPad) + 4 * Rp * (Rp + kRowPad) + 32 * sizeof(float));  // + block_sum scratch
+  const int64_t Rp = round_up(R, 32), Cs = padded_long_side(C, cluster) / cluster;
+  const int64_t bf16_bytes = 2 * Rp * (Cs + kRowPad) + 4 * Rp * (Rp + kRowPad);
+  return static_cast<size_t>(bf16_bytes + 64 * sizeof(float) + (cluster > 1 ? 4 * Rp * Rp : 0));
 }
 
-cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int warps, cudaStream_t stream) {
-  if (p.steps > kFusedMaxSteps || (warps != 8 && warps != 16)) return cudaErrorInvalidValue;
-  const size_t smem = ns5_fused_smem_bytes(p.m, p.n);
-  if (smem == 0) return cudaErrorInvalidValue;
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster, cudaStream_t stream) {
+  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);
+  if (p.steps > kFusedMaxSteps || smem == 0) return cudaErrorInvalidValue;
   FusedParams params{};
   params.problem = p;
   params.Rp = round_up(p.short_side(), 32);
-  params.Cp = round_up(p.long_side(), 16);
+  params.Cs = static_cast<int>(padded_long_side(p.long_side(), cluster) / cluster);
   for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];
-  const unsigned grid = static_cast<unsigned>(p.batch < (1 << 20) ? p.batch : (1 << 20));
+  const unsigned grid = static_cast<unsigned>(p.batch < (1 << 16) ? p.batch : (1 << 16));  // clusters
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return warps == 8 ? launch_with<T, 8>(params, grid, smem, stream) : launch_with<T, 16>(params, grid, smem, stream);
+    switch (cluster) {
+      case 1: return launch_with<T, 1>(params, grid, smem, stream);
+      case 2: return launch_with<T, 2>(params, grid, smem, stream);
+      case 4: return launch_with<T, 4>(params, grid, smem, stream);
+      case 8: return launch_with<T, 8>(params, grid, smem, stream);
+      default: return cudaErrorInvalidValue;
+    }
   });
 }
 

@@ -45,18 +45,20 @@ struct Ns5Problem {
   MUONKERN_HOST_DEVICE int64_t long_side() const { return m < n ? n : m; }
 };
 
-// ---- fused path: one launch, one thread block per matrix, all iterations in shared memory ----
+// ---- fused path: one launch; each matrix on a cluster of 1, 2, 4 or 8 blocks, all on chip ----
 inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows lives in registers
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
-// Shared memory the fused kernel needs for an m x n problem (0 when the short side is too long).
-size_t ns5_fused_smem_bytes(int64_t m, int64_t n);
-// `abc` holds 3*steps host floats; `warps` per block is 8 or 16.
-cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int warps, cudaStream_t stream);
+inline constexpr int kFusedMaxCluster = 8;      // portable cluster size
+// Shared memory per block for an m x n problem split over `cluster` blocks (0: short side too long).
+size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster);
+// `abc` holds 3*steps host floats.
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster, cudaStream_t stream);
 
 // ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
 // X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
-// kernel; `sumsq` is scratch for `batch` floats.
-cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* sumsq, cudaStream_t stream);
+// kernel; `scratch` holds ns5_normalize_scratch_floats(p) floats.
+int64_t ns5_normalize_scratch_floats(const Ns5Problem& p);
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* scratch, cudaStream_t stream);
 // out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
 

@@ -1,6 +1,7 @@
 // Elementwise ends of the general ns5 path, around the cuBLASLt products:
 //   normalize: X = bf16(G / (||G||_F + eps)), transposed to the wide orientation, in ONE cooperative
-//              launch (zero the sums | grid sync | sum of squares | grid sync | scale, cast, transpose);
+//              launch (sum of squares per tile | grid sync | sum per matrix, in a fixed order, so the
+//              result is deterministic | grid sync | scale, cast, transpose);
 //   finish:    out = X transposed back and cast to G's dtype.
 // Both walk 32x32 tiles of the m x n matrices and transpose through shared memory, so global reads
 // and writes stay coalesced in either orientation.
@@ -28,25 +29,19 @@ struct TileGrid {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
-                                                                 float* sumsq) {
+                                                                 float* tile_sumsq, float* sumsq) {
   __shared__ float tile[kTile][kTile + 1];
   __shared__ float scratch[32];
   const cg::grid_group grid = cg::this_grid();
   const TileGrid tg(p);
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const T* G = static_cast<const T*>(p.in.data);
-  // Each block takes a contiguous run of tiles, so it flushes one partial sum per matrix it touches.
-  const int64_t chunk = (tg.total + gridDim.x - 1) / gridDim.x;
-  const int64_t first = blockIdx.x * chunk, last = min(first + chunk, tg.total);
 
-  for (int64_t b = blockIdx.x * blockDim.x + threadIdx.x; b < p.batch; b += gridDim.x * blockDim.x) sumsq[b] = 0.f;
-  grid.sync();
-
-  float partial = 0.f;
-  for (int64_t t = first; t < last; ++t) {
+  for (int64_t t = blockIdx.x; t < tg.total; t += gridDim.x) {
     const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
     const T* g = G + batch_offset(p.in, b);
     const int64_t c = ct * kTile + tx;
+    float partial = 0.f;
     for (int i = ty; i < kTile; i += kRowsPerPass) {
       const int64_t r = rt * kTile + i;
       if (r < p.m && c < p.n) {
@@ -54,17 +49,25 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
         partial += v * v;
       }
     }
-    if (t + 1 == last || (t + 1) / tg.per_matrix != b) {  // block-uniform: flush at each matrix's end
-      const float s = block_sum(partial, scratch);
-      if (threadIdx.x == 0) atomicAdd(&sumsq[b], s);
-      partial = 0.f;
-    }
+    const float s = block_sum(partial, scratch);
+    if (threadIdx.x == 0) tile_sumsq[t] = s;
+  }
+  grid.sync();
+
+  // One warp per matrix adds its tiles' sums, always in the same order.
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t b = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; b < p.batch; b += warps) {
+    float s = 0.f;
+    for (int64_t t = lane; t < tg.per_matrix; t += 32) s += tile_sumsq[b * tg.per_matrix + t];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) sumsq[b] = s;
   }
   grid.sync();
 
   const int64_t R = p.short_side(), C = p.long_side();
   const bool transpose = p.transpose();
-  for (int64_t t = first; t < last; ++t) {
+  for (int64_t t = blockIdx.x; t < tg.total; t += gridDim.x) {
     const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
     const T* g = G + batch_offset(p.in, b);
     bf16* x = X + b * R * C;
@@ -124,7 +127,9 @@ int sm_count() {
 
 }  // namespace
 
-cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* sumsq, cudaStream_t stream) {
+int64_t ns5_normalize_scratch_floats(const Ns5Problem& p) { return TileGrid(p).total + p.batch; }
+
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, cudaStream_t stream) {
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
     int per_sm = 0;
@@ -136,7 +141,9 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* sumsq, cud
     const int64_t wanted = tiles > p.batch ? tiles : p.batch;
     dim3 grid(static_cast<unsigned>(wanted < resident ? wanted : resident)), block(kThreads);
     Ns5Problem problem = p;
-    void* args[] = {&problem, &X, &sumsq};
+    float* tile_sumsq = scratch;
+    float* sumsq = scratch + tiles;
+    void* args[] = {&problem, &X, &tile_sumsq, &sumsq};
     return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ns5_normalize_kernel<T>), grid, block, args, 0, stream);
   });
 }
