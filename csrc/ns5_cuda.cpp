@@ -26,8 +26,8 @@ namespace {
 #define MUONKERN_CUBLAS_CHECK(expr)                                                                  \
   do {                                                                                              \
     const cublasStatus_t _status = (expr);                                                          \
-    TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS, "ns5: ", #expr, " failed with cuBLAS status ",    \
-                static_cast<int>(_status));                                                         \
+    TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS,                                                  \
+                std::string("ns5: " #expr " failed with cuBLAS status ") + std::to_string(_status));  \
   } while (0)
 
 DType to_dtype(at::ScalarType t) {
@@ -36,7 +36,7 @@ DType to_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::BFloat16;
     case at::kHalf: return DType::Float16;
     case at::kDouble: return DType::Float64;
-    default: TORCH_CHECK_TYPE(false, "ns5: unsupported dtype ", t);
+    default: TORCH_CHECK_TYPE(false, std::string("ns5: unsupported dtype ") + c10::toString(t));
   }
 }
 
@@ -166,7 +166,8 @@ const GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t wo
   MUONKERN_CUBLAS_CHECK(
       cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found));
   cublasLtMatmulPreferenceDestroy(pref);
-  TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a ", s.m, "x", s.n, "x", s.k, " bf16 GEMM");
+  TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
+                            "x" + std::to_string(s.k) + " bf16 GEMM");
   plan.algo = with_split_k(handle, plan, result.algo, s, workspace);
   return plans.emplace(s, plan).first->second;
 }

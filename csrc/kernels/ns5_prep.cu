@@ -1,6 +1,6 @@
 // Elementwise ends of the general ns5 path, around the cuBLASLt products:
 //   normalize: X = bf16(G / (||G||_F + eps)), transposed to the wide orientation, in ONE cooperative
-//              launch (sum of squares per tile | grid sync | sum per matrix, in a fixed order, so the
+//              launch (sum of squares per tile row group | grid sync | sum per matrix, in a fixed order, so the
 //              result is deterministic | grid sync | scale, cast, transpose);
 //   finish:    out = X transposed back and cast to G's dtype.
 // Both walk 32x32 tiles of the m x n matrices and transpose through shared memory, so global reads
@@ -29,14 +29,14 @@ struct TileGrid {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
-                                                                 float* tile_sumsq, float* sumsq) {
+                                                                 float* warp_sumsq, float* sumsq) {
   __shared__ float tile[kTile][kTile + 1];
-  __shared__ float scratch[32];
   const cg::grid_group grid = cg::this_grid();
   const TileGrid tg(p);
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const T* G = static_cast<const T*>(p.in.data);
 
+  // Each warp sums its rows of a tile: no block barrier per tile, and a fixed summation order.
   for (int64_t t = blockIdx.x; t < tg.total; t += gridDim.x) {
     const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
     const T* g = G + batch_offset(p.in, b);
@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
         partial += v * v;
       }
     }
-    const float s = block_sum(partial, scratch);
-    if (threadIdx.x == 0) tile_sumsq[t] = s;
+    for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
+    if (tx == 0) warp_sumsq[t * kRowsPerPass + ty] = partial;
   }
   grid.sync();
 
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
   for (int64_t b = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; b < p.batch; b += warps) {
     float s = 0.f;
-    for (int64_t t = lane; t < tg.per_matrix; t += 32) s += tile_sumsq[b * tg.per_matrix + t];
+    const float* partials = warp_sumsq + b * tg.per_matrix * kRowsPerPass;
+    for (int64_t t = lane; t < tg.per_matrix * kRowsPerPass; t += 32) s += partials[t];
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) sumsq[b] = s;
   }
@@ -127,7 +128,7 @@ int sm_count() {
 
 }  // namespace
 
-int64_t ns5_normalize_scratch_floats(const Ns5Problem& p) { return TileGrid(p).total + p.batch; }
+int64_t ns5_normalize_scratch_floats(const Ns5Problem& p) { return TileGrid(p).total * kRowsPerPass + p.batch; }
 
 cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, cudaStream_t stream) {
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
@@ -141,9 +142,9 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, c
     const int64_t wanted = tiles > p.batch ? tiles : p.batch;
     dim3 grid(static_cast<unsigned>(wanted < resident ? wanted : resident)), block(kThreads);
     Ns5Problem problem = p;
-    float* tile_sumsq = scratch;
-    float* sumsq = scratch + tiles;
-    void* args[] = {&problem, &X, &tile_sumsq, &sumsq};
+    float* warp_sumsq = scratch;
+    float* sumsq = scratch + tiles * kRowsPerPass;
+    void* args[] = {&problem, &X, &warp_sumsq, &sumsq};
     return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ns5_normalize_kernel<T>), grid, block, args, 0, stream);
   });
 }

@@ -1,0 +1,150 @@
+"""Timing harness and the summary table of the ns5 benchmarks (pytest-benchmark).
+
+Run: `python -m pytest bench -q` (the normal test run, `python -m pytest`, collects tests/ only).
+At the end one table is printed and written as markdown and JSON to $MUONKERN_BENCH_OUT
+(default bench_results/): shape, impl, median ms per call, ratio vs the reference eager
+(reference time / impl time, same run) and TFLOP/s by DESIGN.md's count.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import muonkern
+
+TARGET_ROUND_S = 2e-3     # k calls per timed round, so a round lasts >= ~2 ms (CUDA is async)
+TIME_PER_CASE_S = 0.6     # timed rounds per (shape, impl): about this long, 5..200 rounds
+WARMUP_ROUNDS = 2
+MAX_ROTATING_INPUTS = 16
+
+_RESULTS: list[dict] = []
+
+
+def ns5_flops(shape, steps: int = 5) -> float:
+    """DESIGN.md: per step 4 m^2 n + 2 m^3 with m the short side, n the long side; times batch."""
+    m, n = sorted(shape[-2:])
+    batch = math.prod(shape[:-2])
+    return float(steps * batch * (4 * m * m * n + 2 * m ** 3))
+
+
+def shape_str(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def rotating_inputs(shape, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Fresh Gaussian fp32 inputs (never zeros); several for small shapes, so that together they
+    exceed twice the L2 cache and a call cannot find its input there from the previous call."""
+    nbytes = 4 * math.prod(shape)
+    l2 = 50 << 20
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", l2) or l2
+    count = max(1, min(MAX_ROTATING_INPUTS, math.ceil(2 * l2 / nbytes)))
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(device) for _ in range(count)]
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+@pytest.fixture
+def time_ns5(benchmark):
+    """time_ns5(fn, shape, impl, device): times fn over rotating inputs and records the result."""
+
+    def run(fn, shape, impl: str, device: str) -> float:
+        inputs = rotating_inputs(shape, device)
+        sync = _sync(device)
+        cycle = itertools.cycle(inputs)
+        out = fn(inputs[0])  # first call: compiles / builds plans
+        sync()
+        assert torch.isfinite(out).all(), f"{impl} returned non-finite values on {shape_str(shape)}"
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < 0.05:
+            fn(next(cycle))
+            calls += 1
+        sync()
+        per_call = (time.perf_counter() - start) / calls
+        k = max(1, min(2000, math.ceil(TARGET_ROUND_S / per_call)))
+        rounds = max(5, min(200, int(TIME_PER_CASE_S / (k * per_call))))
+
+        def timed_round():
+            for _ in range(k):
+                fn(next(cycle))
+            sync()
+
+        benchmark.group = f"{device} {shape_str(shape)}"
+        benchmark.extra_info.update(calls_per_round=k, impl=impl, shape=list(shape), device=device)
+        benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+        stats = benchmark.stats.stats
+        median_s = stats.median / k
+        _RESULTS.append({
+            "device": device, "shape": shape_str(shape), "impl": impl, "median_ms": median_s * 1e3,
+            "min_ms": stats.min / k * 1e3, "calls_per_round": k, "rounds": rounds,
+            "inputs_rotated": len(inputs), "flops": ns5_flops(shape),
+            "tflops": ns5_flops(shape) / median_s / 1e12,
+        })
+        return median_s
+
+    return run
+
+
+def pytest_configure(config):
+    # One table (ours) at the end, not pytest-benchmark's own as well.
+    if hasattr(config.option, "benchmark_quiet"):
+        config.option.benchmark_quiet = True
+
+
+def _environment() -> dict:
+    env = {"torch": torch.__version__, "muonkern_backend": muonkern.backend(), "python": platform.python_version(),
+           "ns5_path": os.environ.get("MUONKERN_NS5_PATH", "auto")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _table(results: list[dict]) -> list[dict]:
+    reference = {(r["device"], r["shape"]): r["median_ms"] for r in results if r["impl"] == "reference"}
+    rows = []
+    for r in results:
+        ref = reference.get((r["device"], r["shape"]))
+        rows.append({**r, "ratio_vs_reference": ref / r["median_ms"] if ref else None})
+    return rows
+
+
+def _markdown(rows: list[dict], env: dict) -> str:
+    lines = ["# muonkern ns5 benchmark", "",
+             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+             "Median per call (k calls then one synchronize per timed round); ratio = reference eager "
+             "time / this impl's time (> 1 is faster than the reference); TFLOP/s by DESIGN.md's count "
+             "(per step 4m^2n + 2m^3, m = short side).", "",
+             "| device | shape (fp32) | impl | median ms | ratio vs reference | TFLOP/s |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        ratio = "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x"
+        lines.append(f"| {r['device']} | {r['shape']} | {r['impl']} | {r['median_ms']:.4f} | {ratio} | "
+                     f"{r['tflops']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    rows = _table(_RESULTS)
+    env = _environment()
+    text = _markdown(rows, env)
+    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ns5_bench.md").write_text(text)
+    (out_dir / "ns5_bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    terminalreporter.write_sep("=", "ns5 benchmark")
+    for line in text.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"written to {out_dir / 'ns5_bench.md'} and {out_dir / 'ns5_bench.json'}")

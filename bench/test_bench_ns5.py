@@ -1,0 +1,78 @@
+"""ns5 benchmarks: muonkern vs the reference implementations, side by side in one process.
+
+GPU (DESIGN.md's baseline shapes, fp32 inputs):
+  muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH)
+  reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
+  reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
+  torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
+CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern vs reference.
+
+    python -m pytest bench -q
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from muonkern.ops.fallback import ns5_reference
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
+              (48, 128, 128), (12, 64, 768), (8, 1024, 4096)]
+CPU_SHAPES = [(4, 64, 256), (256, 256)]
+GPU_IMPLS = ["reference", "muonkern", "reference_compiled", "torch_optim_muon"]
+CPU_IMPLS = ["reference", "muonkern"]
+
+_compiled_reference = None
+
+
+def _muonkern(G):
+    return torch.ops.muonkern.ns5(G, 5, None, 1e-7)
+
+
+def _reference(G):
+    return ns5_reference(G, 5, None, 1e-7)
+
+
+def _reference_compiled(G):
+    global _compiled_reference
+    if _compiled_reference is None:
+        # One static graph per shape (dynamic=False), as modded-nanogpt compiles it; room for all shapes.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        _compiled_reference = torch.compile(ns5_reference, dynamic=False)
+    return _compiled_reference(G, 5, None, 1e-7)
+
+
+def _torch_optim_muon(G):
+    from torch.optim._muon import _zeropower_via_newtonschulz
+    return _zeropower_via_newtonschulz(G, ns_coefficients=JORDAN, ns_steps=5, eps=1e-7)
+
+
+IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
+         "torch_optim_muon": _torch_optim_muon}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ns5_cuda(time_ns5, shape, impl):
+    if impl == "torch_optim_muon":
+        try:
+            from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: F401
+        except ImportError:
+            pytest.skip("this torch has no torch.optim._muon")
+        if len(shape) != 2:
+            pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
+    time_ns5(IMPLS[impl], shape, impl, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("MUONKERN_BENCH_CPU") != "1",
+                    reason="CPU benchmark runs without a GPU, or with MUONKERN_BENCH_CPU=1")
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ns5_cpu(time_ns5, shape, impl):
+    time_ns5(IMPLS[impl], shape, impl, "cpu")

@@ -1,0 +1,208 @@
+"""muonkern::ns5 on CPU tensors, whichever backend serves them (C++ kernel or Python fallback).
+
+Ground truth is the float64 replica of the iteration (reference.ns5_float64); budgets and their
+justification are in reference.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import muonkern
+from muonkern.ops.schemas import NS5_SCHEMA
+from ns5_cases import (BATCH_DIM_SHAPES, DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, ORIENTATION_SHAPES,
+                       check_error, check_noncontiguous, check_nonfinite_isolated, check_zero_matrices, ns5,
+                       noncontiguous_views, relative_difference, shape_id)
+from reference import (EXT_VS_FALLBACK_RTOL, JORDAN, NORMALIZE_RTOL, ORTHO_TOL, POLAR_EXPRESS, POLAR_RTOL,
+                       assert_ns5_output, assert_singular_values_in_band, randn)
+
+
+def test_backend_is_known():
+    assert muonkern.backend() in ("cuda", "cpu", "fallback")
+    if os.environ.get("MUONKERN_FORCE_FALLBACK", "") not in ("", "0"):
+        assert muonkern.backend() == "fallback"
+
+
+@pytest.mark.skipif(os.environ.get("MUONKERN_REQUIRE_EXTENSION") != "1",
+                    reason="MUONKERN_REQUIRE_EXTENSION=1 is not set (CI sets it)")
+def test_extension_is_loaded():
+    """CI builds the extension: a broken build must not pass by falling back to pure PyTorch."""
+    assert muonkern.backend() != "fallback", "the compiled extension muonkern._C did not load"
+
+
+def test_schema_matches_python_definition():
+    parsed = torch._C.parse_schema("muonkern::" + NS5_SCHEMA)
+    assert str(parsed) == str(torch.ops.muonkern.ns5.default._schema)
+
+
+@pytest.mark.parametrize("shape", BATCH_DIM_SHAPES + ORIENTATION_SHAPES, ids=shape_id)
+def test_matches_float64(gen, shape):
+    G = randn(gen, *shape)
+    assert_ns5_output(ns5(G), G)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(gen, dtype):
+    G = randn(gen, 3, 24, 80, dtype=dtype)
+    assert_ns5_output(ns5(G), G)
+
+
+# Power-of-two scales leave bf16 rounding unchanged; the norm must neither overflow nor underflow.
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 2.0 ** -20), (torch.float32, 2.0 ** -8),
+                                         (torch.float32, 2.0 ** 12), (torch.float16, 2.0 ** 10),
+                                         (torch.bfloat16, 2.0 ** 40)], ids=str)
+def test_input_scale(gen, dtype, scale):
+    G = (randn(gen, 2, 24, 80) * scale).to(dtype)
+    assert_ns5_output(ns5(G), G)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-3])
+def test_eps_is_added_to_the_norm(gen, eps):
+    """A matrix whose norm equals eps is scaled by 1/(2 eps), not 1/||G||."""
+    G = randn(gen, 2, 16, 48)
+    G = G / torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True) * eps
+    assert_ns5_output(ns5(G, 5, None, eps), G, eps=eps)
+
+
+@pytest.mark.parametrize("name", list(noncontiguous_views(torch.Generator(), "meta")), ids=str)
+def test_noncontiguous(gen, name):
+    check_noncontiguous(noncontiguous_views(gen, "cpu")[name])
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
+def test_empty(shape):
+    G = torch.empty(shape)
+    out = ns5(G)
+    assert out.shape == G.shape and out.dtype == G.dtype and out.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24)], ids=shape_id)
+def test_steps_zero_normalizes(gen, shape):
+    G = randn(gen, *shape)
+    assert_ns5_output(ns5(G, 0), G, steps=0, rtol=NORMALIZE_RTOL)
+    assert_ns5_output(ns5(G, 0, []), G, steps=0, rtol=NORMALIZE_RTOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 128), (2, 128, 32), (2, 64, 64)], ids=shape_id)
+def test_polar_express_schedule(gen, shape):
+    """Per-step coefficients: each step uses its own triple, in order."""
+    G = randn(gen, *shape)
+    out = ns5(G, 5, POLAR_EXPRESS)
+    assert_ns5_output(out, G, 5, POLAR_EXPRESS, rtol=POLAR_RTOL)
+    assert_singular_values_in_band(out, G, 5, POLAR_EXPRESS)
+
+
+def test_two_step_custom_schedule(gen):
+    G = randn(gen, 3, 24, 80)
+    coefficients = [2.0, -1.5, 0.5, *JORDAN]
+    assert_ns5_output(ns5(G, 2, coefficients), G, 2, coefficients)
+
+
+def test_explicit_jordan_list_equals_default(gen):
+    G = randn(gen, 2, 24, 80)
+    assert torch.equal(ns5(G, 5, list(JORDAN) * 5), ns5(G))
+    assert torch.equal(torch.ops.muonkern.ns5(G), ns5(G, 5, None, 1e-7))  # schema defaults
+
+
+def test_python_wrapper(gen):
+    G = randn(gen, 2, 24, 80)
+    assert torch.equal(muonkern.ns5(G), ns5(G))
+    assert torch.equal(muonkern.ns5(G, 5, tuple(POLAR_EXPRESS), 1e-7), ns5(G, 5, POLAR_EXPRESS))
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 128), (2, 96, 24)], ids=shape_id)
+def test_convergent_cubic_orthogonalizes(gen, shape):
+    """20 steps of cubic Newton-Schulz (1.5, -0.5, 0) converge: all singular values ~1."""
+    G = randn(gen, *shape)
+    s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20).double())
+    assert (s - 1).abs().max().item() <= ORTHO_TOL
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 128), (4, 128, 32), (2, 48, 160)], ids=shape_id)
+def test_singular_values_in_band(gen, shape):
+    G = randn(gen, *shape)
+    assert_singular_values_in_band(ns5(G), G)
+
+
+def test_zero_matrices(gen):
+    check_zero_matrices(gen, "cpu")
+
+
+def test_nonfinite_matrix_is_isolated(gen):
+    check_nonfinite_isolated(gen, "cpu")
+
+
+def test_input_untouched_output_fresh(gen):
+    G = randn(gen, 2, 24, 80)
+    before = G.clone()
+    out = ns5(G)
+    assert torch.equal(G, before)
+    assert out.untyped_storage().data_ptr() != G.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_IDS)
+def test_errors(case):
+    check_error(case, "cpu")
+
+
+def test_torch_compile_fullgraph_matches_eager(gen):
+    def f(x):
+        return torch.ops.muonkern.ns5(x * 2, 5, None, 1e-7) + torch.ops.muonkern.ns5(x, 5, POLAR_EXPRESS, 1e-7)
+
+    G = randn(gen, 3, 16, 40)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(G), f(G))
+
+
+@pytest.mark.parametrize("args", [
+    ((3, 16, 40), 5, None, 1e-7),
+    ((2, 40, 16), 3, [1.5, -0.5, 0.0, 2.0, -1.5, 0.5, *JORDAN], 1e-6),
+], ids=["default", "coefficients"])
+def test_opcheck(gen, args):
+    shape, steps, coefficients, eps = args
+    torch.library.opcheck(torch.ops.muonkern.ns5.default, (randn(gen, *shape), steps, coefficients, eps))
+
+
+_FALLBACK_SCRIPT = """
+import sys, torch, muonkern
+inputs = torch.load(sys.argv[1])
+outs = {"backend": muonkern.backend(),
+        "default": torch.ops.muonkern.ns5(inputs["G"], 5, None, 1e-7),
+        "polar": torch.ops.muonkern.ns5(inputs["G"], 5, inputs["polar"], 1e-7),
+        "tall": torch.ops.muonkern.ns5(inputs["tall"], 5, None, 1e-7)}
+torch.save(outs, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def forced_fallback_run(tmp_path_factory):
+    """One subprocess with MUONKERN_FORCE_FALLBACK=1; returns its inputs and outputs."""
+    tmp = tmp_path_factory.mktemp("fallback")
+    gen = torch.Generator().manual_seed(20260)
+    inputs = {"G": randn(gen, 3, 24, 80), "polar": POLAR_EXPRESS, "tall": randn(gen, 2, 80, 24)}
+    torch.save(inputs, tmp / "in.pt")
+    package_root = str(Path(muonkern.__file__).resolve().parents[1])
+    env = dict(os.environ, MUONKERN_FORCE_FALLBACK="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, str(tmp / "in.pt"), str(tmp / "out.pt")],
+                   env=env, check=True, timeout=300)
+    return inputs, torch.load(tmp / "out.pt")
+
+
+def test_force_fallback_env(forced_fallback_run):
+    assert forced_fallback_run[1]["backend"] == "fallback"
+
+
+def test_fallback_agrees_with_extension(forced_fallback_run):
+    if muonkern.backend() == "fallback":
+        pytest.skip("the in-process backend is the fallback too: the comparison would be trivial")
+    inputs, fallback = forced_fallback_run
+    ours = {"default": ns5(inputs["G"]), "polar": ns5(inputs["G"], 5, POLAR_EXPRESS), "tall": ns5(inputs["tall"])}
+    diffs = {name: relative_difference(out, fallback[name]) for name, out in ours.items()}
+    assert max(diffs.values()) <= EXT_VS_FALLBACK_RTOL, json.dumps(diffs)

@@ -1,0 +1,216 @@
+"""muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH.
+
+The op reads MUONKERN_NS5_PATH at each call: `fused` (one launch per batch, small matrices; where a
+shape does not fit it, the op quietly takes the general path), `general` (cuBLASLt), `auto`.
+Skipped as a whole without a GPU. When the backend is not "cuda" (extension built without CUDA, or
+the fallback), CUDA tensors run the pure-PyTorch fallback and the path variable has no effect.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muonkern
+from ns5_cases import (DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, check_error, check_noncontiguous,
+                       check_nonfinite_isolated, check_zero_matrices, noncontiguous_views, ns5,
+                       relative_difference, shape_id)
+from reference import (CROSS_DEVICE_RTOL, JORDAN, NORMALIZE_RTOL, ORTHO_TOL, POLAR_EXPRESS, POLAR_RTOL,
+                       assert_ns5_output, assert_singular_values_in_band, randn)
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+PATHS = ["fused", "general"]
+
+# DESIGN.md's baseline shapes at moderate sizes, then orientations, edge sizes and batch layouts.
+SHAPES = [
+    (48, 128, 128),     # fused
+    (12, 64, 768),      # fused
+    (1, 128, 600),      # fused, one matrix
+    (768, 768),         # general (too big for the fused kernel)
+    (768, 3072),        # general
+    (3, 768, 64),       # m > n
+    (2, 3, 40, 24),     # 4-D batch, m > n
+    (4, 17, 33),        # odd sizes
+    (300, 32, 64),      # more matrices than SMs
+    (2, 130, 300),      # short side 130 > 128: general even when fused is asked for
+    (2, 1, 50), (2, 50, 1), (1, 1),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", request.param)
+    return request.param
+
+
+def poison_allocator(nbytes: int = 256 << 20) -> None:
+    """Leaves NaN in the caching allocator's free blocks: an output element the kernel never
+    writes then reads NaN rather than a plausible stale value."""
+    junk = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.parametrize("path_name", ["auto", *PATHS])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_matches_float64(gen, monkeypatch, path_name, shape):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", path_name)
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    assert_ns5_output(ns5(G), G)  # every element finite and within budget: nothing left unwritten
+
+
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 600), (2, 1, 50)],
+                         ids=shape_id)
+def test_fused_cluster_sizes(gen, monkeypatch, cluster, shape):
+    """The fused kernel spreads a matrix over a cluster of 1-8 blocks (MUONKERN_NS5_CLUSTER forces
+    the size); every size computes the same iteration."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    assert_ns5_output(ns5(G), G)
+
+
+def test_large_general(gen):
+    """One large problem (DESIGN.md's 1024x4096) on the default path."""
+    G = randn(gen, 1024, 4096, device="cuda")
+    assert_ns5_output(ns5(G), G)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(gen, path, dtype):
+    G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
+    assert_ns5_output(ns5(G), G)
+
+
+@pytest.mark.parametrize("name", list(noncontiguous_views(torch.Generator(), "meta")), ids=str)
+def test_noncontiguous(gen, path, name):
+    check_noncontiguous(noncontiguous_views(gen, "cuda")[name])
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
+def test_empty(path, shape):
+    G = torch.empty(shape, device="cuda")
+    out = ns5(G)
+    assert out.shape == G.shape and out.dtype == G.dtype and out.is_contiguous() and out.is_cuda
+
+
+def test_steps_zero_normalizes(gen, path):
+    for shape in [(8, 64, 192), (3, 192, 64)]:
+        G = randn(gen, *shape, device="cuda")
+        assert_ns5_output(ns5(G, 0), G, steps=0, rtol=NORMALIZE_RTOL)
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 128), (4, 128, 32), (4, 64, 64), (768, 768)], ids=shape_id)
+def test_polar_express_schedule(gen, path, shape):
+    G = randn(gen, *shape, device="cuda")
+    out = ns5(G, 5, POLAR_EXPRESS)
+    assert_ns5_output(out, G, 5, POLAR_EXPRESS, rtol=POLAR_RTOL)
+    if G.dim() == 3:
+        assert_singular_values_in_band(out, G, 5, POLAR_EXPRESS)
+
+
+@pytest.mark.parametrize("steps", [20, 40])  # the fused kernel takes at most 32 steps
+def test_convergent_cubic_orthogonalizes(gen, path, steps):
+    G = randn(gen, 4, 32, 128, device="cuda")
+    s = torch.linalg.svdvals(ns5(G, steps, [1.5, -0.5, 0.0] * steps).double())
+    assert (s - 1).abs().max().item() <= ORTHO_TOL
+
+
+def test_explicit_jordan_list_equals_default(gen, path):
+    G = randn(gen, 4, 64, 192, device="cuda")
+    assert torch.equal(ns5(G, 5, list(JORDAN) * 5), ns5(G))
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 128), (8, 128, 32), (4, 48, 160)], ids=shape_id)
+def test_singular_values_in_band(gen, path, shape):
+    G = randn(gen, *shape, device="cuda")
+    assert_singular_values_in_band(ns5(G), G)
+
+
+def test_zero_matrices(gen, path):
+    check_zero_matrices(gen, "cuda")
+    check_zero_matrices(gen, "cuda", shape=(3, 128, 256))
+
+
+def test_nonfinite_matrix_is_isolated(gen, path):
+    check_nonfinite_isolated(gen, "cuda")
+    check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 512))
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_IDS)
+def test_errors(case):
+    check_error(case, "cuda")
+
+
+def test_deterministic(gen, path):
+    G = randn(gen, 12, 64, 768, device="cuda")
+    assert torch.equal(ns5(G), ns5(G))
+
+
+@pytest.mark.parametrize("shape", [(48, 128, 128), (12, 64, 768), (3, 768, 64), (768, 768), (2, 3, 40, 24)],
+                         ids=shape_id)
+def test_agrees_with_cpu(gen, path, shape):
+    G = randn(gen, *shape)
+    diff = relative_difference(ns5(G.cuda()), ns5(G))
+    assert diff <= CROSS_DEVICE_RTOL, f"CUDA vs CPU relative difference {diff:.4g}"
+
+
+def test_side_stream(gen, path):
+    """The kernels run on the current stream: work queued before them on a side stream is seen."""
+    G = randn(gen, 48, 128, 128, device="cuda")
+    expected = ns5(G)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        H = torch.zeros_like(G)
+        torch.cuda._sleep(1_000_000)  # delay the copy: a kernel on another stream would read zeros
+        H.copy_(G)
+        out = ns5(H)
+    side.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("args", [((4, 32, 96), 5, None, 1e-7), ((2, 96, 32), 3, [1.5, -0.5, 0.0] * 3, 1e-6)],
+                         ids=["default", "coefficients"])
+def test_opcheck(gen, path, args):
+    shape, steps, coefficients, eps = args
+    G = randn(gen, *shape, device="cuda")
+    torch.library.opcheck(torch.ops.muonkern.ns5.default, (G, steps, coefficients, eps))
+
+
+def test_torch_compile_fullgraph_inductor(gen, path):
+    def f(x):
+        return torch.ops.muonkern.ns5(x * 2, 5, None, 1e-7) + torch.ops.muonkern.ns5(x, 5, POLAR_EXPRESS, 1e-7)
+
+    G = randn(gen, 12, 64, 768, device="cuda")
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(G), f(G), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(48, 128, 128), (768, 768)], ids=shape_id)
+def test_cuda_graph_replay(gen, path, shape):
+    static_in = randn(gen, *shape, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (plans, workspaces)
+        for _ in range(2):
+            ns5(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ns5(static_in)
+    for _ in range(2):
+        fresh = randn(gen, *shape, device="cuda")
+        static_in.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ns5(fresh))
+
+
+def test_backend_serves_cuda():
+    if muonkern.backend() != "cuda":
+        pytest.skip(f"backend is {muonkern.backend()!r}: CUDA tensors run the fallback")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("muonkern::ns5", "CUDA")
