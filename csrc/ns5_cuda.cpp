@@ -14,7 +14,6 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <unordered_map>
 
 #include "kernels/ns5_kernels.h"
