@@ -26,6 +26,7 @@ WARMUP_ROUNDS = 2
 MAX_ROTATING_INPUTS = 16
 
 _RESULTS: list[dict] = []
+_OPTIM_RESULTS: list[dict] = []
 
 
 def ns5_flops(shape, steps: int = 5) -> float:
@@ -96,6 +97,37 @@ def time_ns5(benchmark):
     return run
 
 
+@pytest.fixture
+def time_optimizer_step(benchmark):
+    """time_optimizer_step(step, impl, extra): times step() (one optimizer step on the GPU, k steps and
+    one synchronize per round) and records it with `extra` (e.g. state memory) for the step table."""
+
+    def run(step, impl: str, extra: dict) -> float:
+        for _ in range(3):  # warm-up: state allocation, plans, compilation
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        per_step = time.perf_counter() - start
+        k = max(1, min(50, math.ceil(20e-3 / per_step)))
+        rounds = max(5, min(50, int(2.0 / (k * per_step))))
+
+        def timed_round():
+            for _ in range(k):
+                step()
+            torch.cuda.synchronize()
+
+        benchmark.group = "optimizer step"
+        benchmark.extra_info.update(calls_per_round=k, impl=impl, **extra)
+        benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        median_s = benchmark.stats.stats.median / k
+        _OPTIM_RESULTS.append({"impl": impl, "median_ms": median_s * 1e3, "steps_per_round": k, **extra})
+        return median_s
+
+    return run
+
+
 def pytest_configure(config):
     # One table (ours) at the end, not pytest-benchmark's own as well.
     if hasattr(config.option, "benchmark_quiet"):
@@ -134,13 +166,38 @@ def _markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _optim_markdown(rows: list[dict], env: dict) -> str:
+    ours = next((r["median_ms"] for r in rows if r["impl"] == "muonkern"), None)
+    lines = ["# muonkern optimizer-step benchmark (GPT-2-small parameter set, fp32 parameters)", "",
+             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+             "Median per step; speed-up = that impl's time / muonkern's time (same run). State MB: the "
+             "optimizer's state tensors after one step; peak MB: the most memory a step allocates beyond "
+             "parameters, gradients and state.", "",
+             "| impl | median ms | muonkern speed-up | state MB | peak extra MB in a step |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        speedup = f"{r['median_ms'] / ours:.2f}x" if ours else "—"
+        lines.append(f"| {r['impl']} | {r['median_ms']:.3f} | {speedup} | {r['state_mb']:.1f} | {r['peak_step_mb']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def pytest_terminal_summary(terminalreporter):
+    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
+    if _OPTIM_RESULTS:
+        env = _environment()
+        text = _optim_markdown(_OPTIM_RESULTS, env)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "optim_bench.md").write_text(text)
+        (out_dir / "optim_bench.json").write_text(json.dumps({"environment": env, "results": _OPTIM_RESULTS},
+                                                             indent=2) + "\n")
+        terminalreporter.write_sep("=", "optimizer-step benchmark")
+        for line in text.splitlines():
+            terminalreporter.write_line(line)
     if not _RESULTS:
         return
     rows = _table(_RESULTS)
     env = _environment()
     text = _markdown(rows, env)
-    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ns5_bench.md").write_text(text)
     (out_dir / "ns5_bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")

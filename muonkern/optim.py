@@ -1,0 +1,256 @@
+"""muonkern.optim.Muon: Muon for matrices and AdamW for the rest, in one optimizer.
+
+For a matrix parameter (KellerJordan/Muon's semantics by default):
+    buf = momentum * buf + (1 - momentum) * grad
+    u   = lerp(grad, buf, momentum) if nesterov else buf
+    p  *= 1 - lr * weight_decay
+    p  -= lr * scale * ns5(u)          scale = max(1, rows/cols)^0.5  ("original")
+                                       scale = 0.2 * max(rows, cols)^0.5  ("match_rms_adamw", Moonlight)
+Conv weights (out, in, kh, kw) are orthogonalized as (out, in*kh*kw); 3-D parameters (stacked
+experts) per leading index; a group's `split_rows=s` orthogonalizes each block of s rows on its own
+(fused QKV, heads). Matrices of one shape go through ns5 as one batch; the elementwise work is
+torch._foreach ops. Nothing is written into p.grad, and the update never aliases the momentum buffer.
+
+Other parameters (ndim < 2 by default, or groups with use_muon=False) get AdamW with the adamw_*
+hyperparameters.
+
+Distributed: with torch.distributed initialized and plain (replicated) parameters, as under DDP,
+each rank orthogonalizes its share of every same-shape batch and the results are all-gathered.
+DTensor (FSDP2) parameters are gathered whole, orthogonalized, and re-sharded like the parameter.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ops import ns5
+from .ops.ns5_args import resolve_coefficients
+
+__all__ = ["Muon", "muon_param_groups"]
+
+_ADJUST_LR = ("original", "match_rms_adamw")
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch without DTensor
+    DTensor, distribute_tensor = (), None
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, coefficients="jordan",
+                 adjust_lr: str = "original", adamw_lr: float = 3e-4,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float = 0.0, *, process_group=None):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, coefficients=coefficients, adjust_lr=adjust_lr,
+                        adamw_lr=adamw_lr, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        adamw_weight_decay=adamw_weight_decay, use_muon=None, split_rows=None)
+        self.process_group = process_group
+        super().__init__(params, defaults)
+
+    # ---- parameter groups -------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        unknown = set(param_group) - set(self.defaults) - {"params", "name"}
+        if unknown:
+            raise ValueError(f"Muon: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if param_group.get("use_muon") is None:
+            # Matrices (and conv kernels, stacked experts) to Muon, the rest to AdamW.
+            for use_muon in (True, False):
+                chosen = [p for p in params if (p.ndim >= 2) == use_muon]
+                if chosen:
+                    self.add_param_group({**param_group, "params": chosen, "use_muon": use_muon})
+            return
+        group = {**param_group, "params": params}
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        _check_group(group)
+        super().add_param_group(group)
+
+    # ---- step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                if p.grad.is_complex():
+                    raise RuntimeError("Muon does not support complex parameters or gradients")
+            if params:
+                (self._muon_step if group["use_muon"] else self._adamw_step)(group, params)
+        return loss
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        beta = group["momentum"]
+        _foreach(torch._foreach_lerp_, bufs, grads, 1 - beta)
+        # New tensors (nesterov) or the buffers themselves, which ns5 only reads.
+        updates = _foreach(torch._foreach_lerp, grads, bufs, beta) if group["nesterov"] else bufs
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            _foreach(torch._foreach_mul_, params, 1 - lr * wd)
+        coefficients = resolve_coefficients(group["coefficients"], group["ns_steps"])
+        for (rows, cols, *_), members in _buckets(params, updates, group["split_rows"]).items():
+            scale = (max(1.0, rows / cols) ** 0.5 if group["adjust_lr"] == "original"
+                     else 0.2 * math.sqrt(max(rows, cols)))
+            plist = [p for p, _ in members]
+            if isinstance(members[0][1], DTensor):
+                ortho = [self._orthogonalize_dtensor(u, group, coefficients) for _, u in members]
+            else:
+                ortho = self._orthogonalize_batch([u for _, u in members], group, coefficients)
+            _foreach(torch._foreach_add_, plist, [o.view_as(p) for p, o in zip(plist, ortho)], alpha=-lr * scale)
+
+    def _orthogonalize_batch(self, updates: list[torch.Tensor], group: dict, coefficients) -> list[torch.Tensor]:
+        """ns5 of same-shape matrices as one batch; across ranks, each rank takes a share."""
+        views = [_matrix_view(u, group["split_rows"]) for u in updates]
+        counts = [v.numel() // (v.shape[-2] * v.shape[-1]) for v in views]
+        stacked = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in views])
+        world = _world_size(self.process_group)
+        if world > 1:
+            rank = dist.get_rank(self.process_group)
+            share = -(-stacked.shape[0] // world)
+            padded = torch.cat([stacked, stacked.new_zeros(share * world - stacked.shape[0], *stacked.shape[1:])])
+            mine = ns5(padded[rank * share:(rank + 1) * share], group["ns_steps"], coefficients).contiguous()
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine, group=self.process_group)
+            result = torch.cat(gathered)[:stacked.shape[0]]
+        else:
+            result = ns5(stacked, group["ns_steps"], coefficients)
+        return list(result.split(counts))
+
+    @staticmethod
+    def _orthogonalize_dtensor(update, group: dict, coefficients):
+        """A sharded matrix is gathered whole, orthogonalized, and sharded back like the parameter."""
+        full = update.full_tensor()
+        ortho = ns5(_matrix_view(full, group["split_rows"]), group["ns_steps"], coefficients).view_as(full)
+        return distribute_tensor(ortho, update.device_mesh, update.placements)
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["adamw_betas"]
+        lr, eps, wd = group["adamw_lr"], group["adamw_eps"], group["adamw_weight_decay"]
+        by_step = defaultdict(list)  # parameters that missed steps keep their own bias correction
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            by_step[state["step"]].append(p)
+        for step, ps in by_step.items():
+            grads = [p.grad for p in ps]
+            exp_avgs = [self.state[p]["exp_avg"] for p in ps]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
+            _foreach(torch._foreach_lerp_, exp_avgs, grads, 1 - beta1)
+            _foreach(torch._foreach_mul_, exp_avg_sqs, beta2)
+            _foreach(torch._foreach_addcmul_, exp_avg_sqs, grads, grads, value=1 - beta2)
+            denom = _foreach(torch._foreach_sqrt, exp_avg_sqs)
+            _foreach(torch._foreach_div_, denom, math.sqrt(1 - beta2 ** step))
+            _foreach(torch._foreach_add_, denom, eps)
+            if wd != 0:
+                _foreach(torch._foreach_mul_, ps, 1 - lr * wd)
+            _foreach(torch._foreach_addcdiv_, ps, exp_avgs, denom, value=-lr / (1 - beta1 ** step))
+
+
+def muon_param_groups(model: nn.Module, head_names: Iterable[str] = ("lm_head", "head", "output", "classifier"),
+                      **muon_options) -> list[dict]:
+    """Splits a model the usual way: hidden matrices to Muon; embeddings, the output head (modules
+    named in `head_names`, or weights tied to an embedding), norms and biases to AdamW. Extra keyword
+    arguments go into the Muon group."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head_params = set()
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in head_names:
+            head_params.update(id(p) for p in module.parameters())
+    muon, adamw, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        hidden_matrix = p.ndim >= 2 and id(p) not in embeddings and id(p) not in head_params
+        (muon if hidden_matrix else adamw).append(p)
+    groups = [{"params": muon, "use_muon": True, **muon_options}] if muon else []
+    return groups + ([{"params": adamw, "use_muon": False}] if adamw else [])
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _check_group(group: dict) -> None:
+    if group["use_muon"]:
+        bad = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
+        if bad:
+            raise ValueError(f"Muon: use_muon=True needs parameters with ndim >= 2, got shapes {bad}")
+    if not 0 <= group["momentum"] < 1:
+        raise ValueError(f"Muon: momentum must be in [0, 1), got {group['momentum']}")
+    if group["lr"] < 0 or group["adamw_lr"] < 0:
+        raise ValueError(f"Muon: learning rates must be >= 0, got lr={group['lr']}, adamw_lr={group['adamw_lr']}")
+    if group["weight_decay"] < 0 or group["adamw_weight_decay"] < 0:
+        raise ValueError("Muon: weight decay must be >= 0")
+    if group["adjust_lr"] not in _ADJUST_LR:
+        raise ValueError(f"Muon: adjust_lr must be one of {_ADJUST_LR}, got {group['adjust_lr']!r}")
+    if not all(0 <= b < 1 for b in group["adamw_betas"]) or len(group["adamw_betas"]) != 2:
+        raise ValueError(f"Muon: adamw_betas must be two numbers in [0, 1), got {group['adamw_betas']}")
+    if not group["adamw_eps"] > 0:
+        raise ValueError(f"Muon: adamw_eps must be positive, got {group['adamw_eps']}")
+    if group["ns_steps"] < 0:
+        raise ValueError(f"Muon: ns_steps must be >= 0, got {group['ns_steps']}")
+    resolve_coefficients(group["coefficients"], group["ns_steps"])  # raises on a bad preset or length
+    split = group["split_rows"]
+    if split is not None:
+        bad = [tuple(p.shape) for p in group["params"] if split <= 0 or _matrix_shape(p)[0] % split]
+        if bad:
+            raise ValueError(f"Muon: split_rows={split} must divide the rows of every matrix, got shapes {bad}")
+
+
+def _matrix_shape(t: torch.Tensor) -> tuple[int, int]:
+    return (t.shape[0], t[0].numel()) if t.ndim >= 4 else (t.shape[-2], t.shape[-1])
+
+
+def _matrix_view(t: torch.Tensor, split_rows: int | None) -> torch.Tensor:
+    """(..., rows, cols) as ns5 sees it: conv kernels flattened to (out, in*kh*kw), 3-D kept as a batch,
+    rows cut into blocks of split_rows."""
+    view = t.reshape(t.shape[0], -1) if t.ndim >= 4 else t
+    if split_rows is not None:
+        view = view.reshape(*view.shape[:-2], view.shape[-2] // split_rows, split_rows, view.shape[-1])
+    return view
+
+
+def _buckets(params, updates, split_rows) -> dict:
+    """(param, update) pairs keyed by the matrix shape ns5 sees, dtype and device."""
+    buckets = defaultdict(list)
+    for p, u in zip(params, updates):
+        view_shape = tuple(_matrix_view(torch.empty(p.shape, device="meta"), split_rows).shape[-2:])
+        buckets[(*view_shape, str(u.dtype), str(u.device), isinstance(u, DTensor))].append((p, u))
+    return buckets
+
+
+def _foreach(op, *lists, **kwargs):
+    """A torch._foreach op, or its per-tensor loop for DTensors (not every foreach op shards)."""
+    if not any(isinstance(t, DTensor) for t in lists[0]):
+        return op(*lists, **kwargs)
+    name = op.__name__.replace("_foreach_", "")
+    scalars = [a for a in lists if not isinstance(a, list)]
+    tensors = [a for a in lists if isinstance(a, list)]
+    results = [getattr(torch.Tensor, name)(*items, *scalars, **kwargs) for items in zip(*tensors)]
+    return None if name.endswith("_") else results
+
+
+def _world_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
