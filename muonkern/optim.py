@@ -12,7 +12,8 @@ experts) per leading index; a group's `split_rows=s` orthogonalizes each block o
 torch._foreach ops. Nothing is written into p.grad, and the update never aliases the momentum buffer.
 
 Other parameters (ndim < 2 by default, or groups with use_muon=False) get AdamW with the adamw_*
-hyperparameters.
+hyperparameters; in those groups `lr` holds AdamW's learning rate (initialized from adamw_lr), so a
+learning-rate scheduler scales Muon and AdamW alike.
 
 Distributed: with torch.distributed initialized and plain (replicated) parameters, as under DDP,
 each rank orthogonalizes its share of every same-shape batch and the results are all-gathered.
@@ -61,6 +62,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = [p[1] if isinstance(p, tuple) else p for p in params]  # named_parameters() works too
         if param_group.get("use_muon") is None:
             # Matrices (and conv kernels, stacked experts) to Muon, the rest to AdamW.
             for use_muon in (True, False):
@@ -69,6 +71,9 @@ class Muon(torch.optim.Optimizer):
                     self.add_param_group({**param_group, "params": chosen, "use_muon": use_muon})
             return
         group = {**param_group, "params": params}
+        if not group["use_muon"] and "lr" not in param_group:
+            # In an AdamW group `lr` is AdamW's learning rate, so LR schedulers scale both kinds.
+            group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         _check_group(group)
@@ -82,7 +87,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
@@ -106,7 +111,7 @@ class Muon(torch.optim.Optimizer):
         updates = _foreach(torch._foreach_lerp, grads, bufs, beta) if group["nesterov"] else bufs
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
-            _foreach(torch._foreach_mul_, params, 1 - lr * wd)
+            _scale_(params, 1 - lr * wd)
         coefficients = resolve_coefficients(group["coefficients"], group["ns_steps"])
         for (rows, cols, *_), members in _buckets(params, updates, group["split_rows"]).items():
             scale = (max(1.0, rows / cols) ** 0.5 if group["adjust_lr"] == "original"
@@ -145,7 +150,7 @@ class Muon(torch.optim.Optimizer):
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["adamw_betas"]
-        lr, eps, wd = group["adamw_lr"], group["adamw_eps"], group["adamw_weight_decay"]
+        lr, eps, wd = group["lr"], group["adamw_eps"], group["adamw_weight_decay"]
         by_step = defaultdict(list)  # parameters that missed steps keep their own bias correction
         for p in params:
             state = self.state[p]
@@ -160,13 +165,13 @@ class Muon(torch.optim.Optimizer):
             exp_avgs = [self.state[p]["exp_avg"] for p in ps]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
             _foreach(torch._foreach_lerp_, exp_avgs, grads, 1 - beta1)
-            _foreach(torch._foreach_mul_, exp_avg_sqs, beta2)
+            _scale_(exp_avg_sqs, beta2)
             _foreach(torch._foreach_addcmul_, exp_avg_sqs, grads, grads, value=1 - beta2)
             denom = _foreach(torch._foreach_sqrt, exp_avg_sqs)
             _foreach(torch._foreach_div_, denom, math.sqrt(1 - beta2 ** step))
             _foreach(torch._foreach_add_, denom, eps)
             if wd != 0:
-                _foreach(torch._foreach_mul_, ps, 1 - lr * wd)
+                _scale_(ps, 1 - lr * wd)
             _foreach(torch._foreach_addcdiv_, ps, exp_avgs, denom, value=-lr / (1 - beta1 ** step))
 
 
@@ -213,7 +218,7 @@ def _check_group(group: dict) -> None:
         raise ValueError(f"Muon: ns_steps must be >= 0, got {group['ns_steps']}")
     resolve_coefficients(group["coefficients"], group["ns_steps"])  # raises on a bad preset or length
     split = group["split_rows"]
-    if split is not None:
+    if split is not None and group["use_muon"]:
         bad = [tuple(p.shape) for p in group["params"] if split <= 0 or _matrix_shape(p)[0] % split]
         if bad:
             raise ValueError(f"Muon: split_rows={split} must divide the rows of every matrix, got shapes {bad}")
@@ -250,6 +255,18 @@ def _foreach(op, *lists, **kwargs):
     tensors = [a for a in lists if isinstance(a, list)]
     results = [getattr(torch.Tensor, name)(*items, *scalars, **kwargs) for items in zip(*tensors)]
     return None if name.endswith("_") else results
+
+
+def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
+    """tensors *= factor. The CPU foreach kernel rounds the factor to a bf16/fp16 tensor's dtype
+    (0.998 -> 0.9961 in bf16), so low-precision tensors are scaled one by one, as Tensor.mul_ does
+    with the factor in fp32."""
+    exact = [t for t in tensors if t.dtype in (torch.float32, torch.float64)]
+    if exact:
+        _foreach(torch._foreach_mul_, exact, factor)
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float64):
+            t.mul_(factor)
 
 
 def _world_size(group) -> int:
