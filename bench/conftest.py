@@ -151,57 +151,52 @@ def _table(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], env: dict) -> str:
-    lines = ["# muonkern ns5 benchmark", "",
-             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
-             "Median per call (k calls then one synchronize per timed round); ratio = reference eager "
-             "time / this impl's time (> 1 is faster than the reference); TFLOP/s by DESIGN.md's count "
-             "(per step 4m^2n + 2m^3, m = short side).", "",
-             "| device | shape (fp32) | impl | median ms | ratio vs reference | TFLOP/s |",
-             "|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        ratio = "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x"
-        lines.append(f"| {r['device']} | {r['shape']} | {r['impl']} | {r['median_ms']:.4f} | {ratio} | "
-                     f"{r['tflops']:.2f} |")
+def _markdown(title: str, env: dict, note: str, columns: list[str], cells: list[list[str]]) -> str:
+    aligns = ["---" if i < columns.index("median ms") else "---:" for i in range(len(columns))]
+    lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "", note, "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
-def _optim_markdown(rows: list[dict], env: dict) -> str:
+def _ns5_report(rows: list[dict], env: dict) -> str:
+    cells = [[r["device"], r["shape"], r["impl"], f"{r['median_ms']:.4f}",
+              "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x", f"{r['tflops']:.2f}"]
+             for r in rows]
+    return _markdown("muonkern ns5 benchmark", env,
+                     "Median per call (k calls then one synchronize per timed round); ratio = reference eager "
+                     "time / this impl's time (> 1 is faster than the reference); TFLOP/s by DESIGN.md's count "
+                     "(per step 4m^2n + 2m^3, m = short side).",
+                     ["device", "shape (fp32)", "impl", "median ms", "ratio vs reference", "TFLOP/s"], cells)
+
+
+def _optim_report(rows: list[dict], env: dict) -> str:
     ours = next((r["median_ms"] for r in rows if r["impl"] == "muonkern"), None)
-    lines = ["# muonkern optimizer-step benchmark (GPT-2-small parameter set, fp32 parameters)", "",
-             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
-             "Median per step; speed-up = that impl's time / muonkern's time (same run). State MB: the "
-             "optimizer's state tensors after one step; peak MB: the most memory a step allocates beyond "
-             "parameters, gradients and state.", "",
-             "| impl | median ms | muonkern speed-up | state MB | peak extra MB in a step |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        speedup = f"{r['median_ms'] / ours:.2f}x" if ours else "—"
-        lines.append(f"| {r['impl']} | {r['median_ms']:.3f} | {speedup} | {r['state_mb']:.1f} | {r['peak_step_mb']:.1f} |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["impl"], f"{r['median_ms']:.3f}", f"{r['median_ms'] / ours:.2f}x" if ours else "—",
+              f"{r['state_mb']:.1f}", f"{r['peak_step_mb']:.1f}"] for r in rows]
+    return _markdown("muonkern optimizer-step benchmark (GPT-2-small parameter set, fp32 parameters)", env,
+                     "Median per step; speed-up = that impl's time / muonkern's time (same run). State MB: the "
+                     "optimizer's state tensors after one step; peak MB: the most memory a step allocates beyond "
+                     "parameters, gradients and state.",
+                     ["impl", "median ms", "muonkern speed-up", "state MB", "peak extra MB in a step"], cells)
+
+
+def _write_report(terminalreporter, name: str, text: str, payload: dict) -> None:
+    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    terminalreporter.write_sep("=", name)
+    for line in text.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"written to {out_dir / name}.md and .json")
 
 
 def pytest_terminal_summary(terminalreporter):
-    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
-    if _OPTIM_RESULTS:
-        env = _environment()
-        text = _optim_markdown(_OPTIM_RESULTS, env)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "optim_bench.md").write_text(text)
-        (out_dir / "optim_bench.json").write_text(json.dumps({"environment": env, "results": _OPTIM_RESULTS},
-                                                             indent=2) + "\n")
-        terminalreporter.write_sep("=", "optimizer-step benchmark")
-        for line in text.splitlines():
-            terminalreporter.write_line(line)
-    if not _RESULTS:
-        return
-    rows = _table(_RESULTS)
     env = _environment()
-    text = _markdown(rows, env)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ns5_bench.md").write_text(text)
-    (out_dir / "ns5_bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-    terminalreporter.write_sep("=", "ns5 benchmark")
-    for line in text.splitlines():
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f"written to {out_dir / 'ns5_bench.md'} and {out_dir / 'ns5_bench.json'}")
+    if _OPTIM_RESULTS:
+        _write_report(terminalreporter, "optim_bench", _optim_report(_OPTIM_RESULTS, env),
+                      {"environment": env, "results": _OPTIM_RESULTS})
+    if _RESULTS:
+        rows = _table(_RESULTS)
+        _write_report(terminalreporter, "ns5_bench", _ns5_report(rows, env), {"environment": env, "results": rows})
