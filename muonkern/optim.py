@@ -68,7 +68,10 @@ class Muon(torch.optim.Optimizer):
             for use_muon in (True, False):
                 chosen = [p for p in params if (p.ndim >= 2) == use_muon]
                 if chosen:
-                    self.add_param_group({**param_group, "params": chosen, "use_muon": use_muon})
+                    half = {**param_group, "params": chosen, "use_muon": use_muon}
+                    if not use_muon:
+                        half.pop("lr", None)  # the group's lr is Muon's; the AdamW half takes adamw_lr
+                    self.add_param_group(half)
             return
         group = {**param_group, "params": params}
         if not group["use_muon"] and "lr" not in param_group:
@@ -179,7 +182,7 @@ def muon_param_groups(model: nn.Module, head_names: Iterable[str] = ("lm_head", 
                       **muon_options) -> list[dict]:
     """Splits a model the usual way: hidden matrices to Muon; embeddings, the output head (modules
     named in `head_names`, or weights tied to an embedding), norms and biases to AdamW. Extra keyword
-    arguments go into the Muon group."""
+    arguments go into the Muon group, and the adamw_* ones into the AdamW group too."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head_params = set()
     for name, module in model.named_modules():
@@ -192,8 +195,9 @@ def muon_param_groups(model: nn.Module, head_names: Iterable[str] = ("lm_head", 
         seen.add(id(p))
         hidden_matrix = p.ndim >= 2 and id(p) not in embeddings and id(p) not in head_params
         (muon if hidden_matrix else adamw).append(p)
+    adamw_options = {k: v for k, v in muon_options.items() if k.startswith("adamw_")}
     groups = [{"params": muon, "use_muon": True, **muon_options}] if muon else []
-    return groups + ([{"params": adamw, "use_muon": False}] if adamw else [])
+    return groups + ([{"params": adamw, "use_muon": False, **adamw_options}] if adamw else [])
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -399,7 +399,9 @@ def test_default_grouping(gen):
     assert [id(p) for p in adamw] == [id(params[i]) for i in (1, 3, 5)]
     # The group's own options are kept in both halves.
     opt = Muon([{"params": params, "lr": 0.5, "adamw_lr": 0.25}])
-    assert all(g["lr"] == 0.5 and g["adamw_lr"] == 0.25 for g in opt.param_groups)
+    assert all(g["adamw_lr"] == 0.25 for g in opt.param_groups)
+    # The group's lr is Muon's; its AdamW half runs at adamw_lr (the lr an LR scheduler then scales).
+    assert [(g["use_muon"], g["lr"]) for g in opt.param_groups] == [(True, 0.5), (False, 0.25)]
 
 
 class _Block(nn.Module):
