@@ -3,7 +3,7 @@
 Run: `python -m pytest bench -q` (the normal test run, `python -m pytest`, collects tests/ only).
 At the end one table is printed and written as markdown and JSON to $MUONKERN_BENCH_OUT
 (default bench_results/): shape, impl, median ms per call, ratio vs the reference eager
-(reference time / impl time, same run) and TFLOP/s by DESIGN.md's count.
+(reference time / impl time, same run) and TFLOP/s counted as 4m^2n + 2m^3 per step.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _OPTIM_RESULTS: list[dict] = []
 
 
 def ns5_flops(shape, steps: int = 5) -> float:
-    """DESIGN.md: per step 4 m^2 n + 2 m^3 with m the short side, n the long side; times batch."""
+    """Per step 4 m^2 n + 2 m^3 with m the short side, n the long side; times batch."""
     m, n = sorted(shape[-2:])
     batch = math.prod(shape[:-2])
     return float(steps * batch * (4 * m * m * n + 2 * m ** 3))
@@ -165,8 +165,8 @@ def _ns5_report(rows: list[dict], env: dict) -> str:
              for r in rows]
     return _markdown("muonkern ns5 benchmark", env,
                      "Median per call (k calls then one synchronize per timed round); ratio = reference eager "
-                     "time / this impl's time (> 1 is faster than the reference); TFLOP/s by DESIGN.md's count "
-                     "(per step 4m^2n + 2m^3, m = short side).",
+                     "time / this impl's time (> 1 is faster than the reference); TFLOP/s counted as "
+                     "4m^2n + 2m^3 per step (m = short side).",
                      ["device", "shape (fp32)", "impl", "median ms", "ratio vs reference", "TFLOP/s"], cells)
 
 

@@ -1,6 +1,6 @@
 """ns5 benchmarks: muonkern vs the reference implementations, side by side in one process.
 
-GPU (DESIGN.md's baseline shapes, fp32 inputs):
+GPU (the baseline shapes, fp32 inputs):
   muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH)
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)

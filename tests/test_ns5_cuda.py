@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 
 PATHS = ["fused", "general"]
 
-# DESIGN.md's baseline shapes at moderate sizes, then orientations, edge sizes and batch layouts.
+# The benchmark's baseline shapes at moderate sizes, then orientations, edge sizes and batch layouts.
 SHAPES = [
     (48, 128, 128),     # fused
     (12, 64, 768),      # fused
@@ -74,7 +74,7 @@ def test_fused_cluster_sizes(gen, monkeypatch, cluster, shape):
 
 
 def test_large_general(gen):
-    """One large problem (DESIGN.md's 1024x4096) on the default path."""
+    """One large problem (the benchmark's 1024x4096) on the default path."""
     G = randn(gen, 1024, 4096, device="cuda")
     assert_ns5_output(ns5(G), G)
 
