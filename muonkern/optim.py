@@ -245,8 +245,8 @@ def _buckets(params, updates, split_rows) -> dict:
     """(param, update) pairs keyed by the matrix shape ns5 sees, dtype and device."""
     buckets = defaultdict(list)
     for p, u in zip(params, updates):
-        view_shape = tuple(_matrix_view(torch.empty(p.shape, device="meta"), split_rows).shape[-2:])
-        buckets[(*view_shape, str(u.dtype), str(u.device), isinstance(u, DTensor))].append((p, u))
+        rows, cols = _matrix_shape(p)
+        buckets[(split_rows or rows, cols, str(u.dtype), str(u.device), isinstance(u, DTensor))].append((p, u))
     return buckets
 
 
