@@ -1,0 +1,13 @@
+"""Small models for the Muon-vs-Adam curvature study."""
+from .gpt import (
+    GPT,
+    PRESETS,
+    GPTConfig,
+    apply_rope,
+    exact_attention,
+    gpt_loss_fn,
+    rope_cos_sin,
+)
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "apply_rope", "exact_attention", "gpt_loss_fn",
+           "rope_cos_sin"]
