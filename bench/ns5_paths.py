@@ -1,0 +1,54 @@
+"""Times each CUDA path of muonkern::ns5 (fused at every cluster size, general) against the eager
+reference with triton.testing.do_bench medians, and optionally profiles one general-path call.
+This is what the tables of bench/NOTES.md were measured with.
+
+    python bench/ns5_paths.py                  # the shapes of NOTES.md
+    python bench/ns5_paths.py --profile 768x3072
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from triton.testing import do_bench
+
+import muonkern  # noqa: F401  (registers the op)
+from muonkern.ops.fallback import ns5_reference
+
+SHAPES = ["48x128x128", "12x64x768", "1x128x600", "8x128x600", "132x64x512", "768x768", "768x3072", "1024x4096"]
+VARIANTS = [("fused", "1"), ("fused", "2"), ("fused", "4"), ("fused", "8"), ("general", "0"), ("auto", "0")]
+
+
+def time_us(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("shapes", nargs="*", default=SHAPES)
+    parser.add_argument("--profile", metavar="SHAPE", help="torch.profiler table of one general-path call")
+    args = parser.parse_args()
+    if args.profile:
+        G = torch.randn(*map(int, args.profile.split("x")), device="cuda")
+        os.environ["MUONKERN_NS5_PATH"] = "general"
+        for _ in range(3):
+            torch.ops.muonkern.ns5(G)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.ops.muonkern.ns5(G)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        return
+    print("| shape | path | cluster | µs | reference µs | ratio |\n|---|---|---:|---:|---:|---:|")
+    for shape in args.shapes:
+        G = torch.randn(*map(int, shape.split("x")), device="cuda")
+        reference = time_us(lambda: ns5_reference(G))
+        for path, cluster in VARIANTS:
+            os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
+            t = time_us(lambda: torch.ops.muonkern.ns5(G))
+            print(f"| {shape} | {path} | {cluster} | {t:.1f} | {reference:.1f} | {reference / t:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
