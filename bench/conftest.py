@@ -1,4 +1,5 @@
-"""Timing harness and the summary table of the ns5 benchmarks (pytest-benchmark).
+"""Timing harness and the summary tables of the benchmarks (pytest-benchmark): ns5, optimizer step,
+curvature probes.
 
 Run: `python -m pytest bench -q` (the normal test run, `python -m pytest`, collects tests/ only).
 At the end one table is printed and written as markdown and JSON to $MUONKERN_BENCH_OUT
@@ -27,6 +28,7 @@ MAX_ROTATING_INPUTS = 16
 
 _RESULTS: list[dict] = []
 _OPTIM_RESULTS: list[dict] = []
+_PROBE_RESULTS: list[dict] = []
 
 
 def ns5_flops(shape, steps: int = 5) -> float:
@@ -128,6 +130,45 @@ def time_optimizer_step(benchmark):
     return run
 
 
+@pytest.fixture
+def time_probe(benchmark):
+    """time_probe(fn, case, impl, reference=None, per=1): times fn() on the GPU (one call and one
+    synchronize per round; the calls here take milliseconds), records its peak memory beyond what
+    was allocated before the call, and its ratio to the `reference` impl of the same case
+    (measured earlier in the same run) for the curvature-probe table."""
+
+    def run(fn, case: str, impl: str, reference: str | None = None, per: int = 1) -> float:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once = time.perf_counter() - start
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rounds = max(5, min(50, int(TIME_PER_CASE_S * 5 / once)))
+
+        def timed_round():
+            fn()
+            torch.cuda.synchronize()
+
+        benchmark.group = f"probe {case}"
+        benchmark.extra_info.update(impl=impl, case=case, per=per)
+        benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        median_ms = benchmark.stats.stats.median * 1e3
+        ref = next((r["median_ms"] for r in _PROBE_RESULTS if r["case"] == case and r["impl"] == reference),
+                   None)
+        _PROBE_RESULTS.append({"case": case, "impl": impl, "median_ms": median_ms, "per": per,
+                               "per_ms": median_ms / per, "reference": reference,
+                               "ratio_vs_reference": None if ref is None else median_ms / per / ref,
+                               "peak_mb": peak_mb, "rounds": rounds})
+        return median_ms
+
+    return run
+
+
 def pytest_configure(config):
     # One table (ours) at the end, not pytest-benchmark's own as well.
     if hasattr(config.option, "benchmark_quiet"):
@@ -181,6 +222,17 @@ def _optim_report(rows: list[dict], env: dict) -> str:
                      ["impl", "median ms", "muonkern speed-up", "state MB", "peak extra MB in a step"], cells)
 
 
+def _probe_report(rows: list[dict], env: dict) -> str:
+    cells = [[r["case"], r["impl"], f"{r['median_ms']:.2f}", str(r["per"]), f"{r['per_ms']:.2f}",
+              "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x "
+              f"{r['reference']}", f"{r['peak_mb']:.0f}"] for r in rows]
+    return _markdown("muonkern curvature-probe benchmark", env,
+                     "Median per call (one call and one synchronize per round). per = directions (or "
+                     "dot-product sets) per call; ratio = time per direction / the named reference's time in "
+                     "the same run; peak MB = memory a call allocates beyond what existed before it.",
+                     ["case", "impl", "median ms", "per", "ms per", "ratio", "peak MB"], cells)
+
+
 def _write_report(terminalreporter, name: str, text: str, payload: dict) -> None:
     out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +249,9 @@ def pytest_terminal_summary(terminalreporter):
     if _OPTIM_RESULTS:
         _write_report(terminalreporter, "optim_bench", _optim_report(_OPTIM_RESULTS, env),
                       {"environment": env, "results": _OPTIM_RESULTS})
+    if _PROBE_RESULTS:
+        _write_report(terminalreporter, "curvature_bench", _probe_report(_PROBE_RESULTS, env),
+                      {"environment": env, "results": _PROBE_RESULTS})
     if _RESULTS:
         rows = _table(_RESULTS)
         _write_report(terminalreporter, "ns5_bench", _ns5_report(rows, env), {"environment": env, "results": rows})

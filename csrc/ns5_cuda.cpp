@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "kernels/ns5_kernels.h"
+#include "kernel_dtype.h"
 #include "ns5_common.h"
 
 namespace muonkern {
@@ -28,16 +29,6 @@ namespace {
     TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS,                                                  \
                 std::string("ns5: " #expr " failed with cuBLAS status ") + std::to_string(_status));  \
   } while (0)
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    case at::kDouble: return DType::Float64;
-    default: TORCH_CHECK_TYPE(false, std::string("ns5: unsupported dtype ") + c10::toString(t));
-  }
-}
 
 // Leading dims, merged where their strides allow, so most inputs fit kMaxBatchDims without a copy.
 bool describe_batch(const at::Tensor& G, StridedMatrices& s) {
@@ -61,7 +52,7 @@ bool describe_batch(const at::Tensor& G, StridedMatrices& s) {
 Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, double eps) {
   Ns5Problem p{};
   p.in.data = G.data_ptr();
-  p.in.dtype = to_dtype(G.scalar_type());
+  p.in.dtype = to_kernel_dtype(G.scalar_type(), "ns5");
   TORCH_INTERNAL_ASSERT(describe_batch(G, p.in));
   p.in.row_stride = G.stride(-2);
   p.in.col_stride = G.stride(-1);

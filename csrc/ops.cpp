@@ -1,8 +1,9 @@
 // The muonkern._C Python module: importing it defines the muonkern op schemas. The kernels register
-// themselves per backend (ns5_cpu.cpp, ns5_cuda.cpp).
+// themselves per backend (ns5_cpu.cpp, ns5_cuda.cpp, dirquad_cpu.cpp, dirquad_cuda.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "dirquad.h"
 #include "ns5_common.h"
 
 extern "C" PyObject* PyInit__C(void) {
@@ -10,4 +11,7 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(muonkern, m) { m.def(muonkern::kNs5Schema); }
+TORCH_LIBRARY(muonkern, m) {
+  m.def(muonkern::kNs5Schema);
+  m.def(muonkern::kDirquadSchema);
+}

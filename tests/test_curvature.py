@@ -357,6 +357,91 @@ def test_top_eigenvalues_repeated_eigenvalues_restart():
                                atol=1e-10)
 
 
+def test_two_layer_transformer_against_dense_hessian(gen):
+    from muonkern.models import GPT, GPTConfig, gpt_loss_fn
+
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=7, context=6, n_layer=2, n_head=2, d_model=4)   # 460 parameters
+    model = GPT(cfg).double()
+    x = torch.randint(0, 7, (2, 6), generator=gen)
+    y = torch.randint(0, 7, (2, 6), generator=gen)
+    loss_fn = gpt_loss_fn(model, x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    with C.exact_attention():      # the dense reference needs double backward through attention
+        H = torch.autograd.functional.hessian(lambda f: loss_fn(_unflatten(f, params)),
+                                              _flatten(params), vectorize=True)
+    g = _full_grad(loss_fn, params)
+    dirs = [_rand_like(params, gen) for _ in range(2)]
+    groups = C.groups_by_module(model, 2)        # embed, blocks.0, blocks.1, norm, lm_head
+    q = C.directional_quadratics(loss_fn, params, dirs, groups=groups, batch_size=4)
+    _check_against_hessian(q, params, loss_fn, dirs, groups, H, g)
+
+
+# ---------------------------------------------------------------------------- batching, attention
+
+@pytest.mark.parametrize("method", ["fwd_rev", "rev_rev"])
+@pytest.mark.parametrize("batch_size", [2, 5, 64])
+def test_batched_products_match_full_hessian(gen, method, batch_size):
+    # 3 directions x 2 groups = 6 HVPs: passes of 2, of 5 then 1, and one pass of all 6
+    params, loss_fn = _mlp_problem(gen)
+    H, g = _full_hessian(loss_fn, params), _full_grad(loss_fn, params)
+    dirs = [_rand_like(params, gen) for _ in range(3)]
+    groups = {"layer1": ["w1", "b1"], "layer2": ["w2", "b2"]}
+    q = C.directional_quadratics(loss_fn, params, dirs, groups=groups, method=method,
+                                 batch_size=batch_size)
+    _check_against_hessian(q, params, loss_fn, dirs, groups, H, g)
+
+
+@pytest.mark.parametrize("method", ["fwd_rev", "rev_rev", "finite_diff"])
+def test_without_blocks_one_product_per_direction(gen, method):
+    params, loss_fn = _mlp_problem(gen)
+    H, g = _full_hessian(loss_fn, params), _full_grad(loss_fn, params)
+    dirs = [_rand_like(params, gen) for _ in range(3)]
+    q = C.directional_quadratics(loss_fn, params, dirs, blocks=False, method=method, batch_size=2)
+    assert q.blocks is None and q.within is None and q.cross is None and q.group_names == []
+    rtol = 1e-6 if method == "finite_diff" else 1e-10
+    for i, u in enumerate(dirs):
+        uf = _flatten(u)
+        torch.testing.assert_close(q.curvature[i], uf @ H @ uf, rtol=rtol, atol=0.0)
+        torch.testing.assert_close(q.gain[i], g @ uf, rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(q.nds[i], (uf @ H @ uf) / (uf @ uf), rtol=rtol, atol=0.0)
+    single = C.directional_quadratics(loss_fn, params, dirs[0], blocks=False, method=method)
+    assert single.curvature.shape == () and single.blocks is None
+
+
+def test_estimators_independent_of_batch_size(gen):
+    params, loss_fn = _mlp_problem(gen)
+    u = _rand_like(params, gen)
+    got = []
+    for batch_size in (1, 3):
+        g1 = torch.Generator().manual_seed(7)
+        g2 = torch.Generator().manual_seed(8)
+        got.append((C.within_estimate(loss_fn, params, u, None, samples=5, generator=g1,
+                                      batch_size=batch_size),
+                    C.hessian_trace(loss_fn, params, samples=5, generator=g2,
+                                    batch_size=batch_size)))
+    for a, b in zip(got[0], got[1]):
+        torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method,math_only", [("fwd_rev", True), ("rev_rev", True),
+                                              ("finite_diff", False)])
+def test_exact_methods_enter_math_attention(gen, method, math_only):
+    params, loss_fn = _mlp_problem(gen)
+    seen = []
+
+    def recording_loss(p):
+        seen.append(not torch.backends.cuda.flash_sdp_enabled()
+                    and not torch.backends.cuda.mem_efficient_sdp_enabled()
+                    and torch.backends.cuda.math_sdp_enabled())
+        return loss_fn(p)
+
+    C.directional_quadratics(recording_loss, params, _rand_like(params, gen), method=method,
+                             blocks=False)
+    assert seen and all(s == math_only for s in seen)
+    assert torch.backends.cuda.flash_sdp_enabled()      # restored afterwards
+
+
 # ---------------------------------------------------------------------------- errors
 
 def test_errors(gen):
@@ -395,5 +480,8 @@ def test_errors(gen):
         C.top_eigenvalues(loss_fn, params, k=100)
     with pytest.raises(ValueError, match="depth"):
         C.groups_by_module(params, 0)
+    for bad_batch in (0, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            C.directional_quadratics(loss_fn, params, u, batch_size=bad_batch)
     with pytest.raises(ValueError, match="scalar"):
         C.hvp(lambda p: p["b2"] * 2, params, u, method="rev_rev")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from muonkern import curvature
-from muonkern.models import gpt as gpt_mod
+from muonkern.curvature import hessian_products as hvp_mod
 from muonkern.models import (GPT, PRESETS, GPTConfig, apply_rope, exact_attention, gpt_loss_fn,
                              rope_cos_sin)
 
@@ -208,7 +208,7 @@ def test_hvp_fwd_rev_matches_double_backward(gen, tie):
 def test_exact_attention_warns_once(monkeypatch):
     from torch.nn.attention import SDPBackend
 
-    monkeypatch.setattr(gpt_mod, "_EXACT_ATTENTION_WARNED", False)
+    monkeypatch.setattr(hvp_mod, "_EXACT_ATTENTION_WARNED", False)
     with pytest.warns(UserWarning, match="math"):
         with exact_attention():
             if hasattr(torch.backends.cuda, "flash_sdp_enabled"):

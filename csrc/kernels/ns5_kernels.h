@@ -8,15 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define MUONKERN_HOST_DEVICE __host__ __device__
-#else
-#define MUONKERN_HOST_DEVICE
-#endif
+#include "kernel_types.h"
 
 namespace muonkern {
-
-enum class DType : int { Float32, BFloat16, Float16, Float64 };
 
 inline constexpr int kMaxBatchDims = 8;
 

@@ -20,28 +20,29 @@ Initialization: every Linear and the embedding ~ N(0, 0.02²); the output projec
 
 Exact curvature probes. ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) and
 double backward need attention that supports forward-mode AD / double backward. The fused SDPA
-kernels (flash, memory-efficient, cuDNN) support neither, so run probes inside
-:func:`exact_attention`, which restricts ``scaled_dot_product_attention`` to the math backend (an
-explicit softmax(QKᵀ/√d + mask)·V, differentiable to any order). On CPU it is harmless; on GPU it
-is slower and uses O(T²) memory per head. Training should run outside it (fused kernels)::
+kernels (flash, memory-efficient, cuDNN) support neither, so the exact probes of
+:mod:`muonkern.curvature` run inside :func:`exact_attention` (re-exported here), which restricts
+``scaled_dot_product_attention`` to the math backend (an explicit softmax(QKᵀ/√d + mask)·V,
+differentiable to any order); on GPU it is slower and uses O(T²) memory per head. Training runs
+outside it (fused kernels)::
 
     model = GPT(GPTConfig.preset("tiny")).double()
     loss_fn = gpt_loss_fn(model, x, y)
     params = {k: p.detach() for k, p in model.named_parameters()}
-    with exact_attention():
-        Hv = muonkern.curvature.hvp(loss_fn, params, v)      # fwd_rev, exact
+    Hv = muonkern.curvature.hvp(loss_fn, params, v)      # fwd_rev, exact, math attention
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# The exact (math) attention path lives with the curvature probes, which enter it themselves.
+from ..curvature.hessian_products import exact_attention
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "apply_rope", "exact_attention", "gpt_loss_fn",
            "rope_cos_sin"]
@@ -116,35 +117,6 @@ PRESETS: Dict[str, GPTConfig] = {
     "gpt2_small": GPTConfig(vocab_size=50257, context=1024, n_layer=12, n_head=12, d_model=768,
                             tie_embeddings=True),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# exact attention switch
-# --------------------------------------------------------------------------------------------
-
-_EXACT_ATTENTION_WARNED = False
-
-
-@contextlib.contextmanager
-def exact_attention() -> Iterator[None]:
-    """Run ``scaled_dot_product_attention`` on the math backend inside the block.
-
-    Fused SDPA kernels support neither forward-mode AD nor double backward, so exact
-    Hessian-vector products (``torch.func.jvp`` of ``torch.func.grad``, or double backward)
-    through attention need the math path on GPU; on CPU it changes nothing of substance.
-    Warns once per process (``UserWarning``) that probes run attention on the math path, which
-    is slower and uses O(T²) memory. Nesting is allowed.
-    """
-    global _EXACT_ATTENTION_WARNED
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not _EXACT_ATTENTION_WARNED:
-        _EXACT_ATTENTION_WARNED = True
-        warnings.warn("muonkern.models.exact_attention: curvature probes run attention on the "
-                      "math SDPA backend (exact higher-order AD; slower, O(T^2) memory per head)",
-                      UserWarning, stacklevel=3)
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Torch custom ops of muonkern and their Python entry points."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -34,4 +34,18 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     return torch.ops.muonkern.ns5(G, steps, coeffs, eps)
 
 
-__all__ = ["backend", "ns5"]
+def dirquad(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
+            products: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Every per-parameter dot product a directional-curvature probe needs, in one launch.
+
+    For P parameter tensors, K directions and R product vectors per direction (e.g. Hessian-vector
+    products; layout in muonkern/ops/dirquad_args.py) returns a float64 tensor (K, 2 + R, P):
+    out[k, 0, p] = <g_p, u_kp>, out[k, 1, p] = <u_kp, u_kp> and out[k, 2 + r, p] = <u_kp, h_krp>,
+    accumulated in float64 in a fixed order (deterministic).
+    """
+    if len(grads) == 0:  # the dispatcher cannot route a call without tensors: say what is wrong
+        raise ValueError("dirquad: grads is empty (expected one tensor per parameter)")
+    return torch.ops.muonkern.dirquad(list(grads), list(directions), list(products))
+
+
+__all__ = ["backend", "dirquad", "ns5"]

@@ -12,10 +12,11 @@ import os
 import torch
 
 from . import fallback
+from .dirquad_args import dirquad_sizes
 from .ns5_args import check_ns5_args
 from .schemas import SCHEMAS
 
-_FALLBACK_KERNELS = {"ns5": fallback.ns5_reference}
+_FALLBACK_KERNELS = {"ns5": fallback.ns5_reference, "dirquad": fallback.dirquad_reference}
 _library = None  # keeps the torch.library registrations alive
 _backend = None
 
@@ -33,6 +34,14 @@ def _load_extension() -> bool:
 def _ns5_fake(G, steps=5, coefficients=None, eps=1e-7):
     check_ns5_args(G, steps, coefficients, eps)
     return G.new_empty(G.shape)
+
+
+def _dirquad_fake(grads, directions, products):
+    K, R, P = dirquad_sizes(grads, directions, products)
+    return grads[0].new_empty((K, 2 + R, P), dtype=torch.float64)
+
+
+_FAKE_KERNELS = {"ns5": _ns5_fake, "dirquad": _dirquad_fake}
 
 
 def register() -> str:
@@ -54,5 +63,6 @@ def register() -> str:
             _library.define(schema)
             _library.impl(name, _FALLBACK_KERNELS[name], "CompositeExplicitAutograd")
         _backend = "fallback"
-    torch.library.register_fake("muonkern::ns5", _ns5_fake, lib=_library)
+    for name, fake in _FAKE_KERNELS.items():
+        torch.library.register_fake(f"muonkern::{name}", fake, lib=_library)
     return _backend
