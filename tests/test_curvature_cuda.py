@@ -4,7 +4,9 @@ finite-difference method, which alone runs through the fused attention kernels.
 Tolerances: an fp32 HVP through a GPT accumulates relative rounding of a few 1e-6 per layer, so the
 exact methods are held to 1e-4 relative; finite differences add the O(eps^(2/3)) ≈ 2.5e-5 error of
 their step (muonkern.curvature.finite_diff_step) on top of the fused kernels' own rounding, held to
-2e-3. The measured errors are printed (run with -s to see them).
+2e-3 for uᵀHu; each block M_ab comes from a difference of gradients along the small restricted
+direction u_b, so its absolute error is held to 1e-2 of max|M| (measured on an H100: 2e-3). The
+measured errors are printed (run with -s to see them).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def test_fp32_probes_match_float64_and_finite_diff_error(gen):
     _, loss_fn, params = _problem(gen, torch.float32, "cuda")
     dirs = [{k: t.float().cuda() for k, t in d.items()} for d in dirs64]
     scale = ref.blocks.abs().max().item()
-    for method, rtol in (("fwd_rev", 1e-4), ("rev_rev", 1e-4), ("finite_diff", 2e-3)):
+    for method, rtol, block_rtol in (("fwd_rev", 1e-4, 1e-4), ("rev_rev", 1e-4, 1e-4), ("finite_diff", 2e-3, 1e-2)):
         got = curvature.directional_quadratics(loss_fn, params, dirs, groups=groups, method=method,
                                                batch_size=4)
         curv_err = ((got.curvature.cpu() - ref.curvature).abs() / ref.curvature.abs()).max().item()
@@ -52,7 +54,7 @@ def test_fp32_probes_match_float64_and_finite_diff_error(gen):
         gain_err = ((got.gain.cpu() - ref.gain).abs() / ref.gain.abs()).max().item()
         print(f"\n{method:12s} fp32 on {torch.cuda.get_device_name()}: curvature rel err {curv_err:.2e}, "
               f"blocks err / max|M| {block_err:.2e}, gain rel err {gain_err:.2e}")
-        assert curv_err <= rtol and block_err <= rtol and gain_err <= 1e-4
+        assert curv_err <= rtol and block_err <= block_rtol and gain_err <= 1e-4
         torch.testing.assert_close(got.norm_sq.cpu(), ref.norm_sq, rtol=1e-6, atol=0)
 
 
