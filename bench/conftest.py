@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import muonkern
+from measure import measure_call
 
 TARGET_ROUND_S = 2e-3     # k calls per timed round, so a round lasts >= ~2 ms (CUDA is async)
 TIME_PER_CASE_S = 0.6     # timed rounds per (shape, impl): about this long, 5..200 rounds
@@ -138,26 +139,10 @@ def time_probe(benchmark):
     (measured earlier in the same run) for the curvature-probe table."""
 
     def run(fn, case: str, impl: str, reference: str | None = None, per: int = 1) -> float:
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        once = time.perf_counter() - start
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        rounds = max(5, min(50, int(TIME_PER_CASE_S * 5 / once)))
-
-        def timed_round():
-            fn()
-            torch.cuda.synchronize()
-
         benchmark.group = f"probe {case}"
         benchmark.extra_info.update(impl=impl, case=case, per=per)
-        benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=1, iterations=1)
-        median_ms = benchmark.stats.stats.median * 1e3
+        measured = measure_call(fn, benchmark, budget_s=TIME_PER_CASE_S * 5)
+        median_ms, peak_mb, rounds = measured["median_ms"], measured["peak_extra_mb"], measured["rounds"]
         ref = next((r["median_ms"] for r in _PROBE_RESULTS if r["case"] == case and r["impl"] == reference),
                    None)
         _PROBE_RESULTS.append({"case": case, "impl": impl, "median_ms": median_ms, "per": per,

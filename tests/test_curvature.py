@@ -377,6 +377,34 @@ def test_two_layer_transformer_against_dense_hessian(gen):
     _check_against_hessian(q, params, loss_fn, dirs, groups, H, g)
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_taylor_method_matches_hvp_on_gpt(gen, blocks):
+    from muonkern.models import GPT, GPTConfig, gpt_loss_fn
+
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=8)).double()
+    x = torch.randint(0, 11, (2, 8), generator=gen)
+    y = torch.randint(0, 11, (2, 8), generator=gen)
+    loss_fn = gpt_loss_fn(model, x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    dirs = [_rand_like(params, gen) for _ in range(2)]
+    groups = C.groups_by_module(model, 2)
+    ref = C.directional_quadratics(loss_fn, params, dirs, groups=groups, blocks=blocks, batch_size=4)
+    got = C.directional_quadratics(loss_fn, params, dirs, groups=groups, blocks=blocks,
+                                   method="taylor", batch_size=5)
+    for field in ("gain", "curvature", "norm_sq", "nds") + (("blocks", "within", "cross") if blocks else ()):
+        want = getattr(ref, field)
+        torch.testing.assert_close(getattr(got, field), want, rtol=1e-8,
+                                   atol=1e-10 * want.abs().max().item())
+    assert got.group_names == (list(groups) if blocks else [])
+
+
+def test_taylor_method_needs_a_gpt_loss(gen):
+    params, loss_fn = _mlp_problem(gen)
+    with pytest.raises(ValueError, match="gpt_loss_fn"):
+        C.directional_quadratics(loss_fn, params, _rand_like(params, gen), method="taylor")
+
+
 # ---------------------------------------------------------------------------- batching, attention
 
 @pytest.mark.parametrize("method", ["fwd_rev", "rev_rev"])
@@ -451,7 +479,7 @@ def test_errors(gen):
     u = _rand_like(params, gen)
     with pytest.raises(ValueError, match="unknown hvp method"):
         C.hvp(loss_fn, params, u, method="gauss_newton")
-    with pytest.raises(ValueError, match="unknown hvp method"):
+    with pytest.raises(ValueError, match="unknown method"):
         C.directional_quadratics(loss_fn, params, u, method="nope")
     bad = dict(u)
     del bad["b2"]

@@ -39,12 +39,14 @@ All reductions (dot products, norms, blocks, estimates) are accumulated in float
 float64 tensors on the parameters' device; the HVPs themselves run in the parameters' dtype.
 """
 from .hessian_products import HVP_METHODS, exact_attention, finite_diff_step, hvp
-from .quadratics import DirectionalQuadratics, directional_quadratics, groups_by_module, within_estimate
+from .quadratics import (QUADRATIC_METHODS, DirectionalQuadratics, directional_quadratics, groups_by_module,
+                         within_estimate)
 from .spectrum import hessian_trace, top_eigenvalues
 
 __all__ = [
     "DirectionalQuadratics",
     "HVP_METHODS",
+    "QUADRATIC_METHODS",
     "directional_quadratics",
     "exact_attention",
     "finite_diff_step",

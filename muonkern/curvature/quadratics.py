@@ -13,12 +13,15 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..ops import dirquad
-from .hessian_products import LossFn, check_method, grad_and_hvps
+from .hessian_products import HVP_METHODS, LossFn, check_method, grad_and_hvps
 from .validate import (Params, check_batch_size, check_like, check_params, check_samples,
                        direction_list, resolve_groups)
 
-__all__ = ["DirectionalQuadratics", "directional_quadratics", "groups_by_module",
-           "within_estimate"]
+__all__ = ["DirectionalQuadratics", "QUADRATIC_METHODS", "directional_quadratics",
+           "groups_by_module", "within_estimate"]
+
+# "taylor": second-order Taylor mode through muonkern.models.GPT (muonkern.taylor), no HVP
+QUADRATIC_METHODS = HVP_METHODS + ("taylor",)
 
 
 @dataclass
@@ -63,17 +66,24 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
     ``groups``: None for one group per parameter tensor (params order), or a dict group name ->
     list of parameter names with every parameter in exactly one group (see
     :func:`groups_by_module`). ``blocks=False`` skips the split (one HVP per direction).
+    ``method``: an HVP method (see :func:`muonkern.curvature.hvp`), or ``"taylor"`` for a
+    :func:`muonkern.models.gpt_loss_fn` loss: second-order Taylor mode through the GPT
+    (:mod:`muonkern.taylor`), one forward pass per ``batch_size`` vectors, no backward, no T×T
+    attention matrix; with blocks it takes G(G+1)/2 vectors per direction (polarization).
 
     Cost: G HVPs per direction with blocks (one per group b, with u restricted to group b; dotting
     H u_b with u_a restricted to each group a gives column b of M), one without; the gradient comes
     with the first pass of products. ``batch_size`` HVPs run per pass (memory grows with it; on a
     GPU 4–8 amortize the shared primal computation).
     """
-    check_method(method)
+    if method not in QUADRATIC_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {QUADRATIC_METHODS}")
     check_batch_size(batch_size)
     params = check_params(params)
     dirs, single = direction_list(params, directions)
     names = list(params)
+    if method == "taylor":
+        return _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size)
     if blocks:
         grouping = resolve_groups(params, groups)
         group_names = list(grouping)
@@ -104,20 +114,86 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
         for a, members in enumerate(grouping.values()):
             for m in members:
                 member[index[m], a] = 1.0
-        M = (D @ member.to(device)).transpose(-1, -2)                  # M[k, a, b] = Σ_{p ∈ a} D[k, b, p]
+        M = (D @ member.to(device)).transpose(-1, -2)    # M[k, a, b] = Σ_{p ∈ a} D[k, b, p]
+        curvature = None
+    else:
+        M = None
+        curvature = D[:, 0].sum(-1)
+    return _result(gain, norm_sq, curvature, M, single, group_names)
+
+
+def _result(gain, norm_sq, curvature, M, single, group_names) -> DirectionalQuadratics:
+    """Fields from per-direction gain, ‖u‖², curvature and blocks (None without blocks)."""
+    within = cross = None
+    if M is not None:
         curvature = M.sum(dim=(-2, -1))
         within = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
         cross = curvature - within
-    else:
-        M = within = cross = None
-        curvature = D[:, 0].sum(-1)
     nds = curvature / norm_sq
     if single:
         gain, curvature, norm_sq, nds = gain[0], curvature[0], norm_sq[0], nds[0]
-        if blocks:
+        if M is not None:
             M, within, cross = M[0], within[0], cross[0]
     return DirectionalQuadratics(gain=gain, curvature=curvature, norm_sq=norm_sq, nds=nds,
                                  blocks=M, within=within, cross=cross, group_names=group_names)
+
+
+def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size):
+    """method="taylor": φ''(0) of φ(t) = L(θ + t·v) by one Taylor-mode forward pass per
+    ``batch_size`` vectors v. Without blocks v = u. With blocks, M_aa from v = u_a and the cross
+    blocks by polarization, M_ab = ½(φ''(u_a + u_b) − M_aa − M_bb): G(G+1)/2 vectors per direction
+    (the subtraction loses the digits M_ab lacks against M_aa + M_bb; prefer float64 for small
+    cross blocks)."""
+    from ..models.gpt import GPTLoss
+    from ..taylor import taylor_directional
+
+    if not isinstance(loss_fn, GPTLoss):
+        raise ValueError("method='taylor' needs loss_fn = muonkern.models.gpt_loss_fn(model, x, y) "
+                         f"(Taylor mode runs through the GPT's layers), got {type(loss_fn).__name__}")
+    names = list(params)
+    K = len(dirs)
+    device = next(iter(params.values())).device
+    norm_sq = dirquad([dirs[0][k] for k in names], [t for u in dirs for t in u.values()])[:, 1].sum(-1)
+    if blocks:
+        grouping = resolve_groups(params, groups)
+        parts = [lambda u, members=members: _restrict(u, members) for members in grouping.values()]
+        G = len(parts)
+        pairs = [(a, a) for a in range(G)] + [(a, b) for a in range(G) for b in range(a + 1, G)]
+
+        def vector(i):
+            u = dirs[i // len(pairs)]
+            a, b = pairs[i % len(pairs)]
+            return parts[a](u) if a == b else _add(parts[a](u), parts[b](u))
+        count = K * len(pairs)
+    else:
+        grouping, pairs = None, None
+        count = K
+
+        def vector(i):
+            return dirs[i]
+    firsts, seconds = [], []
+    for i0 in range(0, count, batch_size):
+        _, first, second = taylor_directional(loss_fn.model, params, loss_fn.x, loss_fn.y,
+                                              [vector(i) for i in range(i0, min(count, i0 + batch_size))])
+        firsts.append(first)
+        seconds.append(second)
+    first = torch.cat(firsts).to(device)
+    second = torch.cat(seconds).to(device)
+    if not blocks:
+        return _result(first, norm_sq, second, None, single, [])
+    first, second = first.view(K, len(pairs)), second.view(K, len(pairs))
+    G = len(grouping)
+    M = torch.zeros(K, G, G, dtype=torch.float64, device=device)
+    for j, (a, b) in enumerate(pairs[:G]):
+        M[:, a, a] = second[:, j]
+    for j, (a, b) in enumerate(pairs[G:], start=G):
+        M[:, a, b] = M[:, b, a] = 0.5 * (second[:, j] - M[:, a, a] - M[:, b, b])
+    gain = first[:, :G].sum(-1)                      # g·u = Σ_a g·u_a
+    return _result(gain, norm_sq, None, M, single, list(grouping))
+
+
+def _add(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: a[k] + b[k] for k in a}
 
 
 def groups_by_module(model: Union[torch.nn.Module, Params], depth: int) -> Dict[str, List[str]]:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 # The exact (math) attention path lives with the curvature probes, which enter it themselves.
 from ..curvature.hessian_products import exact_attention
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "apply_rope", "exact_attention", "gpt_loss_fn",
+__all__ = ["GPT", "GPTConfig", "GPTLoss", "PRESETS", "apply_rope", "exact_attention", "gpt_loss_fn",
            "rope_cos_sin"]
 
 
@@ -262,10 +262,21 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def gpt_loss_fn(model: GPT, x: torch.Tensor, y: torch.Tensor):
-    """``loss_fn(params) -> scalar`` for :mod:`muonkern.curvature`: the model's mean
-    cross-entropy on the fixed batch (x, y) with parameters replaced through
-    ``torch.func.functional_call`` (tied weights follow ``embed.weight``)."""
-    def loss_fn(params):
-        return torch.func.functional_call(model, params, (x, y))[1]
-    return loss_fn
+@dataclass(frozen=True, eq=False)
+class GPTLoss:
+    """``loss(params) -> scalar``: the model's mean cross-entropy on the fixed batch (x, y) with
+    parameters replaced through ``torch.func.functional_call`` (tied weights follow
+    ``embed.weight``). It keeps model and batch visible, so :mod:`muonkern.curvature` can also
+    run its Taylor-mode method (``method="taylor"``) on it."""
+
+    model: GPT
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __call__(self, params):
+        return torch.func.functional_call(self.model, params, (self.x, self.y))[1]
+
+
+def gpt_loss_fn(model: GPT, x: torch.Tensor, y: torch.Tensor) -> GPTLoss:
+    """The loss function :mod:`muonkern.curvature` takes, for ``model`` on the batch (x, y)."""
+    return GPTLoss(model, x, y)

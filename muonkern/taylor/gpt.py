@@ -1,0 +1,191 @@
+"""Taylor-mode curvature of :class:`muonkern.models.GPT`: g·u and uᵀHu in one forward pass.
+
+For directions u_1..u_K and φ_k(t) = L(θ + t·u_k) (L the model's mean cross-entropy on a fixed
+batch), φ_k'(0) = g·u_k and φ_k''(0) = u_kᵀ H u_k. One forward pass propagates every activation
+with its first and second derivatives along all K directions (:mod:`muonkern.taylor.layers`,
+attention by ``torch.ops.muonkern.taylor_attention``); the primal computation is shared. No
+backward pass and no T×T attention matrix: memory is about (1 + 2K) times an inference forward
+of one layer, and nothing is kept for a backward.
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    loss, gu, uHu = taylor_directional(model, params, x, y, [u1, u2])   # float64 (2,) each
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..curvature.validate import direction_list
+from ..models.gpt import GPT, rope_cos_sin
+from . import layers
+from .layers import Jet
+from .registration import register
+
+__all__ = ["taylor_directional"]
+
+Params = Mapping[str, torch.Tensor]
+
+# logits derivatives of at most this many elements at a time: directions are taken through the
+# output head and the loss in chunks (a 50k vocabulary would otherwise need K·B·T·V floats twice)
+_HEAD_CHUNK_ELEMENTS = 1 << 27
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_model(model) -> GPT:
+    if not isinstance(model, GPT):
+        raise TypeError("taylor_directional: model must be a muonkern.models.GPT, got "
+                        f"{type(model).__name__} (pass the module itself, not a compiled or "
+                        "wrapped one)")
+    for i, block in enumerate(model.blocks):
+        act = block.mlp.act
+        if not isinstance(act, nn.GELU) or act.approximate != "none":
+            raise NotImplementedError(f"taylor_directional: blocks.{i}.mlp.act must be "
+                                      f"nn.GELU() (erf form), got {act!r}")
+    return model
+
+
+def _check_params(model: GPT, params: Params) -> Dict[str, torch.Tensor]:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> tensor, got {type(params).__name__}")
+    expected = dict(model.named_parameters())
+    missing = [k for k in expected if k not in params]
+    extra = [k for k in params if k not in expected]
+    if missing or extra:
+        raise ValueError("params keys must be the model's named_parameters() names: "
+                         f"missing {missing}, unexpected {extra}")
+    out: Dict[str, torch.Tensor] = {}
+    first = None
+    for name, ref in expected.items():
+        t = params[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"params[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.shape != ref.shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(t.shape)}, the model's "
+                             f"parameter has {tuple(ref.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"params[{name!r}] has dtype {t.dtype}; taylor_directional supports "
+                            "float32 and float64 parameters")
+        if first is None:
+            first = t
+        elif t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"all params must share one dtype and device: params[{name!r}] is "
+                             f"{t.dtype} on {t.device}, others {first.dtype} on {first.device}")
+        out[name] = t.detach()
+    return out
+
+
+def _check_directions(params: Dict[str, torch.Tensor],
+                      directions: Union[Params, Sequence[Params]]) -> List[Dict[str, torch.Tensor]]:
+    return direction_list(params, directions)[0]
+
+
+def _check_batch(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 ignore_index: int) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must hold token ids (int64), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the parameters on {device}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be (B, T), got shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    T, V = x.shape[1], model.config.vocab_size
+    if T > model.config.context:
+        raise ValueError(f"sequence length {T} exceeds the model's context {model.config.context}")
+    if x.numel() == 0:
+        raise ValueError("x is empty")
+    if bool(((x < 0) | (x >= V)).any()):
+        raise ValueError(f"x holds token ids outside [0, {V})")
+    if bool((((y < 0) | (y >= V)) & (y != ignore_index)).any()):
+        raise ValueError(f"y holds targets outside [0, {V}) other than ignore_index={ignore_index}")
+
+
+def _heads(h: Jet, n_head: int) -> Jet:
+    """(…, T, C) -> (…, H, T, C/H) for the primal and both derivatives."""
+    def split(t):
+        *lead, T, C = t.shape
+        return t.reshape(*lead, T, n_head, C // n_head).transpose(-3, -2)
+    return Jet(split(h.x), split(h.d), split(h.dd))
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    *lead, H, T, D = t.shape
+    return t.transpose(-3, -2).reshape(*lead, T, H * D)
+
+
+def _attention(h: Jet, P, U, prefix: str, n_head: int, cos, sin) -> Jet:
+    q = layers.rope(_heads(layers.linear(h, P[prefix + "q.weight"], U[prefix + "q.weight"]),
+                           n_head), cos, sin)
+    k = layers.rope(_heads(layers.linear(h, P[prefix + "k.weight"], U[prefix + "k.weight"]),
+                           n_head), cos, sin)
+    v = _heads(layers.linear(h, P[prefix + "v.weight"], U[prefix + "v.weight"]), n_head)
+    o, od, odd = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d,
+                                                     q.dd, k.dd, v.dd, None)
+    merged = Jet(_merge_heads(o), _merge_heads(od), _merge_heads(odd))
+    return layers.linear(merged, P[prefix + "o.weight"], U[prefix + "o.weight"])
+
+
+def _mlp(h: Jet, P, U, prefix: str) -> Jet:
+    a = layers.gelu(layers.linear(h, P[prefix + "fc.weight"], U[prefix + "fc.weight"]))
+    return layers.linear(a, P[prefix + "proj.weight"], U[prefix + "proj.weight"])
+
+
+def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,
+                       directions: Union[Params, Sequence[Params]], ignore_index: int = -100
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, g·u_k, u_kᵀHu_k) of ``model``'s mean cross-entropy on (x, y) at ``params``.
+
+    ``model``: a :class:`muonkern.models.GPT` (only its structure and norm eps are used; the
+    weights come from ``params``). ``params``: dict name -> tensor with exactly the names of
+    ``model.named_parameters()`` (a tied head appears as ``embed.weight`` only), float32 or
+    float64, one device. ``directions``: a list of K dicts with params' keys and shapes (one dict
+    counts as K = 1); cast to the parameters' dtype. ``x``, ``y``: (B, T) token ids on the
+    parameters' device; targets equal to ``ignore_index`` are left out of the mean, as in
+    ``F.cross_entropy``.
+
+    Returns float64 tensors: the loss (0-dim) and the first and second directional derivatives
+    (K,). Reductions of the loss run in float32 (float64 for float64 parameters) per row and in
+    float64 across rows.
+    """
+    model = _check_model(model)
+    P = _check_params(model, params)
+    dirs = _check_directions(P, directions)
+    first_param = next(iter(P.values()))
+    _check_batch(model, x, y, first_param.device, ignore_index)
+    register()
+
+    cfg = model.config
+    B, T = x.shape
+    K = len(dirs)
+    head_name = "lm_head.weight" if "lm_head.weight" in P else "embed.weight"  # tied: embed
+    with torch.no_grad():
+        U = {name: torch.stack([u[name] for u in dirs]) for name in P}
+        cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_base, device=first_param.device,
+                                dtype=first_param.dtype)
+        h = layers.embedding(x, P["embed.weight"], U["embed.weight"])
+        for i, block in enumerate(model.blocks):
+            pre = f"blocks.{i}."
+            a = layers.rmsnorm(h, P[pre + "attn_norm.weight"], U[pre + "attn_norm.weight"],
+                               block.attn_norm.eps)
+            h = layers.add(h, _attention(a, P, U, pre + "attn.", cfg.n_head, cos, sin))
+            m = layers.rmsnorm(h, P[pre + "mlp_norm.weight"], U[pre + "mlp_norm.weight"],
+                               block.mlp_norm.eps)
+            h = layers.add(h, _mlp(m, P, U, pre + "mlp."))
+        n = layers.rmsnorm(h, P["norm.weight"], U["norm.weight"], model.norm.eps)
+        del h
+        target = y.reshape(-1).long()
+        n = Jet(n.x.reshape(B * T, -1), n.d.reshape(K, B * T, -1), n.dd.reshape(K, B * T, -1))
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // (B * T * cfg.vocab_size))
+        loss, firsts, seconds = None, [], []
+        for k0 in range(0, K, chunk):
+            part = slice(k0, k0 + chunk)
+            z = layers.linear(Jet(n.x, n.d[part], n.dd[part]), P[head_name], U[head_name][part])
+            loss, first, second = layers.cross_entropy(z, target, ignore_index)
+            firsts.append(first)
+            seconds.append(second)
+    return loss, torch.cat(firsts), torch.cat(seconds)

@@ -1,0 +1,126 @@
+"""Second-order Taylor rules of the layers of :class:`muonkern.models.GPT`.
+
+A :class:`Jet` holds x(0), x'(0), x''(0) of an activation along the curves θ(t) = θ + t·u_k of
+K directions: ``x`` is the primal tensor (...), ``d`` and ``dd`` are (K, ...). A parameter W
+moves as W + t·U (U: (K, *W.shape)), linearly, so its own second derivative is zero.
+
+Rules (products of a moving weight and a moving input get the cross term 2·U·ẋ):
+
+* linear y = x Wᵀ:       ẏ = ẋ Wᵀ + x Uᵀ,        ÿ = ẍ Wᵀ + 2 ẋ Uᵀ
+* elementwise y = f(x):  ẏ = f'(x) ẋ,            ÿ = f''(x) ẋ² + f'(x) ẍ
+* RMSNorm y = x·r·w, r = (mean(x²) + eps)^(−1/2), μ = mean(x²):
+  μ̇ = mean(2 x ẋ), μ̈ = mean(2 ẋ² + 2 x ẍ), ṙ = −½ r³ μ̇, r̈ = ¾ r⁵ μ̇² − ½ r³ μ̈,
+  n = x r, ṅ = ẋ r + x ṙ, n̈ = ẍ r + 2 ẋ ṙ + x r̈;  ẏ = ṅ w + n U,  ÿ = n̈ w + 2 ṅ U
+* mean cross-entropy ℓ = mean_n (lse(z_n) − z_n[y_n]) with π = softmax(z_n):
+  ℓ̇ = mean_n (⟨π, ż⟩ − ż[y]),  ℓ̈ = mean_n (⟨π, (ż − ⟨π, ż⟩)²⟩ + ⟨π, z̈⟩ − z̈[y])
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..models.gpt import apply_rope
+
+__all__ = ["Jet", "add", "cross_entropy", "embedding", "gelu", "linear", "rmsnorm", "rope"]
+
+
+class Jet(NamedTuple):
+    """An activation and its first and second derivatives along K directions."""
+
+    x: torch.Tensor     # (...)
+    d: torch.Tensor     # (K, ...)
+    dd: torch.Tensor    # (K, ...)
+
+
+def _per_direction(U: torch.Tensor, ndim: int) -> torch.Tensor:
+    """U (K, n) viewed as (K, 1, ..., 1, n) to broadcast against a (K, ..., n) tangent."""
+    return U.reshape(U.shape[0], *([1] * (ndim - 2)), U.shape[-1])
+
+
+def add(a: Jet, b: Jet) -> Jet:
+    return Jet(a.x + b.x, a.d + b.d, a.dd + b.dd)
+
+
+def embedding(idx: torch.Tensor, E: torch.Tensor, U: torch.Tensor) -> Jet:
+    """Rows of E + t·U: x = E[idx], ẋ = U[:, idx], ẍ = 0."""
+    d = U[:, idx]
+    return Jet(F.embedding(idx, E), d, torch.zeros_like(d))
+
+
+def linear(h: Jet, W: torch.Tensor, U: torch.Tensor) -> Jet:
+    """y = x Wᵀ with W (out, in) moving as W + t·U, U (K, out, in); x (..., in)."""
+    K, out_f, in_f = U.shape
+    lead = h.x.shape[:-1]
+    x = h.x.reshape(-1, in_f)
+    xd = h.d.reshape(K, -1, in_f)
+    xdd = h.dd.reshape(K, -1, in_f)
+    y = x @ W.T
+    # x U_kᵀ for every k as one product with the K weights stacked: (N, K·out) -> (K, N, out)
+    x_u = (x @ U.reshape(K * out_f, in_f).T).reshape(-1, K, out_f).transpose(0, 1)
+    yd = torch.matmul(xd, W.T) + x_u
+    ydd = torch.matmul(xdd, W.T) + 2.0 * torch.bmm(xd, U.transpose(1, 2))
+    return Jet(y.reshape(*lead, out_f), yd.reshape(K, *lead, out_f), ydd.reshape(K, *lead, out_f))
+
+
+def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
+    """y = x·(mean(x²) + eps)^(−1/2)·w over the last dim, w moving as w + t·U (U: (K, n)).
+
+    Computed in at least float32, like the model's RMSNorm."""
+    dt = torch.promote_types(h.x.dtype, torch.float32)
+    x, xd, xdd = h.x.to(dt), h.d.to(dt), h.dd.to(dt)
+    mu = x.pow(2).mean(-1, keepdim=True)
+    mud = 2.0 * (x * xd).mean(-1, keepdim=True)
+    mudd = 2.0 * (xd * xd + x * xdd).mean(-1, keepdim=True)
+    r = torch.rsqrt(mu + eps)
+    r3 = r ** 3
+    rd = -0.5 * r3 * mud
+    rdd = 0.75 * r3 * r * r * mud * mud - 0.5 * r3 * mudd
+    n = x * r
+    nd = xd * r + x * rd
+    ndd = xdd * r + 2.0 * xd * rd + x * rdd
+    n, nd, ndd = n.to(h.x.dtype), nd.to(h.x.dtype), ndd.to(h.x.dtype)
+    Uw = _per_direction(U, nd.dim())
+    return Jet(n * w, nd * w + n * Uw, ndd * w + 2.0 * nd * Uw)
+
+
+def gelu(h: Jet) -> Jet:
+    """GELU (erf form) f(x) = x Φ(x): f' = Φ + x φ, f'' = φ (2 − x²), φ the normal density."""
+    x = h.x
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    f1 = cdf + x * pdf
+    f2 = pdf * (2.0 - x * x)
+    return Jet(F.gelu(x), f1 * h.d, f2 * h.d * h.d + f1 * h.dd)
+
+
+def rope(h: Jet, cos: torch.Tensor, sin: torch.Tensor) -> Jet:
+    """Rotary embedding: a fixed linear map, applied to each order."""
+    return Jet(apply_rope(h.x, cos, sin), apply_rope(h.d, cos, sin), apply_rope(h.dd, cos, sin))
+
+
+def cross_entropy(z: Jet, target: torch.Tensor, ignore_index: int = -100
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits z (N, V) (d, dd: (K, N, V)) against ``target`` (N,), rows
+    with ``ignore_index`` left out (as ``F.cross_entropy``). Returns (ℓ, ℓ̇ (K,), ℓ̈ (K,)) as
+    float64; row terms are computed in float32 (float64 for float64 logits) and summed in
+    float64."""
+    acc = torch.float64 if z.x.dtype == torch.float64 else torch.float32
+    zx, zd, zdd = z.x.to(acc), z.d.to(acc), z.dd.to(acc)
+    valid = target != ignore_index
+    count = valid.sum().to(torch.float64)
+    weight = valid.to(torch.float64) / count            # NaN when every row is ignored, as torch
+    tgt = torch.where(valid, target, 0)[:, None]
+    lse = torch.logsumexp(zx, dim=-1)
+    loss = ((lse - zx.gather(-1, tgt)[:, 0]).double() * weight).sum()
+    pi = torch.softmax(zx, dim=-1)
+    mean_d = (pi * zd).sum(-1)                                                  # (K, N)
+    first_rows = mean_d - zd.gather(-1, tgt.expand(zd.shape[0], -1, -1))[..., 0]
+    var_d = (pi * (zd - mean_d[..., None]).pow(2)).sum(-1)
+    second_rows = (var_d + (pi * zdd).sum(-1)
+                   - zdd.gather(-1, tgt.expand(zdd.shape[0], -1, -1))[..., 0])
+    first = (first_rows.double() * weight).sum(-1)
+    second = (second_rows.double() * weight).sum(-1)
+    return loss, first, second
