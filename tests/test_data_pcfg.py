@@ -215,3 +215,17 @@ def test_speed(grammar):
     t0 = time.perf_counter()
     grammar.sample_tokens(N_TOK, 1.0, _gen(0))
     assert time.perf_counter() - t0 < 3.0
+
+
+def test_zipf_exponent_recovered(grammar, streams):
+    """Within a class, the token of rank r is emitted with probability ∝ r^(-alpha): pooling the counts
+    of every class by within-class rank and fitting log count against log rank recovers alpha."""
+    K = grammar.class_size
+    rank_of = np.empty(grammar.config.vocab_size, dtype=np.int64)
+    for c in range(grammar.config.n_classes):
+        rank_of[c * K + grammar.within_perm[c]] = np.arange(1, K + 1)
+    for alpha, t in streams.items():
+        t = t[t != grammar.sep].numpy()
+        counts = np.bincount(rank_of[t], minlength=K + 1)[1:].astype(np.float64)
+        slope = np.polyfit(np.log(np.arange(1, K + 1)), np.log(counts), 1)[0]
+        assert -slope == pytest.approx(alpha, abs=0.04), (alpha, slope)

@@ -1,37 +1,83 @@
-"""The study CLI end to end on a very small configuration: report and figures, resume, clear errors."""
+"""The study CLI end to end on a reduced tiny configuration: every output, the results.json schema,
+resume (finished work is not recomputed), clear errors, and the other datasets."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from muonkern.study import make_config
 from muonkern.study.__main__ import main
+from muonkern.study.results import FINDING_IDS, validate
 
-SMALL = ["--set", "steps=4", "--set", "probe_every=2", "--set", "d_model=32", "--set", "n_layer=1",
-         "--set", "context=16", "--set", "batch_size=4", "--set", "probe_batch_size=4", "--set", "val_batches=1"]
+SMALL = ["--set", "steps=8", "--set", "eval_every=2", "--set", "probe_every=3", "--set", "sweep_steps=2",
+         "--set", "sweep_adamw_lrs=0.003,0.01", "--set", "sweep_muon_lrs=0.02", "--set", "d_model=32",
+         "--set", "n_layer=1", "--set", "context=16", "--set", "batch_size=4", "--set", "probe_batch_size=4",
+         "--set", "val_batches=1", "--set", "ladder_step=0.02", "--set", "quad_alpha_ws=0,2",
+         "--set", "quad_alpha_sigmas=0.5", "--set", "quad_steps=5", "--set", "quad_instances=1",
+         "--set", "quad_m=8", "--set", "quad_n=8", "--set", "quad_groups=2", "--set", "quad_group_size=2"]
+FIGURES = ("curves", "e1_taylor", "e2_nds_norm", "e3_imbalance", "e4_within_cross", "e5_quadratic",
+           "e5_quadratic_grid", "e6_heatmap")
 
 
 def test_study_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["--out", str(out), *SMALL]) == 0
-    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert runs == sorted(f"{o}_alpha{a:g}_seed0.json" for o in ("muon", "adamw") for a in (0.0, 1.0))
-    record = json.loads((out / "runs" / "muon_alpha0_seed0.json").read_text())["records"][0]
-    # uᵀHu splits exactly into its within- and cross-layer parts; NDS is curvature over ‖u‖².
-    assert record["curvature"] == pytest.approx(record["within"] + record["cross"], rel=1e-9, abs=1e-12)
-    assert record["nds"] == pytest.approx(record["curvature"] / record["norm_sq"], rel=1e-12)
-    assert record["group_names"][0] == "embed.weight" and "blocks.0" in record["group_names"]
+    runs = {p.name for p in (out / "runs").glob("*.json")}
+    main_runs = {f"{o}_alpha{a:g}_seed{s}.json" for o in ("muon", "adamw") for a in (0.0, 1.0) for s in (0, 1)}
+    assert main_runs <= runs and "quadratic.json" in runs
+    assert sum(name.startswith("sweep_") for name in runs) == 3  # 2 AdamW points, 1 Muon point
+
+    results = json.loads((out / "results.json").read_text())
+    validate(results)
+    assert [f["id"] for f in results["findings"]] == list(FINDING_IDS)
+    assert all(isinstance(f["reproduced"], bool) and f["evidence"] for f in results["findings"])
+    assert results["lrs"]["muon_lr"] == 0.02 and results["lrs"]["adamw_lr"] in (0.003, 0.01)
+    assert results["lrs"]["muon_adamw_lr"] == results["lrs"]["adamw_lr"]  # the AdamW part follows AdamW's choice
+    assert sum(s["chosen"] for s in results["lr_sweep"]) == 2
+    probes = results["probes"]
+    assert {p["optimizer"] for p in probes} == {"muon", "adamw"} and {p["seed"] for p in probes} == {0, 1}
+    for p in probes:
+        # ΔᵀHΔ splits exactly into within and cross (both partitions); NDS = ΔᵀHΔ/‖Δ‖².
+        assert p["curvature"] == pytest.approx(p["within"] + p["cross"], rel=1e-9, abs=1e-12)
+        assert p["curvature"] == pytest.approx(p["within_kind"] + p["cross_kind"], rel=1e-3, abs=1e-7)
+        assert p["nds"] == pytest.approx(p["curvature"] / p["norm_sq"], rel=1e-12)
+        assert p["predicted_delta"] == pytest.approx(p["gain"] + 0.5 * p["curvature"], rel=1e-12)
+        assert np.sum(p["blocks_block"]) == pytest.approx(p["curvature"], rel=1e-9, abs=1e-12)
+        assert sum(p["group_norm_sq_kind"]) == pytest.approx(p["norm_sq"], rel=1e-9)
+        assert p["kinds"] and set(p["kinds"]) <= {"ladder", "periodic"}
+    assert probes[0]["groups_block"][0] == "embed" and "blocks.0" in probes[0]["groups_block"]
+    assert probes[0]["groups_kind"] == ["attn_qk", "attn_vo", "mlp", "embed_head", "norms"]
+    periodic = [p["step"] for p in probes if "periodic" in p["kinds"] and p["optimizer"] == "muon"
+                and p["alpha"] == 0 and p["seed"] == 0]
+    assert periodic == [3, 6]
+    # Every ladder level of a run is probed once, at the first checkpoint whose validation loss reaches it.
+    for run in results["curves"]:
+        key = (run["optimizer"], run["alpha"], run["seed"])
+        ladder = [p for p in probes if (p["optimizer"], p["alpha"], p["seed"]) == key and "ladder" in p["kinds"]]
+        for p in ladder:
+            for level in p["levels"]:
+                first = next(step for step, v in run["evals"] if v <= level)
+                assert first == p["step"]
+    for name in ("probes", "curves", "lr_sweep", "matched", "e3_imbalance", "e4_phases", "e5_quadratic",
+                 "e6_heatmap", "findings"):
+        assert (out / f"{name}.csv").stat().st_size > 20
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").stat().st_size > 5000
     report = (out / "report.md").read_text()
-    assert "| F3 norms comparable" in report and "NDS ratio" in report
-    for name in ("val_loss", "nds", "within", "cross"):
-        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    for heading in ("## Setup", "## Findings", "## E1", "## E2", "## E3", "## E4", "## E5", "## E6"):
+        assert heading in report
+    assert all(f"| {fid} " in report for fid in FINDING_IDS)
 
-    mtime = (out / "runs" / "adamw_alpha1_seed0.json").stat().st_mtime_ns
-    assert main(["--out", str(out), *SMALL]) == 0  # finished runs are loaded, not recomputed
-    assert (out / "runs" / "adamw_alpha1_seed0.json").stat().st_mtime_ns == mtime
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert main(["--out", str(out), *SMALL]) == 0  # every finished piece is loaded, nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    assert json.loads((out / "results.json").read_text())["probes"] == probes
+    assert main(["--out", str(out), *SMALL, "--set", "seeds=0"]) == 0  # fewer seeds: a subset, still no work
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
 
-    assert main(["--out", str(out), *SMALL, "--set", "muon_lr=0.1"]) == 2
+    assert main(["--out", str(out), *SMALL, "--set", "momentum=0.9"]) == 2
     assert "different configuration" in capsys.readouterr().err
     (out / "runs" / "muon_alpha0_seed0.json").write_text("{not json")
     assert main(["--out", str(out), *SMALL]) == 2
@@ -39,12 +85,45 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
 
 
 def test_config_overrides_and_errors():
-    cfg = make_config("tiny", ["alphas=0,0.5,1.5", "steps=10"], seeds="1,2")
-    assert cfg.alphas == (0.0, 0.5, 1.5) and cfg.steps == 10 and cfg.seeds == (1, 2)
+    cfg = make_config("tiny", ["alphas=0,0.5,1.5", "steps=10", "lr_sweep=false"], seeds="1,2")
+    assert cfg.alphas == (0.0, 0.5, 1.5) and cfg.steps == 10 and cfg.seeds == (1, 2) and cfg.lr_sweep is False
+    small = make_config("small")
+    assert small.alphas == (0.0, 0.5, 1.0, 1.5) and len(small.seeds) >= 2 and small.device == "cuda"
     with pytest.raises(ValueError, match="key=value"):
         make_config("tiny", ["no_such_key=1"])
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
+    with pytest.raises(ValueError, match="boolean"):
+        make_config("tiny", ["lr_sweep=maybe"])
+    with pytest.raises(ValueError, match="data_dir"):
+        make_config("tiny", ["dataset=bin"])
+    with pytest.raises(ValueError, match="dataset"):
+        make_config("tiny", ["dataset=imagenet"])
+
+
+NO_SWEEP = [*SMALL, "--set", "lr_sweep=false", "--set", "seeds=0"]
+
+
+def test_study_on_token_files(tmp_path, capsys):
+    from muonkern.data import write_tokens
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tokens"
+    data.mkdir()
+    # a learnable stream: token i+1 mostly follows token i
+    stream = np.cumsum(rng.random(20_000) < 0.8) % 50
+    write_tokens(data / "train.bin", stream[:18_000])
+    write_tokens(data / "val.bin", stream[18_000:])
+    out = tmp_path / "bin"
+    args = ["--out", str(out), *NO_SWEEP, "--set", "dataset=bin", "--set", f"data_dir={data}", "--set", "vocab_size=50"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["alphas"] == [0.0] and results["model_parameters"] > 0
+    assert "token files" in (out / "report.md").read_text()
+    assert main([*args[:-2], "--set", "vocab_size=40", "--out", str(tmp_path / "bad")]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+    assert main([*args[:-4], "--set", f"data_dir={tmp_path / 'none'}", "--set", "vocab_size=50",
+                 "--out", str(tmp_path / "bad2")]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
 def test_study_on_real_text(tmp_path):
@@ -52,6 +131,35 @@ def test_study_on_real_text(tmp_path):
     cfg = make_config("tiny", ["dataset=shakespeare"])
     assert cfg.alphas == (0.0,)
     out = tmp_path / "text"
-    assert main(["--out", str(out), *SMALL, "--set", "dataset=shakespeare"]) == 0
-    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["adamw_alpha0_seed0.json", "muon_alpha0_seed0.json"]
+    assert main(["--out", str(out), *NO_SWEEP, "--set", "dataset=shakespeare"]) == 0
+    assert {p.name for p in (out / "runs").glob("*_seed0.json")} == {"adamw_alpha0_seed0.json", "muon_alpha0_seed0.json"}
     assert "Shakespeare" in (out / "report.md").read_text()
+
+
+def test_schema_document_names_every_field():
+    from pathlib import Path
+
+    import muonkern.study
+    from muonkern.study.results import EXPERIMENTS, PROBE_FIELDS, TOP_LEVEL
+
+    text = (Path(muonkern.study.__file__).parent / "SCHEMA.md").read_text()
+    for key in (*TOP_LEVEL, *PROBE_FIELDS, *EXPERIMENTS):
+        assert f"`{key}`" in text or f"{key}," in text or f", {key}" in text, key
+    with pytest.raises(ValueError, match="findings"):
+        validate({"schema": "muonkern.study/results/v1", "probes": [], "experiments": {}, "findings": []})
+
+
+def test_small_preset_code_path_on_cpu(tmp_path):
+    """The small preset's own settings (all four alphas' machinery, batched HVPs, two seeds) with the
+    sizes cut down so that it runs on a CPU in seconds."""
+    cut = ["--set", "steps=6", "--set", "eval_every=2", "--set", "probe_every=2", "--set", "lr_sweep=false",
+           "--set", "d_model=48", "--set", "n_head=4", "--set", "n_layer=2", "--set", "context=16",
+           "--set", "batch_size=4", "--set", "probe_batch_size=2", "--set", "val_batches=1",
+           "--set", "alphas=0,1.5", "--set", "ladder_step=0.02", "--set", "quad_m=8", "--set", "quad_n=8",
+           "--set", "quad_groups=2", "--set", "quad_group_size=2", "--set", "quad_steps=4",
+           "--set", "quad_instances=1", "--set", "quad_alpha_ws=0,4", "--set", "quad_alpha_sigmas=0.5"]
+    out = tmp_path / "small"
+    assert main(["--preset", "small", "--device", "cpu", "--out", str(out), *cut]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["probe_hvp_batch"] == 9 and results["config"]["n_classes"] == 16
+    assert len(results["probes"][0]["groups_block"]) == 2 + 3  # embed, blocks.0, blocks.1, norm, lm_head

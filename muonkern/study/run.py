@@ -1,123 +1,135 @@
-"""Trains the same GPT with Muon and with AdamW on the Zipf-PCFG language and probes the curvature
-of every probe_every-th update: gain g·u, curvature uᵀHu, ‖u‖², NDS, the within-/cross-layer split,
-and the actual one-step loss change, on a fixed batch from the training distribution."""
+"""Runs the whole study: the learning-rate sweep, every (optimizer, alpha, seed) training run with its
+probes, and the stylized quadratic problems; finished pieces are kept in DIR/runs/*.json and not
+recomputed (a file made under another configuration, or a corrupt one, stops the study with a
+message saying so). Under torchrun every rank trains, rank 0 alone reads and writes files and
+shows progress.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from ..curvature import directional_quadratics, groups_by_module
-from ..data import PCFGConfig, ZipfPCFG, load_shakespeare
-from ..models import GPT, GPTConfig, exact_attention, gpt_loss_fn
-from ..optim import Muon, muon_param_groups
+from . import sweep
 from .config import StudyConfig
-
-OPTIMIZERS = ("muon", "adamw")
-
-
-def _make_optimizer(name: str, model: torch.nn.Module, cfg: StudyConfig):
-    if name == "muon":
-        return Muon(muon_param_groups(model), lr=cfg.muon_lr, adamw_lr=cfg.muon_adamw_lr, adamw_betas=cfg.betas)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.adamw_lr, betas=cfg.betas, weight_decay=0.0)
+from .distributed import Context
+from .quadratic import run_quadratic
+from .train import OPTIMIZERS, train_run
 
 
-def _take(iterator, n: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [tuple(t.to(device) for t in next(iterator)) for _ in range(n)]
+def run_name(optimizer: str, alpha: float, seed: int) -> str:
+    return f"{optimizer}_alpha{alpha:g}_seed{seed}"
 
 
-@torch.no_grad()
-def _evaluate(model: GPT, batches) -> float:
-    model.eval()
-    loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
-    model.train()
-    return loss
+class RunStore:
+    """Finished pieces of work as DIR/NAME.json = {"identity": ..., "result": ...}; rank 0 does the
+    file work and tells the other ranks whether a piece is done."""
+
+    def __init__(self, directory: Path, ctx: Context):
+        self.directory, self.ctx = Path(directory), ctx
+        if ctx.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def read(self, name: str, identity: dict):
+        """The stored result or None, read by this process alone (no collective)."""
+        path = self.directory / f"{name}.json"
+        if not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            stored, result = saved["identity"], saved["result"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is corrupt ({err}); delete it to recompute that part") from err
+        if stored != json.loads(json.dumps(identity)):
+            raise ValueError(f"{path} was produced with a different configuration; use another --out "
+                             f"directory or delete it")
+        return result
+
+    def load(self, name: str, identity: dict):
+        """The stored result (on rank 0; True on the other ranks), or None if not done yet."""
+        status = None
+        if self.ctx.is_main:
+            try:
+                result = self.read(name, identity)
+                status = ("done", None) if result is not None else ("todo", None)
+            except ValueError as err:
+                status = ("error", str(err))
+        status = self.ctx.broadcast(status)
+        if status[0] == "error":
+            raise ValueError(status[1])
+        if status[0] == "todo":
+            return None
+        return result if self.ctx.is_main else True
+
+    def save(self, name: str, identity: dict, result) -> None:
+        if not self.ctx.is_main:
+            return
+        path = self.directory / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": identity, "result": result}))
+        tmp.replace(path)  # an interrupted write leaves no half file
 
 
-def _data(cfg: StudyConfig, alpha: float, seed: int):
-    """(vocab size, train batch iterator, validation batches, probe batch) of one run."""
-    if cfg.dataset == "shakespeare":
-        corpus = load_shakespeare()
-        batches = lambda size, split, stream: corpus.batches(size, cfg.context, split, seed=1000 * seed + stream)
-        train, val_source, probe_source = batches(cfg.batch_size, "train", 1), batches(cfg.batch_size, "val", 2), \
-            batches(cfg.probe_batch_size, "train", 3)
-        vocab = corpus.vocab_size
-    else:
-        grammar = ZipfPCFG(PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed))
-        batches = lambda size, a, stream: grammar.batches(size, cfg.context, emission_alpha=a, seed=1000 * seed + stream)
-        train, val_source, probe_source = batches(cfg.batch_size, alpha, 1), \
-            batches(cfg.batch_size, cfg.val_alpha, 2), batches(cfg.probe_batch_size, alpha, 3)
-        vocab = grammar.n_tokens
-    return vocab, train, _take(val_source, cfg.val_batches, cfg.device), _take(probe_source, 1, cfg.device)[0]
+def _train_or_load(store: RunStore, name: str, identity: dict, bar, steps: int, label: str, train):
+    result = store.load(name, identity)
+    if result is None:
+        bar.total = (bar.total or 0) + steps
+        bar.set_postfix_str(label)
+        bar.refresh()
+        result = train()
+        store.save(name, identity, result)
+    return result
 
 
-def train_and_probe(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, progress=None) -> list[dict]:
-    """One training run; returns one record per probe."""
-    vocab, train, val, (xp, yp) = _data(cfg, alpha, seed)
-    torch.manual_seed(seed)  # same initialization for both optimizers
-    model = GPT(GPTConfig(vocab_size=vocab, context=cfg.context, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, d_model=cfg.d_model)).to(cfg.device)
-    opt = _make_optimizer(optimizer, model, cfg)
-    groups = groups_by_module(model, 2)  # embed, blocks.i, norm, lm_head
-    probe_loss = gpt_loss_fn(model, xp, yp)
-    records = []
-    for step in range(1, cfg.steps + 1):
-        x, y = (t.to(cfg.device) for t in next(train))
-        probing = step % cfg.probe_every == 0
-        if probing:
-            theta = {k: p.detach().clone() for k, p in model.named_parameters()}
-        loss = model(x, y)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if probing:
-            u = {k: p.detach() - theta[k] for k, p in model.named_parameters()}
-            with exact_attention():
-                q = directional_quadratics(probe_loss, theta, u, groups=groups)
-                with torch.no_grad():
-                    actual = (probe_loss({k: theta[k] + u[k] for k in theta}) - probe_loss(theta)).item()
-            records.append(dict(step=step, train_loss=loss.item(), val_loss=_evaluate(model, val),
-                                gain=q.gain.item(), curvature=q.curvature.item(), norm_sq=q.norm_sq.item(),
-                                nds=q.nds.item(), within=q.within.item(), cross=q.cross.item(),
-                                predicted_change=(q.gain + 0.5 * q.curvature).item(), actual_change=actual,
-                                group_names=q.group_names, block_diagonal=q.blocks.diagonal().tolist()))
-        if progress is not None:
-            progress.update(1)
-    return records
+def _sweep(cfg: StudyConfig, store: RunStore, ctx: Context, bar) -> tuple[dict, list]:
+    steps = cfg.effective_sweep_steps
+    records, chosen = [], {}
+    for optimizer in ("adamw", "muon"):
+        points = sweep.adamw_points(cfg) if optimizer == "adamw" else sweep.muon_points(cfg, chosen["adamw_lr"])
+        losses = []
+        for point in points:
+            lrs = {**sweep.configured_lrs(cfg), **point}
+            identity = {**cfg.run_identity(), "steps": steps, "optimizer": optimizer, "alpha": cfg.val_alpha,
+                        "seed": cfg.sweep_seed, "lrs": lrs, "probes": False}
+            result = _train_or_load(store, sweep.point_name(optimizer, point), identity, bar, steps,
+                                    f"sweep {optimizer} {point}",
+                                    lambda: train_run(cfg, optimizer, cfg.val_alpha, cfg.sweep_seed, lrs, ctx,
+                                                      probes=False, steps=steps, progress=bar))
+            loss = sweep.final_loss(result["evals"]) if ctx.is_main else None
+            losses.append(loss)
+            records.append({"optimizer": optimizer, **point, "final_val_loss": loss,
+                            "evals": result["evals"] if ctx.is_main else None})
+        best = ctx.broadcast(sweep.choose(points, losses) if ctx.is_main else None)
+        chosen.update(best)
+        for r in records:
+            if r["optimizer"] == optimizer:
+                r["chosen"] = all(r[k] == v for k, v in best.items())
+    return chosen, records
 
 
-def _load(path: Path, cfg: StudyConfig):
-    try:
-        saved = json.loads(path.read_text())
-        config, records = saved["config"], saved["records"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is corrupt ({err}); delete it to recompute that run") from err
-    if config != cfg.to_dict():
-        raise ValueError(f"{path} was produced with a different configuration; use another --out directory "
-                         f"or delete it")
-    return records
-
-
-def run_study(cfg: StudyConfig, out: Path) -> dict:
-    """Every (optimizer, alpha, seed) run, reusing finished runs found in out/runs."""
-    runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(o, a, s) for a in cfg.alphas for s in cfg.seeds for o in OPTIMIZERS]
-    results, todo = {}, []
-    for key in plan:
-        path = runs_dir / f"{key[0]}_alpha{key[1]:g}_seed{key[2]}.json"
-        if path.exists():
-            results[key] = _load(path, cfg)
-        else:
-            todo.append((key, path))
-    with tqdm(total=len(todo) * cfg.steps, desc="study", unit="step", disable=not todo) as progress:
-        for (optimizer, alpha, seed), path in todo:
-            progress.set_postfix(run=f"{optimizer} alpha={alpha:g} seed={seed}")
-            records = train_and_probe(cfg, optimizer, alpha, seed, progress)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"config": cfg.to_dict(), "records": records}))
-            tmp.replace(path)  # a run interrupted mid-write leaves no half file
-            results[(optimizer, alpha, seed)] = records
-    return results
+def run_study(cfg: StudyConfig, out: Path, ctx: Context | None = None) -> dict | None:
+    """Everything the report needs (on rank 0; None on the other ranks):
+    {"config", "world_size", "lrs", "lr_sweep", "runs": {(optimizer, alpha, seed): result}, "quadratic"}."""
+    ctx = ctx or Context(device=cfg.device)
+    store = RunStore(Path(out) / "runs", ctx)
+    with tqdm(total=0, desc="study", unit="step", mininterval=2.0, disable=not ctx.is_main) as bar:
+        lrs, sweep_records = _sweep(cfg, store, ctx, bar) if cfg.lr_sweep else (sweep.configured_lrs(cfg), [])
+        runs = {}
+        for alpha in cfg.alphas:
+            for seed in cfg.seeds:
+                for optimizer in OPTIMIZERS:
+                    identity = {**cfg.run_identity(), "optimizer": optimizer, "alpha": alpha, "seed": seed,
+                                "lrs": lrs, "probes": True}
+                    runs[(optimizer, alpha, seed)] = _train_or_load(
+                        store, run_name(optimizer, alpha, seed), identity, bar, cfg.steps,
+                        f"{optimizer} alpha={alpha:g} seed={seed}",
+                        lambda: train_run(cfg, optimizer, alpha, seed, lrs, ctx, progress=bar))
+    if not ctx.is_main:
+        return None
+    quadratic = store.read("quadratic", cfg.quadratic_identity())
+    if quadratic is None:
+        quadratic = run_quadratic(cfg)
+        store.save("quadratic", cfg.quadratic_identity(), quadratic)
+    return {"config": cfg.to_dict(), "world_size": ctx.world, "lrs": lrs, "lr_sweep": sweep_records,
+            "runs": runs, "quadratic": quadratic}

@@ -1,0 +1,68 @@
+"""The batches of one run: training stream, fixed validation batches, fixed probe batch.
+
+A run is determined by (training alpha, seed): the seed fixes the three streams (so both optimizers
+of a seed see the same data in the same order) and the model's initialization. Validation batches
+come from the balanced language (alpha = val_alpha) or the validation split; the probe batch from
+the training distribution (or split), apart from the training stream. Under data parallelism every
+rank draws the full batches and keeps its rows (distributed.Context.shard).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..data import PCFGConfig, TokenFiles, ZipfPCFG, load_shakespeare
+from .config import StudyConfig
+from .distributed import Context
+
+_TRAIN, _VAL, _PROBE = 1, 2, 3  # stream ids: seeds are 1000 * seed + stream id
+
+
+@dataclass
+class Streams:
+    vocab_size: int
+    train: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+    probe: tuple[torch.Tensor, torch.Tensor]
+
+
+def vocab_size(cfg: StudyConfig) -> int:
+    """The model's vocabulary for cfg's dataset."""
+    if cfg.dataset == "pcfg":
+        return cfg.vocab_size + 1  # the sentence separator
+    if cfg.dataset == "shakespeare":
+        return 256
+    return cfg.vocab_size
+
+
+def _sources(cfg: StudyConfig, alpha: float, seed: int):
+    """batches(size, role) -> an iterator of full (x, y) batches for role train/val/probe."""
+    stream_seed = {"train": 1000 * seed + _TRAIN, "val": 1000 * seed + _VAL, "probe": 1000 * seed + _PROBE}
+    if cfg.dataset == "pcfg":
+        grammar = ZipfPCFG(PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed))
+        exponent = {"train": alpha, "val": cfg.val_alpha, "probe": alpha}
+        return lambda size, role: grammar.batches(size, cfg.context, emission_alpha=exponent[role],
+                                                  seed=stream_seed[role])
+    corpus = load_shakespeare() if cfg.dataset == "shakespeare" else TokenFiles(cfg.data_dir, cfg.vocab_size)
+    split = {"train": "train", "val": "val", "probe": "train"}
+    return lambda size, role: corpus.batches(size, cfg.context, split[role], seed=stream_seed[role])
+
+
+def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context) -> Streams:
+    ctx.check_divisible(batch_size=cfg.batch_size, probe_batch_size=cfg.probe_batch_size)
+    batches = _sources(cfg, alpha, seed)
+    device = ctx.device
+
+    def local(batch):
+        return tuple(ctx.shard(t).to(device) for t in batch)
+
+    def train():
+        for batch in batches(cfg.batch_size, "train"):
+            yield local(batch)
+
+    val_source = batches(cfg.batch_size, "val")
+    val = [local(next(val_source)) for _ in range(cfg.val_batches)]
+    probe = local(next(batches(cfg.probe_batch_size, "probe")))
+    return Streams(vocab_size(cfg), train(), val, probe)
