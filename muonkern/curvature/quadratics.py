@@ -94,17 +94,21 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
     device = next(iter(params.values())).device
 
     D = torch.empty(K, R, P, dtype=torch.float64, device=device)
+    firsts = torch.empty(K, 2, P, dtype=torch.float64, device=device)   # g·u_kp, ‖u_kp‖²
 
     def consume(i0, vs, hvs, g):
         # product i belongs to direction i // R and part i % R: row i of D viewed as (K*R, P)
-        us = [t for i in range(i0, i0 + len(vs)) for t in dirs[i // R].values()]
+        rows = range(i0, i0 + len(vs))
+        us = [t for i in rows for t in dirs[i // R].values()]
         products = [t for hv in hvs for t in hv.values()]
         out = dirquad([g[k] for k in names], us, products)    # (len(vs), 3, P)
         D.view(K * R, P)[i0:i0 + len(vs)] = out[:, 2]
+        for j, i in enumerate(rows):
+            if i % R == 0:   # every direction's first part passes here once
+                firsts[i // R] = out[j, :2]
 
-    g = grad_and_hvps(loss_fn, params, K * R, lambda i: parts[i % R](dirs[i // R]), method,
-                      batch_size, consume=consume)
-    firsts = dirquad([g[k] for k in names], [t for u in dirs for t in u.values()])  # (K, 2, P)
+    grad_and_hvps(loss_fn, params, K * R, lambda i: parts[i % R](dirs[i // R]), method,
+                  batch_size, consume=consume)
 
     gain = firsts[:, 0].sum(-1)
     norm_sq = firsts[:, 1].sum(-1)

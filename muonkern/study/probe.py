@@ -78,7 +78,7 @@ def measure(model: torch.nn.Module, theta: dict, delta: dict, batch, groups: dic
         n = len(quads[p].group_names)
         blocks[p] = flat[offset:offset + n * n].view(n, n)
         offset += n * n
-    norm_sq = float(sum(d.double().pow(2).sum() for d in delta.values()))
+    norm_sq = float(quads[parts[0]].norm_sq)
     record = dict(gain=gain, norm_sq=norm_sq, probe_loss=before, actual_delta=after - before)
     for p in parts:
         M = blocks[p]
