@@ -7,7 +7,8 @@ Rows (one table, written to $MUONKERN_BENCH_OUT/curvature_bench.md):
   gradient (math) / (efficient)     loss + backward with that SDPA backend
   torch.func hvp / vmap             jvp of grad (one direction, or vmapped over K tangents); no dots
   muonkern <method>, K dirs         directional_quadratics(blocks=False, batch_size=K): gain,
-                                    curvature, ‖u‖², NDS
+                                    curvature, ‖u‖², NDS (taylor: Taylor-mode forward, against the
+                                    efficient-attention gradient)
   ... blocks, 8 groups              the 8x8 block matrix (embed, six blocks, norm+head) of one
                                     direction; torch.func: vmap over the 8 restricted tangents plus
                                     a loop of dot products
@@ -107,6 +108,10 @@ PROBES = [
     ("torch.func vmap, 8 dirs", 8, GRAD, lambda m, f, p, d, g: _torch_func_vmap(f, p, d[:8])),
     ("muonkern fwd_rev, 8 dirs", 8, GRAD, lambda m, f, p, d, g: _muonkern(f, p, d[:8], "fwd_rev")),
     ("muonkern rev_rev, 8 dirs", 8, GRAD, lambda m, f, p, d, g: _muonkern(f, p, d[:8], "rev_rev")),
+    # Taylor mode (the package's GPT only): one forward pass with second-order jets, no HVP; its
+    # own exact attention kernel, so it is set against the fused-attention gradient
+    ("muonkern taylor, 1 dir", 1, "gradient (efficient)", lambda m, f, p, d, g: _muonkern(f, p, d[:1], "taylor")),
+    ("muonkern taylor, 8 dirs", 8, "gradient (efficient)", lambda m, f, p, d, g: _muonkern(f, p, d[:8], "taylor")),
     ("torch.func blocks, 8 groups", 1, "muonkern fwd_rev, 1 dir",
      lambda m, f, p, d, g: _torch_func_blocks(f, p, d[0], g)),
     ("muonkern blocks, 8 groups", 1, "muonkern fwd_rev, 1 dir",

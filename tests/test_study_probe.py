@@ -11,7 +11,7 @@ from muonkern.curvature import directional_quadratics
 from muonkern.models import GPT, GPTConfig, exact_attention, gpt_loss_fn
 from muonkern.study import make_config
 from muonkern.study.distributed import Context
-from muonkern.study.probe import partitions
+from muonkern.study.probe import measure, partitions
 from muonkern.study.sources import make_streams
 from muonkern.study.sweep import configured_lrs
 from muonkern.study.train import make_optimizer, train_run
@@ -67,3 +67,24 @@ def test_probe_equals_library(optimizer):
         torch.testing.assert_close(torch.tensor(record["blocks_block"], dtype=torch.float64), q.blocks,
                                    rtol=1e-4, atol=1e-4 * scale)
         assert record["groups_block"] == q.group_names
+
+
+def test_probe_taylor_method_matches_hvp_probe():
+    """probe_method=taylor (Taylor-mode forward passes, blocks by polarization) gives the HVP probe's
+    record; float64, so every field agrees to rounding."""
+    cfg = make_config("tiny", CFG + ["probe_method=taylor"])
+    assert cfg.probe_method == "taylor"
+    gen = torch.Generator().manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=31, context=16, n_layer=2, n_head=2, d_model=32)).double()
+    theta = {k: p.detach().clone() for k, p in model.named_parameters()}
+    delta = {k: 1e-2 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in theta.items()}
+    batch = tuple(torch.randint(0, 31, (3, 16), generator=gen) for _ in range(2))
+    groups = partitions(model)
+    got = measure(model, theta, delta, batch, groups, Context(), hvp_batch=4, method="taylor")
+    want = measure(model, theta, delta, batch, groups, Context(), hvp_batch=4, method="rev_rev")
+    scale = abs(want["curvature"])
+    for key in ("gain", "norm_sq", "curvature", "within", "cross", "nds", "within_kind", "cross_kind",
+                "predicted_delta", "actual_delta"):
+        assert got[key] == pytest.approx(want[key], rel=1e-8, abs=1e-10 * scale), key
+    torch.testing.assert_close(torch.tensor(got["blocks_block"]), torch.tensor(want["blocks_block"]),
+                               rtol=1e-7, atol=1e-10 * scale)

@@ -224,10 +224,18 @@ def test_triton_kernel_under_interpreter(gen):
     """The Triton kernel, run by Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     triton is imported, hence a subprocess), against the dense reference. A few seconds."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # no GPU visible: the interpreter then runs on CPU tensors as on a machine without one
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(seed)], env=env,
                           capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
+        # triton 3.6's interpreter keeps program ids as 1-element arrays, which newer numpy no
+        # longer converts to an int for range(); the compiled kernel is unaffected
+        import numpy
+        import triton
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy "
+                    f"{numpy.__version__} (program ids as 1-element arrays)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for dtype, errs in json.loads(proc.stdout.strip().splitlines()[-1]):
         budget = 1e-12 if dtype == "torch.float64" else 1e-5
@@ -299,6 +307,25 @@ def test_gpt_matches_hvp_full_context_ignored_targets(gen):
     assert_rel(loss, loss_fn(params), 1e-12)
     assert_rel(first, torch.stack([dot(g, u) for u in dirs]), 1e-8)
     assert_rel(second, torch.stack([dot(h, u) for h, u in zip(hvs, dirs)]), 1e-8)
+
+
+def test_gpt_mlp_in_row_chunks(gen, monkeypatch):
+    """The MLP runs over token rows in chunks: 3 rows per chunk over 2x11 = 22 rows (a ragged last
+    chunk) gives the unchunked values, which match the HVP path."""
+    import muonkern.taylor.gpt as taylor_gpt
+    model, params = random_gpt(gen)
+    x, y = batch(gen, model.config, 2, 11)
+    dirs = random_directions(gen, params, 2)
+    whole = taylor_directional(model, params, x, y, dirs)
+    monkeypatch.setattr(taylor_gpt, "_MLP_CHUNK_ELEMENTS", 3 * 2 * 4 * model.config.d_model)
+    monkeypatch.setattr(taylor_gpt, "_MLP_MIN_ROWS", 1)
+    chunked = taylor_directional(model, params, x, y, dirs)
+    for a, b in zip(chunked, whole):
+        assert_rel(a, b, 1e-12)
+    loss_fn = gpt_loss_fn(model, x, y)
+    with exact_attention():
+        q = curvature.directional_quadratics(loss_fn, params, dirs, blocks=False)
+    assert_rel(chunked[2], q.curvature, 1e-8)
 
 
 def test_gpt_derivatives_by_finite_differences_of_the_loss(gen):

@@ -155,16 +155,14 @@ def finite_diff_step(params: Params, v: Params) -> float:
     return eps ** (1.0 / 3.0) * max(1.0, _norm(params)) / vn
 
 
-def _finite_diff_pair(loss_fn, params, v):
-    """(H v, (g(θ+hv) + g(θ−hv)) / 2), the second being the gradient up to O(h²); (0, None) for
-    v = 0."""
+def _finite_diff(loss_fn, params, v):
+    """H v by the central difference of gradients; 0 for v = 0."""
     h = finite_diff_step(params, v)
     if h == 0.0:
-        return zeros_like(params), None
+        return zeros_like(params)
     plus = gradient(loss_fn, {k: t + h * v[k] for k, t in params.items()})
     minus = gradient(loss_fn, {k: t - h * v[k] for k, t in params.items()})
-    return ({k: (plus[k] - minus[k]) / (2.0 * h) for k in params},
-            {k: 0.5 * (plus[k] + minus[k]) for k in params})
+    return {k: (plus[k] - minus[k]) / (2.0 * h) for k in params}
 
 
 def _is_zero_tensor_bug(e: RuntimeError) -> bool:
@@ -181,15 +179,16 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
     ``vector(i)`` builds v_i on demand (checked, params order and dtypes) and ``consume(i0, vs,
     hvs, g)`` receives each pass's vectors, products and the gradient, so no more than one batch
     of them is held.
-    Runs inside :func:`attention_for` ``(method)``. Returns the gradient: exact for the exact
-    methods (it comes with their first pass); for ``finite_diff`` the mean of the first pair of
-    shifted gradients, which equals g up to O(h²), the order of the method's own error.
+    Runs inside :func:`attention_for` ``(method)``. Returns the gradient: for the exact methods it
+    comes with their first pass; ``finite_diff`` computes it apart (the mean of a pair of shifted
+    gradients would save that pass but is off by O(‖hv‖²): 1.5e-2 relative in g·u in fp32 on a
+    small GPT, against 3.5e-4 for uᵀHu).
     """
     with attention_for(method):
         if method == "rev_rev":
             engine = _RevRev(loss_fn, params)
             g = engine.grad
-        elif count == 0:
+        elif method == "finite_diff" or count == 0:
             g = gradient(loss_fn, params)
         else:
             g = None
@@ -215,10 +214,7 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
             if method == "rev_rev" or fwd_rev_broken:
                 hvs = engine.products(vs)
             elif method == "finite_diff":
-                pairs = [_finite_diff_pair(loss_fn, params, v) for v in vs]
-                hvs = [hv for hv, _ in pairs]
-                if g is None:  # the mean of the first pair of shifted gradients saves a gradient
-                    g = pairs[0][1] if pairs[0][1] is not None else gradient(loss_fn, params)
+                hvs = [_finite_diff(loss_fn, params, v) for v in vs]
             if consume is not None:
                 consume(i0, vs, hvs, g)
     return g

@@ -56,7 +56,10 @@ class StudyConfig:
     probe_every: int = 50         # periodic probes for the early/middle/late analysis
     probe_batch_size: int = 8
     probe_hvp_batch: int = 1      # HVPs per pass in a probe (muonkern.curvature batch_size; GPUs: 4-9)
-    probe_method: str = "rev_rev"  # exact HVPs: "rev_rev" (double backward) or "fwd_rev" (forward-over-reverse)
+    # exact probes: "rev_rev" (double backward HVPs), "fwd_rev" (forward-over-reverse HVPs) or "taylor"
+    # (Taylor-mode forward passes, no HVP; the block matrices take G(G+1)/2 vectors per partition of
+    # G groups against G HVPs, so for the study's two partitions the HVP methods are cheaper)
+    probe_method: str = "rev_rev"
     # ---- stylized quadratic problem (E5): W of size quad_m x quad_n, quad_groups groups of
     # quad_group_size rank-one modes, curvature g^(-alpha_w) on group g, initial residual w^alpha_sigma
     # (alpha_sigma > 0 aligns the gradient further with the high-curvature modes)
@@ -94,6 +97,8 @@ class StudyConfig:
     def quadratic_identity(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k.startswith("quad_")}
 
+
+PROBE_METHODS = ("rev_rev", "fwd_rev", "taylor")
 
 PRESETS = {
     # CPU, under 3 minutes on 2 cores end to end (CI runs it): a 2-layer GPT, two imbalance levels,
@@ -175,8 +180,8 @@ def check_config(cfg: StudyConfig) -> None:
         raise ValueError("at least one seed is needed")
     if not cfg.alphas or any(a < 0 for a in cfg.alphas) or len(set(cfg.alphas)) != len(cfg.alphas):
         raise ValueError(f"alphas must be distinct and >= 0, got {cfg.alphas}")
-    if cfg.probe_method not in ("rev_rev", "fwd_rev"):
-        raise ValueError(f"probe_method must be 'rev_rev' or 'fwd_rev' (exact HVPs), got {cfg.probe_method!r}")
+    if cfg.probe_method not in PROBE_METHODS:
+        raise ValueError(f"probe_method must be one of {PROBE_METHODS} (exact probes), got {cfg.probe_method!r}")
     if cfg.ladder_step <= 0:
         raise ValueError("ladder_step must be > 0")
     if cfg.lr_sweep and not (cfg.sweep_adamw_lrs and cfg.sweep_muon_lrs):

@@ -53,7 +53,7 @@ def partitions(model: torch.nn.Module) -> dict[str, dict[str, list[str]]]:
 def measure(model: torch.nn.Module, theta: dict, delta: dict, batch, groups: dict, ctx: Context,
             hvp_batch: int = 1, method: str = "rev_rev") -> dict:
     """Probe record (floats and lists) for the update `delta` at parameters `theta` (dicts name ->
-    tensor), with `hvp_batch` exact HVPs (`method`) per pass. Under data parallelism each rank probes its slice of the
+    tensor), with `hvp_batch` exact HVPs (`method`; or Taylor-mode vectors for "taylor") per pass. Under data parallelism each rank probes its slice of the
     batch and the batch means are averaged over the ranks."""
     x, y = batch
     loss_fn = gpt_loss_fn(model, x, y)

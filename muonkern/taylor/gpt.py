@@ -30,6 +30,11 @@ Params = Mapping[str, torch.Tensor]
 # logits derivatives of at most this many elements at a time: directions are taken through the
 # output head and the loss in chunks (a 50k vocabulary would otherwise need K·B·T·V floats twice)
 _HEAD_CHUNK_ELEMENTS = 1 << 27
+# the MLP runs over token rows in chunks whose hidden tensors (4x the width) hold at most this many
+# elements per order, and at least _MLP_MIN_ROWS rows (smaller products lose more time than they
+# save memory): its (1 + 2K) hidden tensors and the GELU temporaries otherwise set the peak
+_MLP_CHUNK_ELEMENTS = 1 << 22
+_MLP_MIN_ROWS = 1024
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -131,8 +136,21 @@ def _attention(h: Jet, P, U, prefix: str, n_head: int, cos, sin) -> Jet:
 
 
 def _mlp(h: Jet, P, U, prefix: str) -> Jet:
-    a = layers.gelu(layers.linear(h, P[prefix + "fc.weight"], U[prefix + "fc.weight"]))
-    return layers.linear(a, P[prefix + "proj.weight"], U[prefix + "proj.weight"])
+    """fc -> GELU -> proj, token rows in chunks (rows are independent) so that the wide hidden
+    activations of only one chunk are alive at a time."""
+    fc, proj = P[prefix + "fc.weight"], P[prefix + "proj.weight"]
+    Ufc, Uproj = U[prefix + "fc.weight"], U[prefix + "proj.weight"]
+    K, C = h.d.shape[0], h.x.shape[-1]
+    x, d, dd = h.x.reshape(-1, C), h.d.reshape(K, -1, C), h.dd.reshape(K, -1, C)
+    rows = max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMENTS // (K * fc.shape[0]))
+    out = Jet(torch.empty_like(x), torch.empty_like(d), torch.empty_like(dd))
+    for r0 in range(0, x.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        a = layers.gelu(layers.linear(Jet(x[part], d[:, part], dd[:, part]), fc, Ufc))
+        y = layers.linear(a, proj, Uproj)
+        del a
+        out.x[part], out.d[:, part], out.dd[:, part] = y
+    return Jet(out.x.reshape(h.x.shape), out.d.reshape(h.d.shape), out.dd.reshape(h.dd.shape))
 
 
 def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -164,7 +182,9 @@ def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Ten
     K = len(dirs)
     head_name = "lm_head.weight" if "lm_head.weight" in P else "embed.weight"  # tied: embed
     with torch.no_grad():
-        U = {name: torch.stack([u[name] for u in dirs]) for name in P}
+        # one direction: a view, not a copy of the parameters' size
+        U = {name: (dirs[0][name].unsqueeze(0) if K == 1 else torch.stack([u[name] for u in dirs]))
+             for name in P}
         cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_base, device=first_param.device,
                                 dtype=first_param.dtype)
         h = layers.embedding(x, P["embed.weight"], U["embed.weight"])

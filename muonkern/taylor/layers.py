@@ -89,11 +89,13 @@ def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
 def gelu(h: Jet) -> Jet:
     """GELU (erf form) f(x) = x Φ(x): f' = Φ + x φ, f'' = φ (2 − x²), φ the normal density."""
     x = h.x
-    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    f1 = cdf + x * pdf
-    f2 = pdf * (2.0 - x * x)
-    return Jet(F.gelu(x), f1 * h.d, f2 * h.d * h.d + f1 * h.dd)
+    # in place where a temporary is no longer needed: these are the widest tensors of the model
+    pdf = torch.exp(-0.5 * x * x).mul_(1.0 / math.sqrt(2.0 * math.pi))
+    f1 = torch.erf(x * (1.0 / math.sqrt(2.0))).add_(1.0).mul_(0.5).addcmul_(x, pdf)   # Φ + xφ
+    f2 = pdf.mul_(2.0 - x * x)
+    dd = (h.d * h.d).mul_(f2).addcmul_(f1, h.dd)
+    del f2
+    return Jet(F.gelu(x), f1 * h.d, dd)
 
 
 def rope(h: Jet, cos: torch.Tensor, sin: torch.Tensor) -> Jet:
