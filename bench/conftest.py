@@ -211,7 +211,7 @@ def _probe_report(rows: list[dict], env: dict) -> str:
     cells = [[r["case"], r["impl"], f"{r['median_ms']:.2f}", str(r["per"]), f"{r['per_ms']:.2f}",
               "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x "
               f"{r['reference']}", f"{r['peak_mb']:.0f}"] for r in rows]
-    return _markdown("muonkern curvature-probe benchmark", env,
+    return _markdown("muonkern multi-call benchmark (curvature probes, grouped ns5)", env,
                      "Median per call (one call and one synchronize per round). per = directions (or "
                      "dot-product sets) per call; ratio = time per direction / the named reference's time in "
                      "the same run; peak MB = memory a call allocates beyond what existed before it.",

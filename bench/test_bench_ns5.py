@@ -76,3 +76,25 @@ def test_ns5_cuda(time_ns5, shape, impl):
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ns5_cpu(time_ns5, shape, impl):
     time_ns5(IMPLS[impl], shape, impl, "cpu")
+
+
+# ---- grouped: the matrices of one optimizer step ----------------------------------------------
+
+def gpt2_small_matrices(device: str, seed: int = 0) -> list[torch.Tensor]:
+    """The hidden matrices of a GPT-2-small Muon step: 12 layers of four 768×768 (q, k, v, o), one
+    768×3072 and one 3072×768 (MLP), fp32 and random (never zeros)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]
+    return [torch.randn(s, device=device, generator=gen) for _ in range(12) for s in shapes]
+
+
+GROUPED = [("loop of reference", None, lambda Gs: [_reference(G) for G in Gs]),
+           ("loop of muonkern.ns5", "loop of reference", lambda Gs: [_muonkern(G) for G in Gs]),
+           ("muonkern.ns5_grouped", "loop of reference", lambda Gs: torch.ops.muonkern.ns5_grouped(Gs, 5, None, 1e-7))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
+@pytest.mark.parametrize("impl,reference,fn", GROUPED, ids=[g[0] for g in GROUPED])
+def test_ns5_grouped_gpt2_small(time_probe, impl, reference, fn):
+    Gs = gpt2_small_matrices("cuda")
+    time_probe(lambda: fn(Gs), "ns5 of a GPT-2-small step's 72 matrices", impl, reference=reference)

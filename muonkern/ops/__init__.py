@@ -34,6 +34,17 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     return torch.ops.muonkern.ns5(G, steps, coeffs, eps)
 
 
+def ns5_grouped(Gs: Sequence[torch.Tensor], steps: int = 5,
+                coefficients: Sequence[float] | None = None, eps: float = 1e-7) -> List[torch.Tensor]:
+    """:func:`ns5` of every tensor in ``Gs`` (shapes (..., m, n), any mix of shapes, dtypes and
+    devices), with one ns5 launch per distinct shape (m×n and n×m share one) and dtype: what an
+    optimizer step needs. Returns new contiguous tensors, in order, each equal to ``ns5(G)``."""
+    if len(Gs) == 0:  # the dispatcher cannot route a call without tensors
+        return []
+    coeffs = None if coefficients is None else [float(c) for c in coefficients]
+    return torch.ops.muonkern.ns5_grouped(list(Gs), steps, coeffs, eps)
+
+
 def dirquad(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
             products: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """Every per-parameter dot product a directional-curvature probe needs, in one launch.
@@ -48,4 +59,4 @@ def dirquad(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
     return torch.ops.muonkern.dirquad(list(grads), list(directions), list(products))
 
 
-__all__ = ["backend", "dirquad", "ns5"]
+__all__ = ["backend", "dirquad", "ns5", "ns5_grouped"]

@@ -13,6 +13,7 @@ import torch
 
 from . import fallback
 from .dirquad_args import dirquad_sizes
+from .grouped import NS5_GROUPED_SCHEMA, ns5_grouped_fake, ns5_grouped_kernel
 from .ns5_args import check_ns5_args
 from .schemas import SCHEMAS
 
@@ -65,4 +66,17 @@ def register() -> str:
         _backend = "fallback"
     for name, fake in _FAKE_KERNELS.items():
         torch.library.register_fake(f"muonkern::{name}", fake, lib=_library)
+    _register_composites()
     return _backend
+
+
+_composites = None
+
+
+def _register_composites() -> None:
+    """Ops written in terms of the others (Python on every backend): ns5_grouped."""
+    global _composites
+    _composites = torch.library.Library("muonkern", "FRAGMENT")
+    _composites.define(NS5_GROUPED_SCHEMA)
+    _composites.impl("ns5_grouped", ns5_grouped_kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)

@@ -1,0 +1,90 @@
+"""Orthogonality error of ns5 vs steps for each coefficient schedule, in bf16.
+
+    python bench/ns5_coefficients.py [--device cpu|cuda] [--out DIR]
+
+For each input kind (Gaussian; ill-conditioned: singular values log-spaced over four decades) and
+shape, and each schedule ("jordan": KellerJordan/Muon's fixed (a, b, c); "polar_express": Amsel et
+al. 2025's per-step triples, its first k steps for k < 5), it runs muonkern.ns5 with k steps and
+reports, against the exact polar factor U Vᵀ of the input (float64 SVD):
+  max |σ − 1|      over the singular values of the result (how far from orthogonal)
+  ‖X − UVᵀ‖/‖UVᵀ‖  relative Frobenius distance to the polar factor
+Writes ns5_coefficients.md to --out (default bench_results/).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import muonkern
+from muonkern.ops.ns5_args import POLAR_EXPRESS_COEFFICIENTS
+
+SHAPES = ((512, 512), (256, 1024))
+STEPS = {"jordan": range(1, 9), "polar_express": range(1, len(POLAR_EXPRESS_COEFFICIENTS) + 1)}
+
+
+def test_matrix(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """float64 input: Gaussian, or U diag(σ) Vᵀ with σ log-spaced from 1 to 1e-4 (random U, V)."""
+    G = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "gaussian":
+        return G
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    sigma = torch.logspace(0, -4, min(shape), dtype=torch.float64)
+    return U @ torch.diag(sigma) @ Vh
+
+
+def schedule(name: str, steps: int):
+    if name == "jordan":
+        return None
+    return [c for triple in POLAR_EXPRESS_COEFFICIENTS[:steps] for c in triple]
+
+
+def errors(G: torch.Tensor, X: torch.Tensor):
+    """(max |σ(X) − 1|, ‖X − polar(G)‖_F / ‖polar(G)‖_F), in float64."""
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    X = X.double().cpu()
+    sigma = torch.linalg.svdvals(X)
+    return float((sigma - 1).abs().max()), float(torch.linalg.norm(X - polar) / torch.linalg.norm(polar))
+
+
+def measure(device: str = "cpu", shapes=SHAPES, seed: int = 0):
+    rows = []
+    for kind in ("gaussian", "ill-conditioned"):
+        for shape in shapes:
+            G = test_matrix(kind, shape, torch.Generator().manual_seed(seed))
+            Gb = G.to(device, torch.bfloat16)
+            for name, steps_range in STEPS.items():
+                for steps in steps_range:
+                    X = muonkern.ns5(Gb, steps=steps, coefficients=schedule(name, steps))
+                    sigma_err, polar_err = errors(G, X)
+                    rows.append(dict(input=kind, shape=shape, schedule=name, steps=steps,
+                                     max_sigma_err=sigma_err, polar_rel_err=polar_err))
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| input | shape | schedule | steps | max \\|σ−1\\| | ‖X−UVᵀ‖/‖UVᵀ‖ |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['input']} | {r['shape'][0]}×{r['shape'][1]} | {r['schedule']} | {r['steps']} | "
+                     f"{r['max_sigma_err']:.3f} | {r['polar_rel_err']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    text = (f"# ns5 orthogonality error vs steps (bf16 input, muonkern backend {muonkern.backend()}, "
+            f"device {args.device})\n\n" + table(measure(args.device)) + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ns5_coefficients.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
