@@ -93,3 +93,12 @@ def test_fake_tensors_give_shapes(gen):
 def test_cuda_equals_ns5_of_each(gen):
     Gs = _inputs(gen, "cuda", (torch.float32, torch.bfloat16))
     _check_equal_to_single_calls(Gs, exact=False)
+
+
+def test_inside_torch_compile_fullgraph(gen):
+    """The fake kernel lets a compiled graph hold the op whole (no graph break)."""
+    Gs = _inputs(gen, "cpu")[:3]
+    compiled = torch.compile(lambda xs: torch.ops.muonkern.ns5_grouped(xs, 5, None, 1e-7),
+                             fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(Gs), muonkern.ns5_grouped(Gs)):
+        assert torch.equal(got, want)
