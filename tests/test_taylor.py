@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from muonkern import curvature
 from muonkern.models import GPT, GPTConfig, exact_attention, gpt_loss_fn
@@ -326,6 +325,21 @@ def test_gpt_mlp_in_row_chunks(gen, monkeypatch):
     with exact_attention():
         q = curvature.directional_quadratics(loss_fn, params, dirs, blocks=False)
     assert_rel(chunked[2], q.curvature, 1e-8)
+
+
+def test_gpt_head_in_direction_chunks(gen, monkeypatch):
+    """Directions go through the output head and the loss one chunk at a time (here one per
+    chunk), against one shared primal softmax: the same values as all at once."""
+    import muonkern.taylor.gpt as taylor_gpt
+    model, params = random_gpt(gen)
+    x, y = batch(gen, model.config, 2, 11)
+    y[1, 3] = -100
+    dirs = random_directions(gen, params, 3)
+    whole = taylor_directional(model, params, x, y, dirs)
+    monkeypatch.setattr(taylor_gpt, "_HEAD_CHUNK_ELEMENTS", 1)
+    chunked = taylor_directional(model, params, x, y, dirs)
+    for a, b in zip(chunked, whole):
+        assert_rel(a, b, 1e-12)
 
 
 def test_gpt_derivatives_by_finite_differences_of_the_loss(gen):

@@ -149,11 +149,13 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
     (the subtraction loses the digits M_ab lacks against M_aa + M_bb; prefer float64 for small
     cross blocks)."""
     from ..models.gpt import GPTLoss
-    from ..taylor import taylor_directional
+    from ..taylor.gpt import check_taylor_args, taylor_forward
 
     if not isinstance(loss_fn, GPTLoss):
         raise ValueError("method='taylor' needs loss_fn = muonkern.models.gpt_loss_fn(model, x, y) "
                          f"(Taylor mode runs through the GPT's layers), got {type(loss_fn).__name__}")
+    model, x, y = loss_fn.model, loss_fn.x, loss_fn.y
+    P = check_taylor_args(model, params, x, y)    # once, not per pass
     names = list(params)
     K = len(dirs)
     device = next(iter(params.values())).device
@@ -177,8 +179,8 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
             return dirs[i]
     firsts, seconds = [], []
     for i0 in range(0, count, batch_size):
-        _, first, second = taylor_directional(loss_fn.model, params, loss_fn.x, loss_fn.y,
-                                              [vector(i) for i in range(i0, min(count, i0 + batch_size))])
+        _, first, second = taylor_forward(model, P, x, y,
+                                          [vector(i) for i in range(i0, min(count, i0 + batch_size))])
         firsts.append(first)
         seconds.append(second)
     first = torch.cat(firsts).to(device)

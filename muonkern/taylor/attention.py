@@ -80,7 +80,8 @@ def check_taylor_attention_args(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale=None) 
         raise ValueError(f"taylor_attention: scale must be a finite float or None, got {scale!r}")
 
 
-def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+def softmax_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    """The scores' factor: ``scale``, or 1/√(head dim) when None."""
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
@@ -98,7 +99,7 @@ def taylor_attention_blocked(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale: Optional
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     out_dtype, acc = q.dtype, accumulation_dtype(q.dtype)
-    c = _scale(q, scale)
+    c = softmax_scale(q, scale)
     q, k, v, qd, kd, vd, qdd, kdd, vdd = (t.to(acc) for t in (q, k, v, qd, kd, vd, qdd, kdd, vdd))
     T = q.shape[-2]
     # contiguous outputs whatever the input strides (the fake kernel promises that)
@@ -153,7 +154,7 @@ def taylor_attention_dense(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale: Optional[f
     """
     check_taylor_attention_args(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale)
     out_dtype, acc = q.dtype, accumulation_dtype(q.dtype)
-    c = _scale(q, scale)
+    c = softmax_scale(q, scale)
     q, k, v, qd, kd, vd, qdd, kdd, vdd = (t.to(acc) for t in (q, k, v, qd, kd, vd, qdd, kdd, vdd))
     T = q.shape[-2]
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)

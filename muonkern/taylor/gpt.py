@@ -4,8 +4,9 @@ For directions u_1..u_K and φ_k(t) = L(θ + t·u_k) (L the model's mean cross-e
 batch), φ_k'(0) = g·u_k and φ_k''(0) = u_kᵀ H u_k. One forward pass propagates every activation
 with its first and second derivatives along all K directions (:mod:`muonkern.taylor.layers`,
 attention by ``torch.ops.muonkern.taylor_attention``); the primal computation is shared. No
-backward pass and no T×T attention matrix: memory is about (1 + 2K) times an inference forward
-of one layer, and nothing is kept for a backward.
+backward pass and no T×T attention matrix, nothing kept for a backward: the memory beyond the
+parameters is the K stacked directions, the (1 + 2K) residual-width jets of one layer, and the
+MLP and output head taken in bounded chunks.
 
     params = {k: p.detach() for k, p in model.named_parameters()}
     loss, gu, uHu = taylor_directional(model, params, x, y, [u1, u2])   # float64 (2,) each
@@ -17,18 +18,18 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..curvature.validate import direction_list
+from ..curvature.validate import check_params, direction_list
 from ..models.gpt import GPT, rope_cos_sin
 from . import layers
 from .layers import Jet
-from .registration import register
 
-__all__ = ["taylor_directional"]
+__all__ = ["check_taylor_args", "taylor_directional", "taylor_forward"]
 
 Params = Mapping[str, torch.Tensor]
 
-# logits derivatives of at most this many elements at a time: directions are taken through the
-# output head and the loss in chunks (a 50k vocabulary would otherwise need K·B·T·V floats twice)
+# logits derivatives of at most this many elements at a time (one direction at least): directions
+# are taken through the output head and the loss in chunks (a 50k vocabulary would otherwise need
+# K·B·T·V floats twice); the primal logits and softmax are computed once
 _HEAD_CHUNK_ELEMENTS = 1 << 27
 # the MLP runs over token rows in chunks whose hidden tensors (4x the width) hold at most this many
 # elements per order, and at least _MLP_MIN_ROWS rows (smaller products lose more time than they
@@ -52,38 +53,28 @@ def _check_model(model) -> GPT:
 
 
 def _check_params(model: GPT, params: Params) -> Dict[str, torch.Tensor]:
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a dict name -> tensor, got {type(params).__name__}")
+    """check_params (a dict of real tensors on one device), then the model's names and shapes and
+    one float32/float64 dtype; in the model's parameter order."""
+    given = check_params(params)
     expected = dict(model.named_parameters())
-    missing = [k for k in expected if k not in params]
-    extra = [k for k in params if k not in expected]
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
     if missing or extra:
         raise ValueError("params keys must be the model's named_parameters() names: "
                          f"missing {missing}, unexpected {extra}")
-    out: Dict[str, torch.Tensor] = {}
-    first = None
+    dtype = given[next(iter(expected))].dtype
     for name, ref in expected.items():
-        t = params[name]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"params[{name!r}] is a {type(t).__name__}, not a tensor")
+        t = given[name]
         if t.shape != ref.shape:
             raise ValueError(f"params[{name!r}] has shape {tuple(t.shape)}, the model's "
                              f"parameter has {tuple(ref.shape)}")
         if t.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"params[{name!r}] has dtype {t.dtype}; taylor_directional supports "
                             "float32 and float64 parameters")
-        if first is None:
-            first = t
-        elif t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(f"all params must share one dtype and device: params[{name!r}] is "
-                             f"{t.dtype} on {t.device}, others {first.dtype} on {first.device}")
-        out[name] = t.detach()
-    return out
-
-
-def _check_directions(params: Dict[str, torch.Tensor],
-                      directions: Union[Params, Sequence[Params]]) -> List[Dict[str, torch.Tensor]]:
-    return direction_list(params, directions)[0]
+        if t.dtype != dtype:
+            raise ValueError(f"all params must share one dtype: params[{name!r}] is {t.dtype}, "
+                             f"others {dtype}")
+    return {name: given[name] for name in expected}
 
 
 def _check_batch(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -170,16 +161,28 @@ def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Ten
     (K,). Reductions of the loss run in float32 (float64 for float64 parameters) per row and in
     float64 across rows.
     """
-    model = _check_model(model)
-    P = _check_params(model, params)
-    dirs = _check_directions(P, directions)
-    first_param = next(iter(P.values()))
-    _check_batch(model, x, y, first_param.device, ignore_index)
-    register()
+    P = check_taylor_args(model, params, x, y, ignore_index)
+    return taylor_forward(model, P, x, y, direction_list(P, directions)[0], ignore_index)
 
+
+def check_taylor_args(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,
+                      ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+    """Checks of :func:`taylor_directional` but the directions'; returns params in the model's
+    order, for :func:`taylor_forward`."""
+    P = _check_params(_check_model(model), params)
+    _check_batch(model, x, y, next(iter(P.values())).device, ignore_index)
+    return P
+
+
+def taylor_forward(model: GPT, P: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   dirs: List[Dict[str, torch.Tensor]], ignore_index: int = -100
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`taylor_directional` on arguments it has already checked (P in the model's order,
+    dirs in P's dtypes): callers that run many passes on one batch validate once."""
     cfg = model.config
     B, T = x.shape
     K = len(dirs)
+    first_param = next(iter(P.values()))
     head_name = "lm_head.weight" if "lm_head.weight" in P else "embed.weight"  # tied: embed
     with torch.no_grad():
         # one direction: a view, not a copy of the parameters' size
@@ -198,14 +201,15 @@ def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Ten
             h = layers.add(h, _mlp(m, P, U, pre + "mlp."))
         n = layers.rmsnorm(h, P["norm.weight"], U["norm.weight"], model.norm.eps)
         del h
-        target = y.reshape(-1).long()
-        n = Jet(n.x.reshape(B * T, -1), n.d.reshape(K, B * T, -1), n.dd.reshape(K, B * T, -1))
+        nx, nd, ndd = n.x.reshape(B * T, -1), n.d.reshape(K, B * T, -1), n.dd.reshape(K, B * T, -1)
+        W = P[head_name]
+        loss_terms = layers.CrossEntropy(nx @ W.T, y.reshape(-1).long(), ignore_index)
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // (B * T * cfg.vocab_size))
-        loss, firsts, seconds = None, [], []
+        firsts, seconds = [], []
         for k0 in range(0, K, chunk):
             part = slice(k0, k0 + chunk)
-            z = layers.linear(Jet(n.x, n.d[part], n.dd[part]), P[head_name], U[head_name][part])
-            loss, first, second = layers.cross_entropy(z, target, ignore_index)
+            zd, zdd = layers.linear_derivatives(nx, nd[part], ndd[part], W, U[head_name][part])
+            first, second = loss_terms.derivatives(zd, zdd)
             firsts.append(first)
             seconds.append(second)
-    return loss, torch.cat(firsts), torch.cat(seconds)
+    return loss_terms.loss, torch.cat(firsts), torch.cat(seconds)

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.gpt import apply_rope
+from .attention import accumulation_dtype
 
-__all__ = ["Jet", "add", "cross_entropy", "embedding", "gelu", "linear", "rmsnorm", "rope"]
+__all__ = ["CrossEntropy", "Jet", "add", "embedding", "gelu", "linear", "linear_derivatives",
+           "rmsnorm", "rope"]
 
 
 class Jet(NamedTuple):
@@ -50,27 +52,34 @@ def embedding(idx: torch.Tensor, E: torch.Tensor, U: torch.Tensor) -> Jet:
     return Jet(F.embedding(idx, E), d, torch.zeros_like(d))
 
 
-def linear(h: Jet, W: torch.Tensor, U: torch.Tensor) -> Jet:
-    """y = x Wᵀ with W (out, in) moving as W + t·U, U (K, out, in); x (..., in)."""
+def linear_derivatives(x: torch.Tensor, xd: torch.Tensor, xdd: torch.Tensor, W: torch.Tensor,
+                       U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ẏ, ÿ) of y = x Wᵀ for x (N, in), ẋ and ẍ (K, N, in), W (out, in) moving as W + t·U,
+    U (K, out, in); both (K, N, out)."""
     K, out_f, in_f = U.shape
-    lead = h.x.shape[:-1]
-    x = h.x.reshape(-1, in_f)
-    xd = h.d.reshape(K, -1, in_f)
-    xdd = h.dd.reshape(K, -1, in_f)
-    y = x @ W.T
     # x U_kᵀ for every k as one product with the K weights stacked: (N, K·out) -> (K, N, out)
     x_u = (x @ U.reshape(K * out_f, in_f).T).reshape(-1, K, out_f).transpose(0, 1)
     yd = torch.matmul(xd, W.T).add_(x_u)
     # 2·ẋ Uᵀ accumulated by the batched product itself: no temporary, no extra passes
     ydd = torch.baddbmm(torch.matmul(xdd, W.T), xd, U.transpose(1, 2), alpha=2.0)
-    return Jet(y.reshape(*lead, out_f), yd.reshape(K, *lead, out_f), ydd.reshape(K, *lead, out_f))
+    return yd, ydd
+
+
+def linear(h: Jet, W: torch.Tensor, U: torch.Tensor) -> Jet:
+    """y = x Wᵀ with W (out, in) moving as W + t·U, U (K, out, in); x (..., in)."""
+    K, out_f, in_f = U.shape
+    lead = h.x.shape[:-1]
+    x = h.x.reshape(-1, in_f)
+    yd, ydd = linear_derivatives(x, h.d.reshape(K, -1, in_f), h.dd.reshape(K, -1, in_f), W, U)
+    return Jet((x @ W.T).reshape(*lead, out_f), yd.reshape(K, *lead, out_f),
+               ydd.reshape(K, *lead, out_f))
 
 
 def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
     """y = x·(mean(x²) + eps)^(−1/2)·w over the last dim, w moving as w + t·U (U: (K, n)).
 
     Computed in at least float32, like the model's RMSNorm."""
-    dt = torch.promote_types(h.x.dtype, torch.float32)
+    dt = accumulation_dtype(h.x.dtype)
     x, xd, xdd = h.x.to(dt), h.d.to(dt), h.dd.to(dt)
     mu = x.pow(2).mean(-1, keepdim=True)
     mud = 2.0 * (x * xd).mean(-1, keepdim=True)
@@ -104,26 +113,29 @@ def rope(h: Jet, cos: torch.Tensor, sin: torch.Tensor) -> Jet:
     return Jet(apply_rope(h.x, cos, sin), apply_rope(h.d, cos, sin), apply_rope(h.dd, cos, sin))
 
 
-def cross_entropy(z: Jet, target: torch.Tensor, ignore_index: int = -100
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of logits z (N, V) (d, dd: (K, N, V)) against ``target`` (N,), rows
-    with ``ignore_index`` left out (as ``F.cross_entropy``). Returns (ℓ, ℓ̇ (K,), ℓ̈ (K,)) as
-    float64; row terms are computed in float32 (float64 for float64 logits) and summed in
-    float64."""
-    acc = torch.float64 if z.x.dtype == torch.float64 else torch.float32
-    zx, zd, zdd = z.x.to(acc), z.d.to(acc), z.dd.to(acc)
-    valid = target != ignore_index
-    count = valid.sum().to(torch.float64)
-    weight = valid.to(torch.float64) / count            # NaN when every row is ignored, as torch
-    tgt = torch.where(valid, target, 0)[:, None]
-    lse = torch.logsumexp(zx, dim=-1)
-    loss = ((lse - zx.gather(-1, tgt)[:, 0]).double() * weight).sum()
-    pi = torch.softmax(zx, dim=-1)
-    mean_d = (pi * zd).sum(-1)                                                  # (K, N)
-    first_rows = mean_d - zd.gather(-1, tgt.expand(zd.shape[0], -1, -1))[..., 0]
-    var_d = (pi * (zd - mean_d[..., None]).pow(2)).sum(-1)
-    second_rows = (var_d + (pi * zdd).sum(-1)
-                   - zdd.gather(-1, tgt.expand(zdd.shape[0], -1, -1))[..., 0])
-    first = (first_rows.double() * weight).sum(-1)
-    second = (second_rows.double() * weight).sum(-1)
-    return loss, first, second
+class CrossEntropy:
+    """Mean cross-entropy of logits z (N, V) against ``target`` (N,), rows with ``ignore_index``
+    left out (as ``F.cross_entropy``): the primal terms (loss, softmax) once, then the
+    derivatives of any number of chunks of directions. Row terms are computed in float32
+    (float64 for float64 logits) and summed in float64."""
+
+    def __init__(self, z: torch.Tensor, target: torch.Tensor, ignore_index: int = -100):
+        self.acc = accumulation_dtype(z.dtype)
+        zx = z.to(self.acc)
+        valid = target != ignore_index
+        # NaN when every row is ignored, as torch
+        self.weight = valid.to(torch.float64) / valid.sum().to(torch.float64)
+        self.target = torch.where(valid, target, 0)[:, None]
+        lse = torch.logsumexp(zx, dim=-1)
+        self.loss = ((lse - zx.gather(-1, self.target)[:, 0]).double() * self.weight).sum()
+        self.pi = torch.softmax(zx, dim=-1)
+
+    def derivatives(self, zd: torch.Tensor, zdd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ̇, ℓ̈), each (K,) float64, for logit derivatives zd, zdd (K, N, V)."""
+        pi, tgt = self.pi, self.target.expand(zd.shape[0], -1, -1)
+        zd, zdd = zd.to(self.acc), zdd.to(self.acc)
+        mean_d = (pi * zd).sum(-1)                                                  # (K, N)
+        first_rows = mean_d - zd.gather(-1, tgt)[..., 0]
+        var_d = (pi * (zd - mean_d[..., None]).pow(2)).sum(-1)
+        second_rows = var_d + (pi * zdd).sum(-1) - zdd.gather(-1, tgt)[..., 0]
+        return (first_rows.double() * self.weight).sum(-1), (second_rows.double() * self.weight).sum(-1)

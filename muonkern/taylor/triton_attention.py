@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import accumulation_dtype, check_taylor_attention_args
+from .attention import accumulation_dtype, check_taylor_attention_args, softmax_scale
 
 __all__ = ["TileConfig", "default_tile_config", "taylor_attention_triton"]
 
@@ -220,7 +220,7 @@ def taylor_attention_triton(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale: Optional[
     odd = torch.empty_like(qdd)
     if q.numel() == 0:
         return o.to(q.dtype), od, odd
-    sm_scale = 1.0 / D ** 0.5 if scale is None else float(scale)
+    sm_scale = softmax_scale(q, scale)
     meta = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
                 DOT_PRECISION=_precision(cfg, q.dtype),
