@@ -267,9 +267,7 @@ def stats(tokens, separator: int | None = None, vocab_size: int | None = None) -
     starts = np.concatenate([[0], sep_pos[:-1] + 1]) if sep_pos.size else np.empty(0, np.int64)
     lengths = sep_pos - starts
     lengths = lengths[lengths > 0]
-    counts = np.bincount(term) if term.size else np.zeros(0, np.int64)
-    if separator < counts.size:
-        counts[separator] = 0
+    counts = np.bincount(term) if term.size else np.zeros(0, np.int64)   # separators left out above
     observed = np.sort(counts[counts > 0])[::-1].astype(np.float64)
     n_term = observed.sum()
     V = vocab_size if vocab_size is not None else observed.size
