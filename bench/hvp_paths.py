@@ -1,6 +1,8 @@
 """One Hessian-vector product through the 11M GPT (batch 32x256, fp32, math attention) by each
-route, timed, plus a profile of host vs GPU time: the measurements behind the curvature notes in
-README.md (single-direction forward-over-reverse is host-bound).
+route, and one direction's uᵀHu by Taylor mode, timed: wall time of eager calls, the GPU kernels'
+time (profiler) and the time of a CUDA-graph replay of the same call: the measurements behind the
+curvature notes in README.md (single-direction forward-over-reverse is host-bound, double backward
+is not).
 
     python bench/hvp_paths.py
 """
@@ -16,6 +18,42 @@ from torch.profiler import ProfilerActivity, profile
 
 from muonkern import curvature
 from muonkern.models import GPT, GPTConfig, gpt_loss_fn
+from muonkern.taylor import taylor_directional
+
+
+def wall_ms(fn, calls: int = 6) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def gpu_ms(fn) -> float:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
+def graph_replay_ms(fn) -> str:
+    """Time of replaying fn captured as a CUDA graph (warm-up on a side stream first), or why it
+    could not be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001  (a host sync in fn: reported, not fatal)
+        return f"not capturable ({type(e).__name__})"
+    return f"{wall_ms(graph.replay):7.1f} ms"
 
 
 def main() -> None:
@@ -47,20 +85,11 @@ def main() -> None:
             return [fwAD.unpack_dual(t).tangent for t in g]
 
     routes = {"gradient": gradient, "torch.func jvp of grad": torch_func, "forward_ad": forward_ad,
-              "rev_rev": lambda: curvature.hvp(loss_fn, params, u, method="rev_rev")}
+              "rev_rev": lambda: curvature.hvp(loss_fn, params, u, method="rev_rev"),
+              "taylor (uᵀHu, no HVP)": lambda: taylor_directional(model, params, x, y, u)}
     for name, fn in routes.items():
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(6):
-            fn()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / 6 * 1e3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-        print(f"{name:24s} wall {wall:7.1f} ms   GPU kernels {gpu:7.1f} ms")
+        print(f"{name:24s} wall {wall_ms(fn):7.1f} ms   GPU kernels {gpu_ms(fn):7.1f} ms   "
+              f"graph replay {graph_replay_ms(fn)}", flush=True)
 
 
 if __name__ == "__main__":
