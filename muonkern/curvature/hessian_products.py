@@ -1,8 +1,9 @@
 """Hessian-vector products: forward-over-reverse, reverse-over-reverse, finite differences.
 
-All three share :func:`grad_and_hvps`, which returns the gradient and the products for a list of
-vectors, ``batch_size`` of them per pass (vmapped tangents for ``fwd_rev``, batched cotangents for
-``rev_rev``: the primal forward and backward are computed once per pass and shared).
+All three share :func:`grad_and_hvps`, which hands the products for a list of vectors to a
+callback, ``batch_size`` of them per pass (vmapped tangents for ``fwd_rev``, batched cotangents
+for ``rev_rev``: the primal forward and backward are computed once per pass and shared), and
+returns the gradient.
 """
 from __future__ import annotations
 
@@ -73,15 +74,24 @@ def zeros_like(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: torch.zeros_like(t) for k, t in params.items()}
 
 
+def _leaves_and_grads(loss_fn: LossFn, params: Dict[str, torch.Tensor], create_graph: bool):
+    """(leaf copies of params, their raw gradients: None where the loss does not use one)."""
+    leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+    with torch.enable_grad():
+        loss = check_scalar(loss_fn(leaves))
+        gs = (torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph,
+                                  allow_unused=True)
+              if loss.requires_grad else [None] * len(params))
+    return leaves, gs
+
+
+def _dense(params: Dict[str, torch.Tensor], gs) -> Dict[str, torch.Tensor]:
+    return {k: (torch.zeros_like(params[k]) if g is None else g.detach()) for k, g in zip(params, gs)}
+
+
 def gradient(loss_fn: LossFn, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Gradient by reverse mode; parameters the loss does not use get zeros."""
-    p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
-    with torch.enable_grad():
-        loss = check_scalar(loss_fn(p))
-        if not loss.requires_grad:
-            return zeros_like(params)
-        gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-    return {k: (torch.zeros_like(params[k]) if g is None else g.detach()) for k, g in zip(p, gs)}
+    return _dense(params, _leaves_and_grads(loss_fn, params, create_graph=False)[1])
 
 
 def _stack(vs: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -103,20 +113,14 @@ def _fwd_rev(loss_fn, params, vs):
     return g, _unstack(hv, len(vs))
 
 
-class _RevRev:
+class RevRevEngine:
     """Double backward: one forward and one differentiable backward, then H v = J_gᵀ v for each
-    batch of cotangents v (H is symmetric)."""
+    batch of cotangents v (H is symmetric); the graph is kept for any number of batches."""
 
     def __init__(self, loss_fn, params):
         self.params = params
-        self.leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
-        with torch.enable_grad():
-            loss = check_scalar(loss_fn(self.leaves))
-            gs = (torch.autograd.grad(loss, list(self.leaves.values()), create_graph=True,
-                                      allow_unused=True)
-                  if loss.requires_grad else [None] * len(params))
-        self.grad = {k: (torch.zeros_like(params[k]) if g is None else g.detach())
-                     for k, g in zip(params, gs)}
+        self.leaves, gs = _leaves_and_grads(loss_fn, params, create_graph=True)
+        self.grad = _dense(params, gs)
         # Only gradients that depend on θ contribute to H v.
         self.live = [(k, g) for k, g in zip(params, gs) if g is not None and g.requires_grad]
 
@@ -147,17 +151,23 @@ def finite_diff_step(params: Params, v: Params) -> float:
     up to the size of third derivatives and the conditioning of the gradient).
     """
     params = check_params(params)
-    v = check_like(params, v, "v")
+    return _step(_step_length(params), check_like(params, v, "v"))
+
+
+def _step_length(params: Dict[str, torch.Tensor]) -> float:
+    """‖hv‖ = cbrt(eps)·max(1, ‖θ‖): one per probe, whatever the vectors."""
     eps = max(torch.finfo(t.dtype).eps for t in params.values())
+    return eps ** (1.0 / 3.0) * max(1.0, _norm(params))
+
+
+def _step(length: float, v: Dict[str, torch.Tensor]) -> float:
     vn = _norm(v)
-    if vn == 0.0:
-        return 0.0
-    return eps ** (1.0 / 3.0) * max(1.0, _norm(params)) / vn
+    return 0.0 if vn == 0.0 else length / vn
 
 
-def _finite_diff(loss_fn, params, v):
-    """H v by the central difference of gradients; 0 for v = 0."""
-    h = finite_diff_step(params, v)
+def _finite_diff(loss_fn, params, v, length):
+    """H v by the central difference of gradients with step length ``length``; 0 for v = 0."""
+    h = _step(length, v)
     if h == 0.0:
         return zeros_like(params)
     plus = gradient(loss_fn, {k: t + h * v[k] for k, t in params.items()})
@@ -173,25 +183,28 @@ def _is_zero_tensor_bug(e: RuntimeError) -> bool:
 
 def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
                   vector: Callable[[int], Dict[str, torch.Tensor]], method: str,
-                  batch_size: int = 1, consume=None) -> Dict[str, torch.Tensor]:
+                  batch_size: int = 1, consume=None, need_grad: bool = True
+                  ) -> Dict[str, torch.Tensor] | None:
     """The gradient, and H v_i for i < count, ``batch_size`` vectors per pass.
 
     ``vector(i)`` builds v_i on demand (checked, params order and dtypes) and ``consume(i0, vs,
     hvs, g)`` receives each pass's vectors, products and the gradient, so no more than one batch
     of them is held.
     Runs inside :func:`attention_for` ``(method)``. Returns the gradient: for the exact methods it
-    comes with their first pass; ``finite_diff`` computes it apart (the mean of a pair of shifted
+    comes with their first pass; ``finite_diff`` computes it apart, unless ``need_grad`` is False
+    (then it returns None and ``consume`` gets None) (the mean of a pair of shifted
     gradients would save that pass but is off by O(‖hv‖²): 1.5e-2 relative in g·u in fp32 on a
     small GPT, against 3.5e-4 for uᵀHu).
     """
     with attention_for(method):
         if method == "rev_rev":
-            engine = _RevRev(loss_fn, params)
+            engine = RevRevEngine(loss_fn, params)
             g = engine.grad
-        elif method == "finite_diff" or count == 0:
+        elif need_grad and (method == "finite_diff" or count == 0):
             g = gradient(loss_fn, params)
         else:
             g = None
+        length = _step_length(params) if method == "finite_diff" else None
         fwd_rev_broken = False
         for i0 in range(0, count, batch_size):
             vs = [vector(i) for i in range(i0, min(count, i0 + batch_size))]
@@ -206,7 +219,7 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
                         "AD through F.mse_loss with reduction='mean'); falling back to the exact "
                         "'rev_rev' method", RuntimeWarning, stacklevel=3)
                     fwd_rev_broken = True
-                    engine = _RevRev(loss_fn, params)
+                    engine = RevRevEngine(loss_fn, params)
                     g = engine.grad
                 else:
                     g = g if g is not None else {k: g_pass[k].detach() for k in params}
@@ -214,7 +227,7 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
             if method == "rev_rev" or fwd_rev_broken:
                 hvs = engine.products(vs)
             elif method == "finite_diff":
-                hvs = [_finite_diff(loss_fn, params, v) for v in vs]
+                hvs = [_finite_diff(loss_fn, params, v, length) for v in vs]
             if consume is not None:
                 consume(i0, vs, hvs, g)
     return g
@@ -241,5 +254,5 @@ def hvp(loss_fn: LossFn, params: Params, v: Params, method: str = "fwd_rev"
     v = check_like(params, v, "v")
     result = []
     grad_and_hvps(loss_fn, params, 1, lambda i: v, method,
-                  consume=lambda i0, vs, hvs, g: result.extend(hvs))
+                  consume=lambda i0, vs, hvs, g: result.extend(hvs), need_grad=False)
     return result[0]

@@ -73,7 +73,7 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
 
     Cost: G HVPs per direction with blocks (one per group b, with u restricted to group b; dotting
     H u_b with u_a restricted to each group a gives column b of M), one without; the gradient comes
-    with the first pass of products. ``batch_size`` HVPs run per pass (memory grows with it; on a
+    with the first pass of products (``finite_diff`` computes it apart; ``taylor`` needs none). ``batch_size`` HVPs run per pass (memory grows with it; on a
     GPU 4–8 amortize the shared primal computation).
     """
     if method not in QUADRATIC_METHODS:
@@ -172,7 +172,6 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
             return parts[a](u) if a == b else _add(parts[a](u), parts[b](u))
         count = K * len(pairs)
     else:
-        grouping, pairs = None, None
         count = K
 
         def vector(i):
@@ -188,7 +187,6 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
     if not blocks:
         return _result(first, norm_sq, second, None, single, [])
     first, second = first.view(K, len(pairs)), second.view(K, len(pairs))
-    G = len(grouping)
     M = torch.zeros(K, G, G, dtype=torch.float64, device=device)
     for j, (a, b) in enumerate(pairs[:G]):
         M[:, a, a] = second[:, j]
@@ -241,7 +239,8 @@ def quadratic_forms(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int
                       [t for hv in hvs for t in hv.values()])     # (len(vs), 3, P)
         values.extend(out[:, 2].sum(-1).unbind(0))
 
-    grad_and_hvps(loss_fn, params, count, vector, method, batch_size, consume=consume)
+    grad_and_hvps(loss_fn, params, count, vector, method, batch_size, consume=consume,
+                  need_grad=False)
     return torch.stack(values)
 
 

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .hessian_products import LossFn, check_method, grad_and_hvps
+from .hessian_products import LossFn, RevRevEngine, attention_for, check_method, grad_and_hvps
 from .quadratics import mean_and_se, quadratic_forms, rademacher
 from .validate import Params, check_batch_size, check_params, check_samples
 
@@ -22,10 +22,11 @@ def hessian_trace(loss_fn: LossFn, params: Params, samples: int,
     check_samples(samples)
     check_batch_size(batch_size)
     params = check_params(params)
-    probes = [{k: rademacher(t.numel(), generator).reshape(t.shape).to(t.device, t.dtype)
-               for k, t in params.items()} for _ in range(samples)]
-    return mean_and_se(quadratic_forms(loss_fn, params, samples, probes.__getitem__, method,
-                                       batch_size))
+
+    def probe(i):  # built on demand, in order (the same draws as building them all first)
+        return {k: rademacher(t.numel(), generator).reshape(t.shape).to(t.device, t.dtype)
+                for k, t in params.items()}
+    return mean_and_se(quadratic_forms(loss_fn, params, samples, probe, method, batch_size))
 
 
 def top_eigenvalues(loss_fn: LossFn, params: Params, k: int = 1, iters: int = 100,
@@ -66,11 +67,20 @@ def top_eigenvalues(loss_fn: LossFn, params: Params, k: int = 1, iters: int = 10
         return {x: c.reshape(params[x].shape).to(params[x].dtype)
                 for x, c in zip(names, flat.split(sizes))}
 
+    # rev_rev: one forward and differentiable backward for the whole run, not one per step
+    if method == "rev_rev":
+        with attention_for(method):
+            engine = RevRevEngine(loss_fn, params)
+
     def matvec(flat: torch.Tensor) -> torch.Tensor:
-        out = []
-        grad_and_hvps(loss_fn, params, 1, lambda i: to_dict(flat), method,
-                      consume=lambda i0, vs, hvs, g: out.append(hvs[0]))
-        return torch.cat([out[0][x].reshape(-1).double() for x in names])
+        if method == "rev_rev":
+            hv = engine.products([to_dict(flat)])[0]
+        else:
+            out = []
+            grad_and_hvps(loss_fn, params, 1, lambda i: to_dict(flat), method,
+                          consume=lambda i0, vs, hvs, g: out.append(hvs[0]), need_grad=False)
+            hv = out[0]
+        return torch.cat([hv[x].reshape(-1).double() for x in names])
 
     def fresh(V: List[torch.Tensor]) -> Optional[torch.Tensor]:
         # random unit vector orthogonal to the basis (two Gram-Schmidt passes)
@@ -123,9 +133,8 @@ def top_eigenvalues(loss_fn: LossFn, params: Params, k: int = 1, iters: int = 10
                 break
         q = w / beta
         betas.append(beta)
-    if idx is None or evals is None or evals.numel() < k:
+    if idx is None:
         raise RuntimeError("Lanczos produced fewer Ritz values than k")  # pragma: no cover
-    idx = select(evals)
     values = evals[idx].to(device)
     if not return_eigenvectors:
         return values
