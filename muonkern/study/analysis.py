@@ -23,13 +23,20 @@ from __future__ import annotations
 import math
 from statistics import median
 
-from .stats import exp_interval, fmt, interval
+from .stats import excludes, exp_interval, fmt, interval
 
 PAPER_NDS_RATIO = 1.76          # Adam's NDS over Muon's, on average (reported second-hand)
 PAPER_IMBALANCE_WIDENING = 1.8  # how much alpha 0 -> 1 widens that ratio (reported second-hand)
 COMPARABLE = 1.5
 OPTIMIZERS = ("muon", "adamw")
 PHASES = ("early", "middle", "late")
+
+
+def validation_label(config: dict) -> str:
+    """What the validation loss is measured on, for labels: the balanced language or a split."""
+    if config.get("dataset", "pcfg") == "pcfg":
+        return f"alpha = {config['val_alpha']:g}"
+    return "validation split"
 MATCHED_METRICS = ("decrease", "predicted_decrease", "first_order", "penalty", "norm_sq", "nds")
 PHASE_METRICS = ("nds", "within_nds", "cross_nds", "within_kind_nds", "cross_kind_nds")
 
@@ -112,11 +119,11 @@ def _judge(iv: dict, side: str) -> tuple[bool, str]:
     right = iv["mean"] > 0 if side == "above" else iv["mean"] < 0
     if iv["lo"] is None:
         return right, ("holds" if right else "does not hold") + " (one replicate: interval unavailable, point estimate)"
-    if (iv["lo"] > 0) if side == "above" else (iv["hi"] < 0):
+    if excludes(iv, 0.0, side):
         return True, "supported (95% CI excludes no effect)"
     if right:
         return False, "same direction, but the 95% CI includes no effect"
-    if (iv["hi"] < 0) if side == "above" else (iv["lo"] > 0):
+    if excludes(iv, 0.0, "below" if side == "above" else "above"):
         return False, "contradicted (95% CI excludes no effect, opposite direction)"
     return False, "opposite direction, not significant"
 

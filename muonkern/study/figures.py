@@ -1,5 +1,6 @@
 """The study's figures (matplotlib, Agg backend), drawn from results.json's content. Error bars are
-95% t-intervals over seeds (or over (alpha, seed) units, or problem instances); none with one."""
+95% t-intervals over seeds (or over (alpha, seed) units); none with one. In the E5 figures they
+are the range over problem instances."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import numpy as np  # noqa: E402
 
+from .analysis import OPTIMIZERS, PHASES, validation_label  # noqa: E402
+from .quadratic import METHODS  # noqa: E402
+
 COLORS = {"muon": "tab:blue", "adamw": "tab:orange", "gd": "tab:orange", "muon_polar": "tab:blue",
           "muon_ns5": "tab:cyan", "sign": "tab:red"}
 LABELS = {"muon": "Muon", "adamw": "AdamW", "gd": "GD", "muon_polar": "Muon (exact polar)",
           "muon_ns5": "Muon (ns5)", "sign": "sign descent (Adam proxy)"}
-OPTIMIZERS = ("muon", "adamw")
 
 
 def _err(ivs):
@@ -50,7 +53,7 @@ def curves(results: dict, path: Path) -> Path:
         for level in sorted({r["level"] for r in results["matched"] if r["alpha"] == alpha}):
             ax.axhline(level, color="0.85", lw=0.6, zorder=0)
         ax.set(title=f"training alpha = {alpha:g} (grey: matched-loss ladder)", xlabel="step",
-               ylabel="validation loss (alpha = 0)")
+               ylabel=f"validation loss ({validation_label(results['config'])})")
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -136,7 +139,7 @@ def e3_imbalance(results: dict, path: Path) -> Path:
 
 def e4_within_cross(results: dict, path: Path) -> Path:
     e4 = results["experiments"]["e4"]
-    phases = [p for p in ("early", "middle", "late") if e4[p]["n"]]
+    phases = [p for p in PHASES if e4[p]["n"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, part, title in ((axes[0], "", "layers = transformer blocks"), (axes[1], "_kind", "layers = parameter kinds")):
         width, xs = 0.2, np.arange(len(phases))
@@ -162,7 +165,7 @@ def e5_quadratic(results: dict, path: Path, rule: str) -> Path:
     sigmas = sorted({r["alpha_sigma"] for r in rows})
     fig, axes = plt.subplots(len(sigmas), 2, figsize=(11, 3.6 * len(sigmas)), squeeze=False)
     for row, s in zip(axes, sigmas):
-        for method in ("gd", "muon_polar", "muon_ns5", "sign"):
+        for method in METHODS:
             ws = sorted({r["alpha_w"] for r in rows if r["alpha_sigma"] == s and r["method"] == method})
             for ax, key in ((row[0], "nds_avg"), (row[1], "loss_T")):
                 floor = LOSS_FLOOR if key == "loss_T" else -np.inf
@@ -215,7 +218,7 @@ def draw_all(results: dict, fig_dir: Path) -> list[Path]:
     if results["matched"]:
         paths += [e1_taylor(results, fig_dir / "e1_taylor.png"), e2_nds_norm(results, fig_dir / "e2_nds_norm.png"),
                   e3_imbalance(results, fig_dir / "e3_imbalance.png")]
-    if any(results["experiments"]["e4"][p]["n"] for p in ("early", "middle", "late")):
+    if any(results["experiments"]["e4"][p]["n"] for p in PHASES):
         paths.append(e4_within_cross(results, fig_dir / "e4_within_cross.png"))
     paths += [e5_quadratic(results, fig_dir / "e5_quadratic.png", "line_search"),
               e5_quadratic(results, fig_dir / "e5_quadratic_grid.png", "grid")]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import COMPARABLE, PAPER_IMBALANCE_WIDENING, PAPER_NDS_RATIO
+from .analysis import (COMPARABLE, OPTIMIZERS, PAPER_IMBALANCE_WIDENING, PAPER_NDS_RATIO,
+                       validation_label)
+from .quadratic import METHODS
 from .stats import fmt, interval
 
-OPTIMIZERS = ("muon", "adamw")
 NAMES = {"muon": "Muon", "adamw": "AdamW"}
 
 
@@ -97,7 +98,7 @@ def _e4_table(e4: dict) -> list[str]:
 
 def _e5_table(e5: list[dict], rule: str) -> list[str]:
     """One row per (alpha_sigma, alpha_w): means over instances; closed forms in parentheses."""
-    methods = ("gd", "muon_polar", "muon_ns5", "sign")
+    methods = METHODS
     by = {(r["alpha_sigma"], r["alpha_w"], r["method"]): r for r in e5 if r["rule"] == rule}
 
     def cell(r, key, digits):
@@ -139,7 +140,8 @@ def write_report(results: dict, out: Path, figures: list[Path]) -> Path:
              "`muonkern/study/SCHEMA.md`) and the CSV files beside it.", ""]
     lines += _setup(r)
     lines += ["## Findings", ""] + findings_table(r) + [""]
-    lines += ["Learning curves (validation loss at alpha = 0; grey lines: the matched-loss ladder):", "",
+    lines += [f"Learning curves (validation loss, {validation_label(r['config'])}; grey lines: the matched-loss "
+              "ladder):", "",
               fig.get("curves", ""), ""]
     lines += ["## E1: one-step decrease and its Taylor terms at matched validation loss", "",
               "Per (alpha, seed), each quantity is averaged over the matched-loss ladder (levels both optimizers reach "

@@ -1,49 +1,7 @@
 """The study's machine-readable outputs: `results.json` and the CSV files, in `--out DIR`.
 
-results.json (schema "muonkern.study/results/v1"; non-finite numbers are written as null). An
-*interval* is {"mean", "lo", "hi", "n", "sd"}: the mean over n replicates and its 95% Student-t
-interval (lo = hi = null when n = 1; for ratios, a geometric mean and the interval mapped back
-from the log ratios, sd null).
-
-  schema         "muonkern.study/results/v1"
-  config         every StudyConfig field (muonkern/study/config.py)
-  world_size     number of data-parallel processes that trained
-  model_parameters  parameters of the GPT
-  lrs            {"muon_lr", "muon_adamw_lr", "adamw_lr"}: the learning rates of the main runs
-  lr_sweep       [{"optimizer", "adamw_lr" | ("muon_lr", "muon_adamw_lr"), "final_val_loss", "chosen",
-                   "evals": [[step, val_loss], ...]}]; empty when the sweep is off
-  curves         [{"optimizer", "alpha", "seed", "evals": [[step, val_loss], ...], "train_loss": [per step]}]
-  probes         one record per probed checkpoint of every main run:
-                   optimizer, alpha (training exponent), seed, step (checkpoint t: the model after t
-                   steps; the probed update is step t+1's), val_loss (at t, on the validation batches),
-                   train_loss (of step t+1's batch), kinds (["ladder"] and/or ["periodic"]), levels (the
-                   ladder levels first reached at t), gain g·Δ, curvature ΔᵀHΔ, norm_sq ‖Δ‖², nds
-                   ΔᵀHΔ/‖Δ‖², within / cross (ΔᵀHΔ split by transformer block), within_kind /
-                   cross_kind (split by parameter kind), predicted_delta g·Δ + ½ΔᵀHΔ, actual_delta
-                   L(θ+Δ) − L(θ), probe_loss L(θ) (all on the fixed probe batch), and per partition
-                   p in {block, kind}: groups_p (names), blocks_p (the G×G matrix M_ab = Δ_aᵀH_abΔ_b),
-                   group_norm_sq_p (‖Δ_a‖²)
-  matched        one row per (alpha, ladder level, optimizer): "steps" (the probed checkpoint per seed)
-                   and an interval over seeds for each of decrease (−actual_delta), predicted_decrease,
-                   first_order (−gain), penalty (½ΔᵀHΔ), norm_sq, nds
-  experiments
-    units        [{"alpha", "seed", "optimizer", <same metrics>: mean over the alpha's ladder}]  (E1, E2)
-    e3           {"alphas", "rows": [{"alpha", "nds_ratio" (AdamW/Muon), "nds_muon", "nds_adamw",
-                   "per_seed"}], "slope" (of the log NDS ratio over alpha, over seeds), "widening"
-                   (first to last alpha), "widening_0_to_1", "no_ladder" (alphas without a common level)}
-    e4           {phase: {"muon"|"adamw": {nds, within_nds, cross_nds, within_kind_nds,
-                   cross_kind_nds: interval}, "gap_nds", "gap_within", "gap_cross",
-                   "gap_within_minus_cross" (and *_kind): intervals of AdamW − Muon, "n"}}
-    e5           [{"alpha_sigma", "alpha_w", "method", "rule", "loss_T" (relative to the initial loss),
-                   "nds_avg", "nds_0": intervals over instances, "lr": chosen steps, "closed_loss_T",
-                   "closed_nds_avg", "closed_nds_0", "closed_lr" (null for methods without a closed form)}]
-    e6           {"alpha", "levels", "block"|"kind": {"groups": names, "muon"|"adamw": G×G mean of
-                   M_ab/‖Δ‖² over the ladder probes}}
-    taylor       {optimizer: {"median_relative_error" of predicted vs actual change, "n"}}
-  quadratic      {"settings", "rows"}: every simulated (alpha_sigma, alpha_w, instance, method, rule)
-                   with lr, loss_T, nds_avg, nds_0 and the closed-form values (muonkern.study.quadratic)
-  findings       [{"id": "F1".."F6", "claim", "reproduced": bool, "summary", "evidence": {...numbers,
-                   intervals, the replicates used, the verdict}}]
+results.json's schema ("muonkern.study/results/v1") is documented field by field in SCHEMA.md
+beside this module (a test checks that it names every field).
 
 CSV files (one header row each): probes.csv (probe scalars), curves.csv, lr_sweep.csv, matched.csv
 (mean/lo/hi per metric), e3_imbalance.csv, e4_phases.csv, e5_quadratic.csv, e6_heatmap.csv,

@@ -12,10 +12,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import sweep
+from .analysis import OPTIMIZERS
 from .config import StudyConfig
 from .distributed import Context
 from .quadratic import run_quadratic
-from .train import OPTIMIZERS, train_run
+from .train import train_run
 
 
 def run_name(optimizer: str, alpha: float, seed: int) -> str:

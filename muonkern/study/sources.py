@@ -9,11 +9,13 @@ rank draws the full batches and keeps its rows (distributed.Context.shard).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import torch
 
 from ..data import PCFGConfig, TokenFiles, ZipfPCFG, load_shakespeare
+from ..data.text import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from .config import StudyConfig
 from .distributed import Context
 
@@ -33,19 +35,31 @@ def vocab_size(cfg: StudyConfig) -> int:
     if cfg.dataset == "pcfg":
         return cfg.vocab_size + 1  # the sentence separator
     if cfg.dataset == "shakespeare":
-        return 256
+        return BYTE_VOCAB_SIZE
     return cfg.vocab_size
 
 
+@lru_cache(maxsize=4)
+def _grammar(vocab_size: int, n_classes: int, seed: int) -> ZipfPCFG:
+    return ZipfPCFG(PCFGConfig(vocab_size=vocab_size, n_classes=n_classes, seed=seed))
+
+
+@lru_cache(maxsize=4)
+def _corpus(dataset: str, data_dir: str, vocab_size: int):
+    # built once per process: TokenFiles scans every token of both files to check the id range
+    return load_shakespeare() if dataset == "shakespeare" else TokenFiles(data_dir, vocab_size)
+
+
 def _sources(cfg: StudyConfig, alpha: float, seed: int):
-    """batches(size, role) -> an iterator of full (x, y) batches for role train/val/probe."""
+    """batches(size, role) -> an iterator of full (x, y) batches for role train/val/probe. The
+    grammar or corpus is shared by every run of the process (the sweep's and the main runs)."""
     stream_seed = {"train": 1000 * seed + _TRAIN, "val": 1000 * seed + _VAL, "probe": 1000 * seed + _PROBE}
     if cfg.dataset == "pcfg":
-        grammar = ZipfPCFG(PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed))
+        grammar = _grammar(cfg.vocab_size, cfg.n_classes, cfg.grammar_seed)
         exponent = {"train": alpha, "val": cfg.val_alpha, "probe": alpha}
         return lambda size, role: grammar.batches(size, cfg.context, emission_alpha=exponent[role],
                                                   seed=stream_seed[role])
-    corpus = load_shakespeare() if cfg.dataset == "shakespeare" else TokenFiles(cfg.data_dir, cfg.vocab_size)
+    corpus = _corpus(cfg.dataset, cfg.data_dir, cfg.vocab_size)
     split = {"train": "train", "val": "val", "probe": "train"}
     return lambda size, role: corpus.batches(size, cfg.context, split[role], seed=stream_seed[role])
 

@@ -13,8 +13,6 @@ import math
 
 from .config import StudyConfig
 
-ADAMW_KEYS = ("adamw_lr",)
-MUON_KEYS = ("muon_lr", "muon_adamw_lr")
 
 
 def configured_lrs(cfg: StudyConfig) -> dict:

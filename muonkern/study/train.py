@@ -20,12 +20,11 @@ import torch
 
 from ..models import GPT, GPTConfig
 from ..optim import Muon, muon_param_groups
+from .analysis import OPTIMIZERS
 from .config import StudyConfig
 from .distributed import Context
 from .probe import measure, partitions
 from .sources import make_streams
-
-OPTIMIZERS = ("muon", "adamw")
 
 
 def make_optimizer(name: str, model: torch.nn.Module, cfg: StudyConfig, lrs: dict):
@@ -48,9 +47,11 @@ def _evaluate(model: GPT, batches, ctx: Context) -> float:
 
 def level_indices(val: float, best: float, step: float) -> list[int]:
     """Indices k of the levels k·step that val reaches (val <= k·step) and best did not."""
+    if not math.isfinite(val):
+        return []
     lo = math.ceil(val / step - 1e-9)
     hi = math.ceil(best / step - 1e-9) - 1
-    return list(range(hi, lo - 1, -1)) if math.isfinite(val) else []
+    return list(range(hi, lo - 1, -1))
 
 
 def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: dict, ctx: Context,
