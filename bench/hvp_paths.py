@@ -16,6 +16,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+from measure import capture_graph
+
 from muonkern import curvature
 from muonkern.models import GPT, GPTConfig, gpt_loss_fn
 from muonkern.taylor import taylor_directional
@@ -39,18 +41,9 @@ def gpu_ms(fn) -> float:
 
 
 def graph_replay_ms(fn) -> str:
-    """Time of replaying fn captured as a CUDA graph (warm-up on a side stream first), or why it
-    could not be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    """Time of replaying fn captured as a CUDA graph, or why it could not be captured."""
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)
     except Exception as e:  # noqa: BLE001  (a host sync in fn: reported, not fatal)
         return f"not capturable ({type(e).__name__})"
     return f"{wall_ms(graph.replay):7.1f} ms"

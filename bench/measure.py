@@ -29,3 +29,20 @@ def measure_call(fn: Callable[[], object], benchmark, budget_s: float, max_round
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
     return {"median_ms": benchmark.stats.stats.median * 1e3, "rounds": rounds,
             "peak_mb": peak / 2 ** 20, "peak_extra_mb": (peak - base) / 2 ** 20}
+
+
+def capture_graph(fn: Callable[[], object]):
+    """fn captured as a CUDA graph (after warm-up calls on a side stream, as torch.cuda.graph
+    requires); call ``.replay()`` on the result. Raises if fn cannot be captured (a host sync)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

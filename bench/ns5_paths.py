@@ -4,6 +4,7 @@ This is what the tables of bench/NOTES.md were measured with.
 
     python bench/ns5_paths.py                  # the shapes of NOTES.md
     python bench/ns5_paths.py --profile 768x3072
+    python bench/ns5_paths.py --graph 768x768 768x3072   # eager vs CUDA-graph replay (host cost)
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 
 import torch
 from triton.testing import do_bench
+
+from measure import capture_graph
 
 import muonkern  # noqa: F401  (registers the op)
 from muonkern.ops.fallback import ns5_reference
@@ -28,7 +31,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("shapes", nargs="*", default=SHAPES)
     parser.add_argument("--profile", metavar="SHAPE", help="torch.profiler table of one general-path call")
+    parser.add_argument("--graph", action="store_true",
+                        help="time the eager reference and the general path eagerly and as CUDA-graph replays")
     args = parser.parse_args()
+    if args.graph:
+        os.environ["MUONKERN_NS5_PATH"] = "general"
+        print("| shape | impl | eager µs | graph replay µs |\n|---|---|---:|---:|")
+        for shape in args.shapes:
+            G = torch.randn(*map(int, shape.split("x")), device="cuda")
+            for name, fn in (("reference", lambda: ns5_reference(G)), ("muonkern general", lambda: torch.ops.muonkern.ns5(G))):
+                print(f"| {shape} | {name} | {time_us(fn):.1f} | {time_us(capture_graph(fn).replay):.1f} |")
+        return
     if args.profile:
         G = torch.randn(*map(int, args.profile.split("x")), device="cuda")
         os.environ["MUONKERN_NS5_PATH"] = "general"

@@ -51,7 +51,7 @@ def problem():
     return model, gpt_loss_fn(model, x, y), params, dirs, groups
 
 
-def _gradient(model, loss_fn, params, backend):
+def _gradient(loss_fn, params, backend):
     def run():
         leaves = {k: t.requires_grad_(True) for k, t in ((k, t.detach()) for k, t in params.items())}
         with sdpa_kernel(backend):
@@ -96,8 +96,8 @@ def _muonkern(loss_fn, params, dirs, method, blocks=False, groups=None):
 
 # (impl, per, reference, builder)
 PROBES = [
-    (GRAD, 1, None, lambda m, f, p, d, g: _gradient(m, f, p, SDPBackend.MATH)),
-    ("gradient (efficient)", 1, GRAD, lambda m, f, p, d, g: _gradient(m, f, p, SDPBackend.EFFICIENT_ATTENTION)),
+    (GRAD, 1, None, lambda m, f, p, d, g: _gradient(f, p, SDPBackend.MATH)),
+    ("gradient (efficient)", 1, GRAD, lambda m, f, p, d, g: _gradient(f, p, SDPBackend.EFFICIENT_ATTENTION)),
     ("torch.func hvp, 1 dir", 1, GRAD, lambda m, f, p, d, g: _torch_func_vmap(f, p, d[:1])),
     ("muonkern fwd_rev, 1 dir", 1, GRAD, lambda m, f, p, d, g: _muonkern(f, p, d[:1], "fwd_rev")),
     ("muonkern rev_rev, 1 dir", 1, GRAD, lambda m, f, p, d, g: _muonkern(f, p, d[:1], "rev_rev")),

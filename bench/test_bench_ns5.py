@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from muonkern.ops.fallback import ns5_reference
+from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
 
-JORDAN = (3.4445, -4.7750, 2.0315)
 GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
               (48, 128, 128), (12, 64, 768), (8, 1024, 4096)]
 CPU_SHAPES = [(4, 64, 256), (256, 256)]
@@ -49,7 +49,7 @@ def _reference_compiled(G):
 
 def _torch_optim_muon(G):
     from torch.optim._muon import _zeropower_via_newtonschulz
-    return _zeropower_via_newtonschulz(G, ns_coefficients=JORDAN, ns_steps=5, eps=1e-7)
+    return _zeropower_via_newtonschulz(G, ns_coefficients=JORDAN_COEFFICIENTS, ns_steps=5, eps=1e-7)
 
 
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,

@@ -22,15 +22,14 @@ $MUONKERN_BENCH_OUT (default bench_results/) as taylor_bench.md / .json.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
+from conftest import _environment as bench_environment
+from conftest import _write_report as write_report
 from measure import measure_call
 
 pytestmark = [
@@ -178,9 +177,7 @@ def _table(rows: List[dict]) -> str:
 
 
 def _environment() -> dict:
-    import muonkern
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "muonkern_backend": muonkern.backend(), "gpu": torch.cuda.get_device_name()}
+    env = bench_environment()
     try:
         import triton
         env["triton"] = triton.__version__
@@ -210,15 +207,7 @@ class _Reporter:
         if not _ROWS:
             return
         text, env = _report_text()
-        out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "taylor_bench.md").write_text(text)
-        (out_dir / "taylor_bench.json").write_text(
-            json.dumps({"environment": env, "results": _ROWS}, indent=2) + "\n")
-        terminalreporter.write_sep("=", "taylor_bench")
-        for line in text.splitlines():
-            terminalreporter.write_line(line)
-        terminalreporter.write_line(f"written to {out_dir / 'taylor_bench'}.md and .json")
+        write_report(terminalreporter, "taylor_bench", text, {"environment": env, "results": _ROWS})
 
 
 @pytest.fixture(scope="module")

@@ -184,3 +184,17 @@ def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32,
           device: str | torch.device = "cpu") -> torch.Tensor:
     """Gaussian input drawn on the CPU from `gen` (the same numbers on every device)."""
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+# Muon's optimizer tests (justification in tests/test_optim.py's docstring): a batched bf16 ns5
+# may round a few entries differently from one call per matrix; 4 bf16 ulps at [1, 2) per entry
+# and step, scaled by the step's lr * scale.
+BF16_NS5_ATOL = 2.0 ** -5
+
+
+def muon_scale(rows: int, cols: int, adjust_lr: str = "original") -> float:
+    """The update scale of Muon's adjust_lr rules, written out independently of muonkern.optim."""
+    if adjust_lr == "original":
+        return max(1.0, rows / cols) ** 0.5
+    assert adjust_lr == "match_rms_adamw"
+    return 0.2 * (max(rows, cols) ** 0.5)

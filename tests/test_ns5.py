@@ -36,6 +36,14 @@ def test_extension_is_loaded():
     assert muonkern.backend() != "fallback", "the compiled extension muonkern._C did not load"
 
 
+def test_package_coefficients_equal_the_published_values():
+    """The package's schedules against the independent literals of tests/reference.py (the
+    optimizer tests use the package's constants on both sides, so a typo would pass there)."""
+    from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
+    assert tuple(JORDAN_COEFFICIENTS) == tuple(JORDAN)
+    assert [c for triple in POLAR_EXPRESS_COEFFICIENTS for c in triple] == list(POLAR_EXPRESS)
+
+
 def test_schema_matches_python_definition():
     parsed = torch._C.parse_schema("muonkern::" + NS5_SCHEMA)
     assert str(parsed) == str(torch.ops.muonkern.ns5.default._schema)

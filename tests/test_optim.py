@@ -46,8 +46,9 @@ from torch import nn
 import muonkern
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from muonkern.optim import Muon, muon_param_groups
+from reference import BF16_NS5_ATOL
+from reference import muon_scale as ref_scale
 
-BF16_NS5_ATOL = 2.0 ** -5
 EXACT = dict(rtol=0, atol=0)
 
 
@@ -62,12 +63,6 @@ def _one_thread():
 
 
 # ---- the reference ------------------------------------------------------------------------------
-def ref_scale(rows: int, cols: int, adjust_lr: str) -> float:
-    if adjust_lr == "original":
-        return max(1.0, rows / cols) ** 0.5
-    assert adjust_lr == "match_rms_adamw"
-    return 0.2 * math.sqrt(max(rows, cols))
-
 
 def ref_orthogonalize(u: torch.Tensor, split_rows, ns_steps, coefficients, per_matrix: bool):
     """ns5 of the update as Muon sees it; returns (result shaped like u, rows, cols of one matrix).

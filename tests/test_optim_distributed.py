@@ -42,13 +42,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from reference import BF16_NS5_ATOL, muon_scale
+
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 WORLD_SIZES = [2, 4]
 STEPS = 3
 SPAWN_TIMEOUT_S = 240
-BF16_NS5_ATOL = 2.0 ** -5
 
 # name -> (shape, group index). Group options in *_GROUPS.
 DP_SPECS = {
@@ -220,8 +221,7 @@ def test_data_parallel_matches_single_process(distributed, single_process):
         if buckets[(group, rows, cols)] == 1:
             assert torch.equal(got[name], expected[name]), name   # the same one-matrix batch
             continue
-        scale = (max(1.0, rows / cols) ** 0.5 if options.get("adjust_lr", "original") == "original"
-                 else 0.2 * math.sqrt(max(rows, cols)))
+        scale = muon_scale(rows, cols, options.get("adjust_lr", "original"))
         atol = STEPS * OPTIONS["lr"] * scale * BF16_NS5_ATOL
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
 

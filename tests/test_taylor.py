@@ -21,22 +21,14 @@ from muonkern import curvature
 from muonkern.models import GPT, GPTConfig, exact_attention, gpt_loss_fn
 from muonkern.taylor import (taylor_attention, taylor_attention_blocked, taylor_attention_dense,
                              taylor_directional)
+from taylor_cases import F64, attention_inputs, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*math SDPA backend:UserWarning")
-
-F64 = torch.float64
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-def attention_inputs(gen, K, B, H, T, D, dtype=F64):
-    """q, k, v (B, H, T, D) and six derivative tensors (K, B, H, T, D), Gaussian."""
-    prim = [torch.randn(B, H, T, D, generator=gen, dtype=F64).to(dtype) for _ in range(3)]
-    tan = [torch.randn(K, B, H, T, D, generator=gen, dtype=F64).to(dtype) for _ in range(6)]
-    return (*prim, *tan)
-
 
 def softmax_attention(q, k, v, scale):
     """Plain causal attention, written out: softmax(q kᵀ·scale + mask) v."""
@@ -63,12 +55,6 @@ def nested_jvp_attention(args, scale):
         ods.append(first(torch.zeros((), dtype=F64)))
         odds.append(torch.func.jvp(first, (torch.zeros((), dtype=F64),), (one,))[1])
     return softmax_attention(q, k, v, scale), torch.stack(ods), torch.stack(odds)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| / max |b|, in float64."""
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def assert_triples_close(got, want, rtol):

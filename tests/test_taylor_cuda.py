@@ -26,6 +26,7 @@ from muonkern.taylor import (taylor_attention, taylor_attention_blocked,  # noqa
                              taylor_directional)
 from muonkern.taylor.registration import triton_applies  # noqa: E402
 from muonkern.taylor.triton_attention import taylor_attention_triton  # noqa: E402
+from taylor_cases import attention_inputs, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*math SDPA backend:UserWarning")
 
@@ -33,14 +34,7 @@ RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def inputs(gen, K, B, H, T, D, dtype):
-    prim = [torch.randn(B, H, T, D, generator=gen, dtype=torch.float64) for _ in range(3)]
-    tan = [torch.randn(K, B, H, T, D, generator=gen, dtype=torch.float64) for _ in range(6)]
-    return [t.to("cuda", dtype) for t in (*prim, *tan)]
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max())
+    return list(attention_inputs(gen, K, B, H, T, D, dtype, device="cuda"))
 
 
 TRITON_CASES = [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)]
@@ -62,6 +56,7 @@ def test_triton_matches_float64(gen, T, D, K, dtype):
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, c), f"{name}: the op did not run the Triton kernel"
         err = rel_err(a, b)
+        print(f"\n{name} T={T} D={D} K={K} {dtype}: relative error {err:.2e}")   # -s shows them
         assert err <= RTOL[dtype], f"{name}: relative error {err:.3e} > {RTOL[dtype]:.0e}"
 
 
