@@ -13,7 +13,6 @@
 #include <string>
 
 #include "kernel_dtype.h"
-#include "ns5_common.h"
 
 namespace muonkern {
 
@@ -42,17 +41,20 @@ inline DirquadSizes dirquad_sizes(at::TensorList grads, at::TensorList direction
       const at::Tensor& t = tensors[i];
       const int64_t p = i % P;
       const at::Tensor& ref = grads[p];
-      const std::string what = std::string("dirquad: ") + name + "[" + std::to_string(i) + "]";
-      const std::string ref_what = "grads[" + std::to_string(p) + "]";
-      TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), what + " has dtype " + python_dtype_name(t.scalar_type()) +
+      // names built only when a check fails (the message arguments are evaluated then)
+      auto what = [&] { return std::string("dirquad: ") + name + "[" + std::to_string(i) + "]"; };
+      auto ref_what = [&] { return "grads[" + std::to_string(p) + "]"; };
+      TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), what() + " has dtype " +
+                                                                python_dtype_name(t.scalar_type()) +
                                                                 "; expected a real floating-point tensor");
       TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(),
-                       what + " has dtype " + python_dtype_name(t.scalar_type()) + ", " + ref_what + " has dtype " +
-                           python_dtype_name(ref.scalar_type()) + "; the tensors of one parameter must share a dtype");
-      TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), what + " has shape " + shape_string(t.sizes()) + ", " + ref_what +
-                                                      " has shape " + shape_string(ref.sizes()));
+                       what() + " has dtype " + python_dtype_name(t.scalar_type()) + ", " + ref_what() +
+                           " has dtype " + python_dtype_name(ref.scalar_type()) +
+                           "; the tensors of one parameter must share a dtype");
+      TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), what() + " has shape " + shape_string(t.sizes()) + ", " +
+                                                      ref_what() + " has shape " + shape_string(ref.sizes()));
       TORCH_CHECK_VALUE(t.device() == device,
-                        what + " is on " + t.device().str() + ", grads[0] is on " + device.str());
+                        what() + " is on " + t.device().str() + ", grads[0] is on " + device.str());
     }
   };
   check_list("grads", grads);

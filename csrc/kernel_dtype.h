@@ -3,8 +3,10 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <string>
 
 #include "kernels/kernel_types.h"
@@ -27,6 +29,26 @@ inline std::string python_dtype_name(at::ScalarType t) {
     case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
   }
+}
+
+// Messages are assembled without iostreams: an extension built with a newer g++ than torch's (seen:
+// g++ 13 against torch 2.11) crashed formatting numbers through an ostream.
+
+// A shape as Python prints a tuple: (3, 4), (5,), ().
+inline std::string shape_string(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// A double as Python's str() prints it in the usual cases (1e-07, 0.5, -2.0, 0.0, nan); six
+// significant digits.
+inline std::string python_float(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  std::string s = buf;
+  if (s.find_first_of(".ein") == std::string::npos) s += ".0";
+  return s;
 }
 
 inline DType to_kernel_dtype(at::ScalarType t, const char* op) {

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "kernel_dtype.h"
+
 namespace muonkern {
 
 // Schema of the op; muonkern/ops/schemas.py holds the same string for the fallback.
@@ -18,27 +20,19 @@ inline constexpr const char* kNs5Schema =
 // (a, b, c) of KellerJordan/Muon's quintic iteration.
 inline constexpr double kJordanCoefficients[3] = {3.4445, -4.7750, 2.0315};
 
-// Messages are assembled with std::to_string, not iostreams: an extension built with a newer g++
-// than torch's (seen: g++ 13 against torch 2.11) crashed formatting numbers through an ostream.
-inline std::string shape_string(at::IntArrayRef sizes) {
-  std::string s = "(";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + (sizes.size() == 1 ? ",)" : ")");
-}
-
 inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                            const std::optional<at::ArrayRef<double>>& coefficients, double eps) {
   TORCH_CHECK_VALUE(G.dim() >= 2, std::string("ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape ") +
                                       shape_string(G.sizes()));
   TORCH_CHECK_TYPE(at::isFloatingType(G.scalar_type()),
-                   std::string("ns5: expected a real floating-point tensor, got dtype ") + c10::toString(G.scalar_type()));
+                   std::string("ns5: expected a real floating-point tensor, got dtype ") + python_dtype_name(G.scalar_type()));
   TORCH_CHECK_VALUE(steps >= 0, "ns5: steps must be >= 0, got " + std::to_string(steps));
   TORCH_CHECK_VALUE(!coefficients.has_value() || static_cast<int64_t>(coefficients->size()) == 3 * steps,
                     "ns5: coefficients must hold 3*steps = " + std::to_string(3 * steps) +
                         " values (one (a, b, c) triple per step), got " +
                         std::to_string(coefficients ? coefficients->size() : 0));
   TORCH_CHECK_VALUE(eps > 0, "ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got " +
-                                 std::to_string(eps));
+                                 python_float(eps));
 }
 
 // Flattened (a, b, c) per step: the user's list, or Jordan's triple repeated.

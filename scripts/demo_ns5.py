@@ -46,14 +46,22 @@ def time_ms(fn, G: torch.Tensor, rounds: int = 20) -> float:
     return statistics.median(samples) * 1e3
 
 
-def fused_fits(m: int, n: int) -> bool | None:
-    """Whether the fused kernel can take an m x n problem on this GPU (shared-memory rule of README)."""
+def fused_fits(m: int, n: int, steps: int) -> bool | None:
+    """Whether the fused kernel can take an m x n problem on this GPU at some cluster size S in
+    {1, 2, 4, 8} (the shared-memory rule of README.md, "The fused path")."""
     if not torch.cuda.is_available():
         return None
     short, long = min(m, n), max(m, n)
-    rp, cp = -(-short // 32) * 32, -(-long // 16) * 16
-    need = 2 * rp * (cp + 8) + 4 * rp * (rp + 8) + 128
-    return short <= 128 and need <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    if short > 128 or steps > 32:
+        return False
+    rp = -(-short // 32) * 32
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    for S in (1, 2, 4, 8):
+        cs = -(-long // (16 * S)) * 16 * S // S
+        need = 2 * rp * (cs + 8) + 4 * rp * (rp + 8) + 256 + (4 * rp * rp if S > 1 else 0)
+        if need <= limit:
+            return True
+    return False
 
 
 def main() -> int:
@@ -72,7 +80,7 @@ def main() -> int:
     print(f"muonkern {muonkern.__version__}  backend: {muonkern.backend()}  torch {torch.__version__}  "
           f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
     path = os.environ.get("MUONKERN_NS5_PATH", "auto")
-    fits = fused_fits(shape[-2], shape[-1])
+    fits = fused_fits(shape[-2], shape[-1], args.steps)
     if device == "cuda" and muonkern.backend() == "cuda":
         print(f"path: MUONKERN_NS5_PATH={path}; fused kernel fits this shape: {'yes' if fits else 'no'} "
               f"(auto picks by a cost model)")

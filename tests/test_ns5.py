@@ -159,6 +159,20 @@ def test_errors(case):
     check_error(case, "cpu")
 
 
+@pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_IDS)
+def test_error_messages_equal_the_fallback(case):
+    """Whichever backend serves the call, the message is the fallback's, word for word."""
+    from muonkern.ops.fallback import ns5_reference
+    _, make, kwargs, exc, _ = case
+    G = make("cpu")
+    args = (kwargs.get("steps", 5), kwargs.get("coefficients"), kwargs.get("eps", 1e-7))
+    with pytest.raises(exc) as got:
+        torch.ops.muonkern.ns5(G, *args)
+    with pytest.raises(exc) as want:
+        ns5_reference(G, *args)
+    assert str(got.value).splitlines()[0] == str(want.value).splitlines()[0]
+
+
 def test_torch_compile_fullgraph_matches_eager(gen):
     def f(x):
         return torch.ops.muonkern.ns5(x * 2, 5, None, 1e-7) + torch.ops.muonkern.ns5(x, 5, POLAR_EXPRESS, 1e-7)

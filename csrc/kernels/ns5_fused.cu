@@ -88,9 +88,6 @@ __device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
   return 2u * ((lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
 }
 
-// out = alpha * P P^T (+ beta * in if kAddInput), all Rp x Rp symmetric. P is Rp x K. Only the lower triangle of
-// kTile x kTile tiles is computed; off-diagonal tiles are mirrored on store. Small Rp uses 16-row
-// tiles so that more warps find work.
 // out = alpha * P P^T (+ beta * in if kAddInput), Rp x Rp symmetric, out in bf16 or fp32. P is
 // Rp x K. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
 // mirrored on store.
