@@ -110,7 +110,7 @@ PRESETS = {
     # and data included), ~0.66 s per probe (14 exact HVPs at batch 16x256, 9 per pass).
     "small": StudyConfig(vocab_size=512, n_classes=16, n_layer=6, n_head=6, d_model=384, context=256,
                          steps=320, batch_size=32, alphas=(0.0, 0.5, 1.0, 1.5), seeds=(0, 1),
-                         sweep_steps=150, sweep_adamw_lrs=(3e-4, 1e-3, 3e-3), sweep_muon_lrs=(0.01, 0.02, 0.04),
+                         sweep_steps=150, sweep_adamw_lrs=(1e-4, 3e-4, 1e-3, 3e-3), sweep_muon_lrs=(0.01, 0.02, 0.04),
                          eval_every=20, val_batches=4, ladder_step=0.25, probe_every=100,
                          probe_batch_size=16, probe_hvp_batch=9, quad_m=48, quad_n=64, quad_groups=12,
                          quad_group_size=4, quad_alpha_ws=(0.0, 0.5, 1.0, 2.0, 3.0, 4.0), quad_steps=60,

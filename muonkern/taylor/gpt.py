@@ -5,8 +5,9 @@ batch), φ_k'(0) = g·u_k and φ_k''(0) = u_kᵀ H u_k. One forward pass propaga
 with its first and second derivatives along all K directions (:mod:`muonkern.taylor.layers`,
 attention by ``torch.ops.muonkern.taylor_attention``); the primal computation is shared. No
 backward pass and no T×T attention matrix, nothing kept for a backward: the memory beyond the
-parameters is the K stacked directions, the (1 + 2K) residual-width jets of one layer, and the
-MLP and output head taken in bounded chunks.
+parameters and directions is a few (1 + 2K)-tensor jets of one layer (the residual stream, and
+q, k, v and the attention output at the peak), the K directions of one parameter stacked, and
+the MLP and output head taken in bounded chunks.
 
     params = {k: p.detach() for k, p in model.named_parameters()}
     loss, gu, uHu = taylor_directional(model, params, x, y, [u1, u2])   # float64 (2,) each
@@ -102,7 +103,7 @@ def _check_batch(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.dev
 
 
 def _heads(h: Jet, n_head: int) -> Jet:
-    """(…, T, C) -> (…, H, T, C/H) for the primal and both derivatives."""
+    """(…, T, C) -> (…, H, T, C/H) views, for the primal and both derivatives."""
     def split(t):
         *lead, T, C = t.shape
         return t.reshape(*lead, T, n_head, C // n_head).transpose(-3, -2)
@@ -114,25 +115,50 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-3, -2).reshape(*lead, T, H * D)
 
 
-def _attention(h: Jet, P, U, prefix: str, n_head: int, cos, sin) -> Jet:
-    q = layers.rope(_heads(layers.linear(h, P[prefix + "q.weight"], U[prefix + "q.weight"]),
-                           n_head), cos, sin)
-    k = layers.rope(_heads(layers.linear(h, P[prefix + "k.weight"], U[prefix + "k.weight"]),
-                           n_head), cos, sin)
-    v = _heads(layers.linear(h, P[prefix + "v.weight"], U[prefix + "v.weight"]), n_head)
-    o, od, odd = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d,
-                                                     q.dd, k.dd, v.dd, None)
-    merged = Jet(_merge_heads(o), _merge_heads(od), _merge_heads(odd))
-    return layers.linear(merged, P[prefix + "o.weight"], U[prefix + "o.weight"])
+class _Directions:
+    """``U[name]``: the K directions of one parameter stacked as (K, *shape), built when a layer
+    asks for it, so only the stacks of the layer at work are alive (a view for K = 1)."""
+
+    def __init__(self, dirs: List[Dict[str, torch.Tensor]]):
+        self.dirs = dirs
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stack(name, slice(None))
+
+    def stack(self, name: str, part: slice) -> torch.Tensor:
+        chosen = self.dirs[part]
+        if len(chosen) == 1:
+            return chosen[0][name].unsqueeze(0)
+        return torch.stack([u[name] for u in chosen])
 
 
-def _mlp(h: Jet, P, U, prefix: str) -> Jet:
-    """fc -> GELU -> proj, token rows in chunks (rows are independent) so that the wide hidden
-    activations of only one chunk are alive at a time."""
-    fc, proj = P[prefix + "fc.weight"], P[prefix + "proj.weight"]
-    Ufc, Uproj = U[prefix + "fc.weight"], U[prefix + "proj.weight"]
-    K, C = h.d.shape[0], h.x.shape[-1]
-    x, d, dd = h.x.reshape(-1, C), h.d.reshape(K, -1, C), h.dd.reshape(K, -1, C)
+def _attention(h: Jet, P, U: _Directions, pre: str, n_head: int, eps: float, cos, sin) -> Jet:
+    """The attention branch of block ``pre`` (its RMSNorm included). Each input is dropped as
+    soon as its last use is done: the q, k, v jets and the kernel's outputs set the peak."""
+    a = layers.rmsnorm(h, P[pre + "attn_norm.weight"], U[pre + "attn_norm.weight"], eps)
+    proj = {name: _heads(layers.linear(a, P[f"{pre}attn.{name}.weight"],
+                                       U[f"{pre}attn.{name}.weight"]), n_head)
+            for name in ("q", "k", "v")}
+    del a
+    # the kernels take contiguous (…, H, T, D) inputs: rope's output already is, v is copied
+    # here so that the projection's output is freed rather than held beside the kernel's copy
+    q, k = layers.rope(proj.pop("q"), cos, sin), layers.rope(proj.pop("k"), cos, sin)
+    v = Jet(*(t.contiguous() for t in proj.pop("v")))
+    o = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d, q.dd, k.dd, v.dd, None)
+    del q, k, v
+    merged = Jet(*(_merge_heads(t) for t in o))
+    del o
+    return layers.linear(merged, P[pre + "attn.o.weight"], U[pre + "attn.o.weight"])
+
+
+def _mlp(h: Jet, P, U: _Directions, pre: str, eps: float) -> Jet:
+    """The MLP branch of block ``pre`` (RMSNorm -> fc -> GELU -> proj), token rows in chunks
+    (rows are independent) so that the wide hidden activations of only one chunk are alive."""
+    m = layers.rmsnorm(h, P[pre + "mlp_norm.weight"], U[pre + "mlp_norm.weight"], eps)
+    fc, proj = P[pre + "mlp.fc.weight"], P[pre + "mlp.proj.weight"]
+    Ufc, Uproj = U[pre + "mlp.fc.weight"], U[pre + "mlp.proj.weight"]
+    K, C = m.d.shape[0], m.x.shape[-1]
+    x, d, dd = m.x.reshape(-1, C), m.d.reshape(K, -1, C), m.dd.reshape(K, -1, C)
     rows = max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMENTS // (K * fc.shape[0]))
     out = Jet(torch.empty_like(x), torch.empty_like(d), torch.empty_like(dd))
     for r0 in range(0, x.shape[0], rows):
@@ -141,7 +167,7 @@ def _mlp(h: Jet, P, U, prefix: str) -> Jet:
         y = layers.linear(a, proj, Uproj)
         del a
         out.x[part], out.d[:, part], out.dd[:, part] = y
-    return Jet(out.x.reshape(h.x.shape), out.d.reshape(h.d.shape), out.dd.reshape(h.dd.shape))
+    return Jet(out.x.reshape(m.x.shape), out.d.reshape(m.d.shape), out.dd.reshape(m.dd.shape))
 
 
 def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -185,20 +211,15 @@ def taylor_forward(model: GPT, P: Dict[str, torch.Tensor], x: torch.Tensor, y: t
     first_param = next(iter(P.values()))
     head_name = "lm_head.weight" if "lm_head.weight" in P else "embed.weight"  # tied: embed
     with torch.no_grad():
-        # one direction: a view, not a copy of the parameters' size
-        U = {name: (dirs[0][name].unsqueeze(0) if K == 1 else torch.stack([u[name] for u in dirs]))
-             for name in P}
+        U = _Directions(dirs)
         cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_base, device=first_param.device,
                                 dtype=first_param.dtype)
         h = layers.embedding(x, P["embed.weight"], U["embed.weight"])
         for i, block in enumerate(model.blocks):
             pre = f"blocks.{i}."
-            a = layers.rmsnorm(h, P[pre + "attn_norm.weight"], U[pre + "attn_norm.weight"],
-                               block.attn_norm.eps)
-            h = layers.add(h, _attention(a, P, U, pre + "attn.", cfg.n_head, cos, sin))
-            m = layers.rmsnorm(h, P[pre + "mlp_norm.weight"], U[pre + "mlp_norm.weight"],
-                               block.mlp_norm.eps)
-            h = layers.add(h, _mlp(m, P, U, pre + "mlp."))
+            h = layers.add_residual(h, _attention(h, P, U, pre, cfg.n_head, block.attn_norm.eps,
+                                                  cos, sin))
+            h = layers.add_residual(h, _mlp(h, P, U, pre, block.mlp_norm.eps))
         n = layers.rmsnorm(h, P["norm.weight"], U["norm.weight"], model.norm.eps)
         del h
         nx, nd, ndd = n.x.reshape(B * T, -1), n.d.reshape(K, B * T, -1), n.dd.reshape(K, B * T, -1)
@@ -208,7 +229,8 @@ def taylor_forward(model: GPT, P: Dict[str, torch.Tensor], x: torch.Tensor, y: t
         firsts, seconds = [], []
         for k0 in range(0, K, chunk):
             part = slice(k0, k0 + chunk)
-            zd, zdd = layers.linear_derivatives(nx, nd[part], ndd[part], W, U[head_name][part])
+            zd, zdd = layers.linear_derivatives(nx, nd[part], ndd[part], W,
+                                               U.stack(head_name, part))
             first, second = loss_terms.derivatives(zd, zdd)
             firsts.append(first)
             seconds.append(second)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..models.gpt import apply_rope
 from .attention import accumulation_dtype
 
-__all__ = ["CrossEntropy", "Jet", "add", "embedding", "gelu", "linear", "linear_derivatives",
+__all__ = ["CrossEntropy", "Jet", "add_residual", "embedding", "gelu", "linear", "linear_derivatives",
            "rmsnorm", "rope"]
 
 
@@ -42,8 +42,12 @@ def _per_direction(U: torch.Tensor, ndim: int) -> torch.Tensor:
     return U.reshape(U.shape[0], *([1] * (ndim - 2)), U.shape[-1])
 
 
-def add(a: Jet, b: Jet) -> Jet:
-    return Jet(a.x + b.x, a.d + b.d, a.dd + b.dd)
+def add_residual(h: Jet, out: Jet) -> Jet:
+    """h + out, written into ``out`` (a layer's fresh output): no third set of jets."""
+    out.x.add_(h.x)
+    out.d.add_(h.d)
+    out.dd.add_(h.dd)
+    return out
 
 
 def embedding(idx: torch.Tensor, E: torch.Tensor, U: torch.Tensor) -> Jet:
