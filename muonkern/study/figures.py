@@ -138,20 +138,26 @@ def e3_imbalance(results: dict, path: Path) -> Path:
 
 
 def e4_within_cross(results: dict, path: Path) -> Path:
+    """One panel per (grouping, optimizer), each on its own scale: Muon's NDS is often orders of
+    magnitude below AdamW's, and its split would vanish on a shared axis."""
     e4 = results["experiments"]["e4"]
     phases = [p for p in PHASES if e4[p]["n"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, part, title in ((axes[0], "", "layers = transformer blocks"), (axes[1], "_kind", "layers = parameter kinds")):
-        width, xs = 0.2, np.arange(len(phases))
-        for i, (o, comp) in enumerate((o, c) for o in OPTIMIZERS for c in ("within", "cross")):
-            m, e = _err([e4[p][o][f"{comp}{part}_nds"] for p in phases])
-            ax.bar(xs + (i - 1.5) * width, m, width, yerr=e, capsize=2, color=COLORS[o],
-                   alpha=1.0 if comp == "within" else 0.45, hatch="" if comp == "within" else "//",
-                   label=f"{LABELS[o]} {comp}-layer")
-        ax.set_xticks(xs, phases)
-        ax.axhline(0, color="0.4", lw=0.6)
-        ax.set(xlabel="training phase (periodic probes)", ylabel="part of NDS (÷ ‖Δ‖²)", title=title)
-        ax.legend(fontsize=7)
+    groupings = (("", "transformer blocks"), ("_kind", "parameter kinds"))
+    fig, axes = plt.subplots(len(groupings), len(OPTIMIZERS), figsize=(5.5 * len(OPTIMIZERS), 7),
+                             squeeze=False)
+    width, xs = 0.38, np.arange(len(phases))
+    for row, (part, grouping) in enumerate(groupings):
+        for ax, o in zip(axes[row], OPTIMIZERS):
+            for i, comp in enumerate(("within", "cross")):
+                m, e = _err([e4[p][o][f"{comp}{part}_nds"] for p in phases])
+                ax.bar(xs + (i - 0.5) * width, m, width, yerr=e, capsize=3, color=COLORS[o],
+                       alpha=1.0 if comp == "within" else 0.45, hatch="" if comp == "within" else "//",
+                       label=f"{comp}-layer")
+            ax.set_xticks(xs, phases)
+            ax.axhline(0, color="0.4", lw=0.6)
+            ax.set(xlabel="training phase (periodic probes)", ylabel="part of NDS (÷ ‖Δ‖²)",
+                   title=f"{LABELS[o]}: layers = {grouping}")
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
