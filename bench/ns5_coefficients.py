@@ -1,11 +1,12 @@
-"""Orthogonality error of ns5 vs steps for each coefficient schedule, in bf16.
+"""Orthogonality error of ns5 vs steps for each coefficient schedule and algorithm, in bf16.
 
     python bench/ns5_coefficients.py [--device cpu|cuda] [--out DIR]
 
 For each input kind (Gaussian; ill-conditioned: singular values log-spaced over four decades) and
 shape, and each schedule ("jordan": KellerJordan/Muon's fixed (a, b, c); "polar_express": Amsel et
-al. 2025's per-step triples, its first k steps for k < 5), it runs muonkern.ns5 with k steps and
-reports, against the exact polar factor U Vᵀ of the input (float64 SVD):
+al. 2025's per-step triples, its first k steps for k < 5) and algorithm ("standard" iteration and
+"gram", the same polynomial through the Gram matrix with restarts), it runs muonkern.ns5 with k steps
+and reports, against the exact polar factor U Vᵀ of the input (float64 SVD):
   max |σ − 1|      over the singular values of the result (how far from orthogonal)
   ‖X − UVᵀ‖/‖UVᵀ‖  relative Frobenius distance to the polar factor
 Writes ns5_coefficients.md to --out (default bench_results/).
@@ -22,6 +23,7 @@ from muonkern.ops.ns5_args import POLAR_EXPRESS_COEFFICIENTS
 
 SHAPES = ((512, 512), (256, 1024))
 STEPS = {"jordan": range(1, 9), "polar_express": range(1, len(POLAR_EXPRESS_COEFFICIENTS) + 1)}
+ALGORITHMS = ("standard", "gram")
 
 
 def test_matrix(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -49,27 +51,28 @@ def errors(G: torch.Tensor, X: torch.Tensor):
     return float((sigma - 1).abs().max()), float(torch.linalg.norm(X - polar) / torch.linalg.norm(polar))
 
 
-def measure(device: str = "cpu", shapes=SHAPES, seed: int = 0):
+def measure(device: str = "cpu", shapes=SHAPES, seed: int = 0, algorithms=ALGORITHMS):
     rows = []
     for kind in ("gaussian", "ill-conditioned"):
         for shape in shapes:
             G = test_matrix(kind, shape, torch.Generator().manual_seed(seed))
             Gb = G.to(device, torch.bfloat16)
             for name, steps_range in STEPS.items():
-                for steps in steps_range:
-                    X = muonkern.ns5(Gb, steps=steps, coefficients=schedule(name, steps))
-                    sigma_err, polar_err = errors(G, X)
-                    rows.append(dict(input=kind, shape=shape, schedule=name, steps=steps,
-                                     max_sigma_err=sigma_err, polar_rel_err=polar_err))
+                for algorithm in algorithms:
+                    for steps in steps_range:
+                        X = muonkern.ns5(Gb, steps=steps, coefficients=schedule(name, steps), algorithm=algorithm)
+                        sigma_err, polar_err = errors(G, X)
+                        rows.append(dict(input=kind, shape=shape, schedule=name, algorithm=algorithm, steps=steps,
+                                         max_sigma_err=sigma_err, polar_rel_err=polar_err))
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| input | shape | schedule | steps | max \\|σ−1\\| | ‖X−UVᵀ‖/‖UVᵀ‖ |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| input | shape | schedule | algorithm | steps | max \\|σ−1\\| | ‖X−UVᵀ‖/‖UVᵀ‖ |",
+             "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['input']} | {r['shape'][0]}×{r['shape'][1]} | {r['schedule']} | {r['steps']} | "
-                     f"{r['max_sigma_err']:.3f} | {r['polar_rel_err']:.4f} |")
+        lines.append(f"| {r['input']} | {r['shape'][0]}×{r['shape'][1]} | {r['schedule']} | {r['algorithm']} | "
+                     f"{r['steps']} | {r['max_sigma_err']:.3f} | {r['polar_rel_err']:.4f} |")
     return "\n".join(lines)
 
 

@@ -1,11 +1,16 @@
 """ns5 benchmarks: muonkern vs the reference implementations, side by side in one process.
 
 GPU (the baseline shapes, fp32 inputs):
-  muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH)
+  muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH),
+                      algorithm="auto" (the default); labelled "muonkern (auto: gram)" where auto runs
+                      the Gram iteration
+  muonkern standard   algorithm="standard" and algorithm="gram" side by side, on the Gram shapes only
+  muonkern gram       (GRAM_SHAPES; TFLOP/s of every row count the standard iteration's FLOPs)
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
   torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
-CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern vs reference.
+CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern (and its algorithms on
+CPU_GRAM_SHAPES) vs reference.
 
     python -m pytest bench -q
 """
@@ -17,13 +22,18 @@ import pytest
 import torch
 
 from muonkern.ops.fallback import ns5_reference
-from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
+from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
 
+# Wide (1:4) and tall shapes where "auto" may pick the Gram iteration: timed with each algorithm.
+GRAM_SHAPES = [(1024, 4096), (2048, 8192), (8, 1024, 4096), (4096, 1024)]
+CPU_GRAM_SHAPES = [(512, 2048)]
 GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
-              (48, 128, 128), (12, 64, 768), (8, 1024, 4096)]
-CPU_SHAPES = [(4, 64, 256), (256, 256)]
-GPU_IMPLS = ["reference", "muonkern", "reference_compiled", "torch_optim_muon"]
-CPU_IMPLS = ["reference", "muonkern"]
+              (48, 128, 128), (12, 64, 768), (8, 1024, 4096), (2048, 8192), (4096, 1024)]
+CPU_SHAPES = [(4, 64, 256), (256, 256), *CPU_GRAM_SHAPES]
+GPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram", "reference_compiled",
+             "torch_optim_muon"]
+CPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram"]
+ALGORITHM_IMPLS = {"muonkern standard": "standard", "muonkern gram": "gram"}
 
 _compiled_reference = None
 
@@ -33,7 +43,7 @@ def _muonkern(G):
 
 
 def _reference(G):
-    return ns5_reference(G, 5, None, 1e-7)
+    return ns5_reference(G, 5, None, 1e-7, "standard")
 
 
 def _reference_compiled(G):
@@ -44,7 +54,7 @@ def _reference_compiled(G):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         _compiled_reference = torch.compile(ns5_reference, dynamic=False)
-    return _compiled_reference(G, 5, None, 1e-7)
+    return _compiled_reference(G, 5, None, 1e-7, "standard")
 
 
 def _torch_optim_muon(G):
@@ -53,7 +63,20 @@ def _torch_optim_muon(G):
 
 
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
-         "torch_optim_muon": _torch_optim_muon}
+         "torch_optim_muon": _torch_optim_muon,
+         **{impl: (lambda G, a=algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, a))
+            for impl, algorithm in ALGORITHM_IMPLS.items()}}
+
+
+def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
+    """Times one impl; the algorithm rows only on the Gram shapes, and the default call labelled with
+    the algorithm "auto" picks where it is the Gram one."""
+    if impl in ALGORITHM_IMPLS and tuple(shape) not in gram_shapes:
+        pytest.skip("algorithm rows are timed on the Gram shapes only")
+    label = impl
+    if impl == "muonkern" and choose_algorithm(shape[-2], shape[-1], 5) == "gram":
+        label = "muonkern (auto: gram)"
+    time_ns5(IMPLS[impl], shape, label, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
@@ -67,7 +90,7 @@ def test_ns5_cuda(time_ns5, shape, impl):
             pytest.skip("this torch has no torch.optim._muon")
         if len(shape) != 2:
             pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
-    time_ns5(IMPLS[impl], shape, impl, "cuda")
+    _time_impl(time_ns5, shape, impl, "cuda", GRAM_SHAPES)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("MUONKERN_BENCH_CPU") != "1",
@@ -75,7 +98,7 @@ def test_ns5_cuda(time_ns5, shape, impl):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ns5_cpu(time_ns5, shape, impl):
-    time_ns5(IMPLS[impl], shape, impl, "cpu")
+    _time_impl(time_ns5, shape, impl, "cpu", CPU_GRAM_SHAPES)
 
 
 # ---- grouped: the matrices of one optimizer step ----------------------------------------------

@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kernel_dtype.h"
@@ -15,13 +17,14 @@ namespace muonkern {
 
 // Schema of the op; muonkern/ops/schemas.py holds the same string for the fallback.
 inline constexpr const char* kNs5Schema =
-    "ns5(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-07) -> Tensor";
+    "ns5(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-07, str algorithm=\"auto\") -> Tensor";
 
 // (a, b, c) of KellerJordan/Muon's quintic iteration.
 inline constexpr double kJordanCoefficients[3] = {3.4445, -4.7750, 2.0315};
 
 inline void check_ns5_args(const at::Tensor& G, int64_t steps,
-                           const std::optional<at::ArrayRef<double>>& coefficients, double eps) {
+                           const std::optional<at::ArrayRef<double>>& coefficients, double eps,
+                           std::string_view algorithm) {
   TORCH_CHECK_VALUE(G.dim() >= 2, std::string("ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape ") +
                                       shape_string(G.sizes()));
   TORCH_CHECK_TYPE(at::isFloatingType(G.scalar_type()),
@@ -33,6 +36,40 @@ inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                         std::to_string(coefficients ? coefficients->size() : 0));
   TORCH_CHECK_VALUE(eps > 0, "ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got " +
                                  python_float(eps));
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "standard" || algorithm == "gram",
+                    "ns5: algorithm must be 'auto', 'standard' or 'gram', got '" + std::string(algorithm) + "'");
+}
+
+// ---- algorithm="gram" and the choice of algorithm="auto" ----------------------------------------
+// The same rules and constants as muonkern/ops/ns5_args.py (where they are explained); a test checks
+// that both choose alike on a grid of shapes. Recalibrate both after GPU timing.
+inline constexpr int64_t kGramRestartInterval = 2;   // restart after every 2nd step (5 steps: after 2)
+inline constexpr double kGramMinSaving = 0.25;       // "auto" takes gram where it saves >= 25% of FLOPs
+inline constexpr int64_t kGramMinShortSide = 512;    // ... and the short side is at least this
+
+// The steps after which the Gram iteration restarts (1-based): every kGramRestartInterval-th, except
+// one that would leave a single step to run.
+inline std::vector<int64_t> gram_restart_steps(int64_t steps) {
+  std::vector<int64_t> restarts;
+  for (int64_t s = kGramRestartInterval; s < steps; s += kGramRestartInterval) restarts.push_back(s);
+  if (!restarts.empty() && steps - restarts.back() < kGramRestartInterval) restarts.pop_back();
+  return restarts;
+}
+
+// FLOPs of one m x n matrix (ns5_flops of ns5_args.py: r = short side, c = long side).
+inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
+  const double r = static_cast<double>(std::min(m, n)), c = static_cast<double>(std::max(m, n));
+  if (!gram) return steps * (4.0 * r * r * c + 2.0 * r * r * r);
+  if (steps == 0) return 0.0;
+  const int64_t restarts = static_cast<int64_t>(gram_restart_steps(steps).size());
+  return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1));
+}
+
+// Whether the op runs the Gram iteration: algorithm "gram", or "auto" where the cost model picks it.
+inline bool ns5_use_gram(std::string_view algorithm, int64_t m, int64_t n, int64_t steps) {
+  if (algorithm != "auto") return algorithm == "gram";
+  if (m == n || std::min(m, n) < kGramMinShortSide || steps == 0) return false;
+  return ns5_flops(m, n, steps, true) <= (1.0 - kGramMinSaving) * ns5_flops(m, n, steps, false);
 }
 
 // Flattened (a, b, c) per step: the user's list, or Jordan's triple repeated.

@@ -1,18 +1,20 @@
 // CPU kernel of muonkern::ns5: the reference iteration as a composite of ATen ops, op for op the
-// same arithmetic as the Python fallback (muonkern/ops/fallback.py), so the two agree bitwise.
+// same arithmetic as the Python fallback (muonkern/ops/fallback.py), so the two agree bitwise; the
+// Gram algorithm is shared with the CUDA kernel (ns5_gram.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "ns5_common.h"
+#include "ns5_gram.h"
 
 namespace muonkern {
 
 at::Tensor ns5_cpu(const at::Tensor& G, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
-                   double eps) {
-  check_ns5_args(G, steps, coefficients, eps);
+                   double eps, c10::string_view algorithm) {
+  check_ns5_args(G, steps, coefficients, eps, algorithm);
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
-  at::Tensor X = G.to(at::kBFloat16);
-  X = X / (at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true) + eps);
+  if (ns5_use_gram(algorithm, G.size(-2), G.size(-1), steps)) return ns5_gram(G, abc, eps);
+  at::Tensor X = ns5_normalized(G, eps);
   const bool transposed = G.size(-2) > G.size(-1);
   if (transposed) X = X.mT();
   for (int64_t s = 0; s < steps; ++s) {

@@ -19,6 +19,7 @@
 #include "kernels/ns5_kernels.h"
 #include "kernel_dtype.h"
 #include "ns5_common.h"
+#include "ns5_gram.h"
 
 namespace muonkern {
 namespace {
@@ -256,9 +257,12 @@ double general_seconds(const Ns5Problem& p) {
 }
 
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
-                    double eps) {
-  check_ns5_args(G_in, steps, coefficients, eps);
+                    double eps, c10::string_view algorithm) {
+  check_ns5_args(G_in, steps, coefficients, eps, algorithm);
   const c10::cuda::CUDAGuard guard(G_in.device());
+  // The Gram algorithm runs as ATen ops (cuBLAS products) on the current stream: ns5_gram.cpp.
+  if (ns5_use_gram(algorithm, G_in.size(-2), G_in.size(-1), steps))
+    return ns5_gram(G_in, ns5_step_coefficients(steps, coefficients), eps);
   at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   StridedMatrices probe{};

@@ -6,8 +6,24 @@
 #include "dirquad.h"
 #include "ns5_common.h"
 
+namespace {
+
+// muonkern._C.ns5_auto_algorithm(m, n, steps): what algorithm="auto" runs in the C++ kernels, so a
+// test can hold the C++ rule against muonkern.ops.ns5_args.choose_algorithm.
+PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
+  long long m = 0, n = 0, steps = 0;
+  if (!PyArg_ParseTuple(args, "LLL", &m, &n, &steps)) return nullptr;
+  return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
+}
+
+PyMethodDef methods[] = {
+    {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "muonkern compiled ops", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "muonkern compiled ops", -1, methods};
   return PyModule_Create(&module);
 }
 

@@ -9,8 +9,10 @@ import torch
 from reference import assert_ns5_output, randn, rel_err
 
 
-def ns5(G, steps=5, coefficients=None, eps=1e-7):
-    return torch.ops.muonkern.ns5(G, steps, coefficients, eps)
+def ns5(G, steps=5, coefficients=None, eps=1e-7, algorithm="standard"):
+    """The op; the shared cases test the standard iteration (and its CUDA paths) unless told
+    otherwise, since "auto" may pick the Gram algorithm for a large shape."""
+    return torch.ops.muonkern.ns5(G, steps, coefficients, eps, algorithm)
 
 
 def shape_id(shape) -> str:
@@ -50,34 +52,34 @@ def noncontiguous_views(gen: torch.Generator, device) -> dict[str, torch.Tensor]
     }
 
 
-def check_noncontiguous(G: torch.Tensor) -> None:
+def check_noncontiguous(G: torch.Tensor, algorithm: str = "standard") -> None:
     assert not G.is_contiguous() or G.storage_offset() > 0
-    out = ns5(G)
+    out = ns5(G, algorithm=algorithm)
     assert_ns5_output(out, G)
     if G.stride(0) == 0:  # expanded: every copy of the matrix gives the same result
         for i in range(1, G.size(0)):
             assert torch.equal(out[i], out[0])
 
 
-def check_zero_matrices(gen: torch.Generator, device, shape=(3, 8, 24)) -> None:
+def check_zero_matrices(gen: torch.Generator, device, shape=(3, 8, 24), algorithm: str = "standard") -> None:
     """Zero matrices give exact zeros (no 0/0), next to a regular matrix in the same batch."""
     G = torch.zeros(shape, device=device)
     G[1] = randn(gen, *shape[1:], device=device)
-    out = ns5(G)
+    out = ns5(G, algorithm=algorithm)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[2] == 0).all()
     assert_ns5_output(out[1:2], G[1:2])
     tall = torch.zeros(2, shape[2], shape[1], device=device)
-    assert (ns5(tall) == 0).all()
+    assert (ns5(tall, algorithm=algorithm) == 0).all()
 
 
-def check_nonfinite_isolated(gen: torch.Generator, device, shape=(5, 16, 48)) -> None:
+def check_nonfinite_isolated(gen: torch.Generator, device, shape=(5, 16, 48), algorithm: str = "standard") -> None:
     """A matrix holding inf/nan gives a non-finite output; the others in the batch are unaffected."""
     G = randn(gen, *shape, device=device)
     G[1, 3, 4] = float("inf")
     G[2, 0, 0] = float("nan")
     G[3, -1, -1] = float("-inf")
-    out = ns5(G)
+    out = ns5(G, algorithm=algorithm)
     for i in (1, 2, 3):
         assert not torch.isfinite(out[i]).all(), f"matrix {i} held a non-finite value but its output is finite"
     for i in (0, 4):
@@ -106,6 +108,11 @@ ERROR_CASES = [
     ("eps_zero", lambda d: torch.randn(3, 3, device=d), {"eps": 0.0}, _VALUE, "eps must be positive"),
     ("eps_negative", lambda d: torch.randn(3, 3, device=d), {"eps": -1e-7}, _VALUE, "eps must be positive"),
     ("eps_nan", lambda d: torch.randn(3, 3, device=d), {"eps": float("nan")}, _VALUE, "eps must be positive"),
+    ("algorithm_unknown", lambda d: torch.randn(3, 3, device=d), {"algorithm": "fast"}, _VALUE,
+     re.escape("algorithm must be 'auto', 'standard' or 'gram', got 'fast'")),
+    ("algorithm_case", lambda d: torch.randn(4, 8, device=d), {"algorithm": "Gram"}, _VALUE,
+     re.escape("got 'Gram'")),
+    ("algorithm_empty", lambda d: torch.randn(4, 8, device=d), {"algorithm": ""}, _VALUE, re.escape("got ''")),
 ]
 ERROR_IDS = [case[0] for case in ERROR_CASES]
 
@@ -114,6 +121,18 @@ def check_error(case, device) -> None:
     _, make, kwargs, exc, match = case
     with pytest.raises(exc, match=match):
         ns5(make(device), **kwargs)
+
+
+def ill_conditioned(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """float64 U diag(σ) Vᵀ on the CPU with σ log-spaced from 1 to 1e-4 (random U, V)."""
+    U, _, Vh = torch.linalg.svd(torch.randn(*shape, generator=gen, dtype=torch.float64), full_matrices=False)
+    return U @ torch.diag_embed(torch.logspace(0, -4, min(shape[-2:]), dtype=torch.float64)) @ Vh
+
+
+def polar_distance(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per matrix ‖X − U Vᵀ‖_F / ‖U Vᵀ‖_F with U Vᵀ the polar factor of G (float64 SVD)."""
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return rel_err(X, U @ Vh)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -83,6 +83,25 @@ ORTHO_TOL = 4 * BF16_U
 # leaves room for nothing but a change of reduction order in a future torch.
 EXT_VS_FALLBACK_RTOL = 1e-6
 
+# Gram Newton-Schulz (algorithm="gram") computes the same polynomial through R = X Xᵀ: in float64
+# (muonkern.ops.fallback.gram_iteration on float64 input) it meets ns5_float64 to rounding: measured
+# worst 7e-14 relative on wide, tall, batched and square Gaussian inputs (Jordan and Polar Express,
+# any restart steps), 1.3e-13 on ill-conditioned ones (singular values 1..1e-4, up to 20 steps),
+# where Q's entries reach a^k (~500 after 5 Jordan steps) and magnify rounding. Budget 1e-10; a
+# restart that keeps the old X0 instead of Q X0 is off by 0.076 (48x160), a dropped step by 0.37.
+GRAM_FLOAT64_RTOL = 1e-10
+
+# In bf16 the Gram iteration rounds R, P and Q where the standard one rounds A, B and X, and its
+# result is about as far from the float64 iteration (Jordan, Gaussian: max 0.040 vs 0.037 for the
+# standard path; ill-conditioned, singular values 1..1e-4: 0.18 vs 0.19; Polar Express: 0.08 vs 0.06
+# Gaussian, 0.25 vs 0.29 ill-conditioned; 4 seeds of 4x128x512, 4x512x128, 2x256x1024, 8x64x256,
+# float32 and bf16 inputs, CPU). Against the exact polar factor U Vᵀ (float64 SVD), the quantity
+# Muon cares about, both sit 0.10..0.61 away and differ by that rounding only: measured worst
+# excess of gram over standard +0.0116 (Jordan, Gaussian 8x64x256; 3 u), +0.0052 ill-conditioned,
+# +0.0034 Polar Express. Budget 5 u ~ 0.0195. Without restarts the drift is far outside: 5 steps
+# on ill-conditioned inputs measured +2.2 (4x128x512) and +14 (8x64x256).
+GRAM_POLAR_MARGIN = 5 * BF16_U
+
 # Two bf16 implementations (CUDA kernels vs the CPU kernel) each sit within BF16_RTOL of float64;
 # their errors are largely independent (~0.035 and ~0.015 typical), so their difference stays
 # within the same budget on shapes with short side >= 8.

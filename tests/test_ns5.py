@@ -5,6 +5,7 @@ justification are in reference.py.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -47,6 +48,21 @@ def test_package_coefficients_equal_the_published_values():
 def test_schema_matches_python_definition():
     parsed = torch._C.parse_schema("muonkern::" + NS5_SCHEMA)
     assert str(parsed) == str(torch.ops.muonkern.ns5.default._schema)
+
+
+def test_python_kernels_default_as_the_schema():
+    """The dispatcher leaves out arguments equal to their schema default, so a Python kernel with
+    another default would run something else (the fallback's and the fake kernel's ns5)."""
+    from muonkern.ops.fallback import ns5_reference
+    from muonkern.ops.grouped import NS5_GROUPED_SCHEMA, ns5_grouped_fake, ns5_grouped_kernel
+    from muonkern.ops.registration import _ns5_fake
+    for schema, kernels in [(NS5_SCHEMA, (ns5_reference, _ns5_fake, muonkern.ns5)),
+                            (NS5_GROUPED_SCHEMA, (ns5_grouped_kernel, ns5_grouped_fake, muonkern.ns5_grouped))]:
+        want = {a.name: a.default_value for a in torch._C.parse_schema("muonkern::" + schema).arguments[1:]}
+        for kernel in kernels:
+            params = inspect.signature(kernel).parameters
+            got = {name: params[name].default for name in want}
+            assert got == want, (kernel.__name__, got, want)
 
 
 @pytest.mark.parametrize("shape", BATCH_DIM_SHAPES + ORIENTATION_SHAPES, ids=shape_id)
@@ -165,7 +181,8 @@ def test_error_messages_equal_the_fallback(case):
     from muonkern.ops.fallback import ns5_reference
     _, make, kwargs, exc, _ = case
     G = make("cpu")
-    args = (kwargs.get("steps", 5), kwargs.get("coefficients"), kwargs.get("eps", 1e-7))
+    args = (kwargs.get("steps", 5), kwargs.get("coefficients"), kwargs.get("eps", 1e-7),
+            kwargs.get("algorithm", "auto"))
     with pytest.raises(exc) as got:
         torch.ops.muonkern.ns5(G, *args)
     with pytest.raises(exc) as want:
@@ -197,7 +214,9 @@ inputs = torch.load(sys.argv[1])
 outs = {"backend": muonkern.backend(),
         "default": torch.ops.muonkern.ns5(inputs["G"], 5, None, 1e-7),
         "polar": torch.ops.muonkern.ns5(inputs["G"], 5, inputs["polar"], 1e-7),
-        "tall": torch.ops.muonkern.ns5(inputs["tall"], 5, None, 1e-7)}
+        "tall": torch.ops.muonkern.ns5(inputs["tall"], 5, None, 1e-7),
+        "gram": torch.ops.muonkern.ns5(inputs["G"], 5, None, 1e-7, "gram"),
+        "gram_tall": torch.ops.muonkern.ns5(inputs["tall"], 5, inputs["polar"], 1e-7, "gram")}
 torch.save(outs, sys.argv[2])
 """
 
@@ -225,6 +244,7 @@ def test_fallback_agrees_with_extension(forced_fallback_run):
     if muonkern.backend() == "fallback":
         pytest.skip("the in-process backend is the fallback too: the comparison would be trivial")
     inputs, fallback = forced_fallback_run
-    ours = {"default": ns5(inputs["G"]), "polar": ns5(inputs["G"], 5, POLAR_EXPRESS), "tall": ns5(inputs["tall"])}
+    ours = {"default": ns5(inputs["G"]), "polar": ns5(inputs["G"], 5, POLAR_EXPRESS), "tall": ns5(inputs["tall"]),
+            "gram": ns5(inputs["G"], algorithm="gram"), "gram_tall": ns5(inputs["tall"], 5, POLAR_EXPRESS, algorithm="gram")}
     diffs = {name: relative_difference(out, fallback[name]) for name, out in ours.items()}
     assert max(diffs.values()) <= EXT_VS_FALLBACK_RTOL, json.dumps(diffs)

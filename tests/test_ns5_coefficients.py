@@ -1,7 +1,7 @@
 """bench/ns5_coefficients.py, the coefficient-schedule accuracy table: its error measures are right
 (zero for the exact polar factor, the known value for a scaled one) and its rows cover every
-schedule and step count; on a Gaussian 1:4 matrix Polar Express's 5 steps land closer to the polar
-factor than Jordan's 5 (what the schedule was designed for)."""
+schedule, algorithm and step count; on a Gaussian 1:4 matrix Polar Express's 5 steps land closer to
+the polar factor than Jordan's 5 (what the schedule was designed for), with either algorithm."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +32,10 @@ def test_ill_conditioned_input_spectrum(gen):
 
 def test_rows_and_polar_express_beats_jordan_at_five_steps():
     rows = coef.measure("cpu", shapes=((64, 256),))
-    assert len(rows) == 2 * (len(coef.STEPS["jordan"]) + len(coef.STEPS["polar_express"]))
+    assert len(rows) == 2 * len(coef.ALGORITHMS) * (len(coef.STEPS["jordan"]) + len(coef.STEPS["polar_express"]))
     assert all(0 <= r["polar_rel_err"] < 1.5 and 0 <= r["max_sigma_err"] for r in rows)
-    at5 = {r["schedule"]: r["polar_rel_err"] for r in rows if r["input"] == "gaussian" and r["steps"] == 5}
-    assert at5["polar_express"] < at5["jordan"], at5
-    assert "| gaussian | 64×256 | jordan | 1 |" in coef.table(rows)
+    for algorithm in coef.ALGORITHMS:
+        at5 = {r["schedule"]: r["polar_rel_err"] for r in rows
+               if r["input"] == "gaussian" and r["steps"] == 5 and r["algorithm"] == algorithm}
+        assert at5["polar_express"] < at5["jordan"], (algorithm, at5)
+    assert "| gaussian | 64×256 | jordan | gram | 1 |" in coef.table(rows)

@@ -1,4 +1,6 @@
-"""muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH.
+"""muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH, and
+the Gram algorithm (algorithm="gram": ATen ops on cuBLAS, csrc/ns5_gram.cpp; the path variable does
+not apply to it).
 
 The op reads MUONKERN_NS5_PATH at each call: `fused` (one launch per batch, small matrices; where a
 shape does not fit it, the op quietly takes the general path), `general` (cuBLASLt), `auto`.
@@ -11,11 +13,13 @@ import pytest
 import torch
 
 import muonkern
+from muonkern.ops.ns5_args import choose_algorithm
 from ns5_cases import (DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, check_error, check_noncontiguous,
-                       check_nonfinite_isolated, check_zero_matrices, noncontiguous_views, ns5,
-                       relative_difference, shape_id)
-from reference import (CROSS_DEVICE_RTOL, JORDAN, NORMALIZE_RTOL, ORTHO_TOL, POLAR_EXPRESS, POLAR_RTOL,
-                       assert_ns5_output, assert_singular_values_in_band, randn)
+                       check_nonfinite_isolated, check_zero_matrices, ill_conditioned, noncontiguous_views, ns5,
+                       polar_distance, relative_difference, shape_id)
+from reference import (BF16_RTOL, CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, JORDAN, NORMALIZE_RTOL, ORTHO_TOL,
+                       POLAR_EXPRESS, POLAR_RTOL, assert_ns5_output, assert_singular_values_in_band, randn,
+                       rel_err)
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -73,10 +77,11 @@ def test_fused_cluster_sizes(gen, monkeypatch, cluster, shape):
     assert_ns5_output(ns5(G), G)
 
 
-def test_large_general(gen):
-    """One large problem (the benchmark's 1024x4096) on the default path."""
+@pytest.mark.parametrize("algorithm", ["standard", "gram", "auto"])
+def test_large_general(gen, algorithm):
+    """One large problem (the benchmark's 1024x4096) on the default path of each algorithm."""
     G = randn(gen, 1024, 4096, device="cuda")
-    assert_ns5_output(ns5(G), G)
+    assert_ns5_output(ns5(G, algorithm=algorithm), G)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -158,19 +163,22 @@ def test_agrees_with_cpu(gen, path, shape):
     assert diff <= CROSS_DEVICE_RTOL, f"CUDA vs CPU relative difference {diff:.4g}"
 
 
-def test_side_stream(gen, path):
-    """The kernels run on the current stream: work queued before them on a side stream is seen."""
-    G = randn(gen, 48, 128, 128, device="cuda")
-    expected = ns5(G)
+def check_side_stream(G: torch.Tensor, algorithm: str = "standard") -> None:
+    """The op runs on the current stream: work queued before it on a side stream is seen."""
+    expected = ns5(G, algorithm=algorithm)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         H = torch.zeros_like(G)
         torch.cuda._sleep(1_000_000)  # delay the copy: a kernel on another stream would read zeros
         H.copy_(G)
-        out = ns5(H)
+        out = ns5(H, algorithm=algorithm)
     side.synchronize()
     assert torch.equal(out, expected)
+
+
+def test_side_stream(gen, path):
+    check_side_stream(randn(gen, 48, 128, 128, device="cuda"))
 
 
 @pytest.mark.parametrize("args", [((4, 32, 96), 5, None, 1e-7), ((2, 96, 32), 3, [1.5, -0.5, 0.0] * 3, 1e-6)],
@@ -214,3 +222,118 @@ def test_backend_serves_cuda():
     if muonkern.backend() != "cuda":
         pytest.skip(f"backend is {muonkern.backend()!r}: CUDA tensors run the fallback")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("muonkern::ns5", "CUDA")
+
+
+# ---- algorithm="gram" and "auto" ---------------------------------------------------------------
+# The Gram iteration's outputs are fresh ATen results (no kernel of ours writes them), so the tests
+# check every element finite and within budget rather than poisoning the allocator.
+
+GRAM_SHAPES = [
+    (1024, 4096),       # what "auto" picks gram for (1:4)
+    (4096, 1024),       # tall: n x n Gram matrix, right products
+    (4, 512, 2048),     # batched
+    (2, 768, 3072),     # GPT-2's MLP shape
+    (3, 768, 64),       # m > n, small
+    (2, 3, 40, 24),     # 4-D batch
+    (4, 17, 33), (2, 1, 50), (1, 1),
+]
+
+
+@pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
+def test_gram_matches_float64(gen, shape):
+    G = randn(gen, *shape, device="cuda")
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+@pytest.mark.parametrize("shape", [(8, 128, 512), (8, 512, 128), (2, 1024, 4096)], ids=shape_id)
+def test_gram_polar_express(gen, shape):
+    G = randn(gen, *shape, device="cuda")
+    assert_ns5_output(ns5(G, 5, POLAR_EXPRESS, algorithm="gram"), G, 5, POLAR_EXPRESS, rtol=POLAR_RTOL)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned"])
+@pytest.mark.parametrize("shape", [(4, 128, 512), (4, 512, 128), (1024, 4096)], ids=shape_id)
+def test_gram_distance_to_polar_factor(gen, shape, kind):
+    """As on CPU (tests/test_ns5_gram.py): no farther from the polar factor than the standard
+    iteration (here the CUDA kernels') by more than GRAM_POLAR_MARGIN."""
+    G = (randn(gen, *shape, dtype=torch.float64) if kind == "gaussian" else ill_conditioned(gen, *shape)).float().cuda()
+    gram, standard = ns5(G, algorithm="gram"), ns5(G, algorithm="standard")
+    assert torch.isfinite(gram).all()
+    excess = (polar_distance(gram, G) - polar_distance(standard, G)).max().item()
+    assert excess <= GRAM_POLAR_MARGIN, f"gram is {excess:.4f} farther from the polar factor than standard"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_dtypes(gen, dtype):
+    G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+def test_gram_steps_zero_and_cubic(gen):
+    G = randn(gen, 3, 192, 64, device="cuda")
+    assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
+    s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20, algorithm="gram").double())
+    assert (s - 1).abs().max().item() <= ORTHO_TOL
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
+def test_gram_empty(shape):
+    G = torch.empty(shape, device="cuda")
+    out = ns5(G, algorithm="gram")
+    assert out.shape == G.shape and out.dtype == G.dtype and out.is_contiguous() and out.is_cuda
+
+
+@pytest.mark.parametrize("name", list(noncontiguous_views(torch.Generator(), "meta")), ids=str)
+def test_gram_noncontiguous(gen, name):
+    check_noncontiguous(noncontiguous_views(gen, "cuda")[name], algorithm="gram")
+
+
+def test_gram_zero_and_nonfinite_matrices(gen):
+    check_zero_matrices(gen, "cuda", shape=(3, 128, 256), algorithm="gram")
+    check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 512), algorithm="gram")
+
+
+@pytest.mark.parametrize("shape", [(12, 64, 768), (3, 768, 64), (1024, 4096), (2, 3, 40, 24)], ids=shape_id)
+def test_gram_agrees_with_cpu(gen, shape):
+    G = randn(gen, *shape)
+    diff = relative_difference(ns5(G.cuda(), algorithm="gram"), ns5(G, algorithm="gram"))
+    assert diff <= CROSS_DEVICE_RTOL, f"CUDA vs CPU relative difference {diff:.4g}"
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768)], ids=shape_id)
+def test_auto_runs_the_chosen_algorithm(gen, shape):
+    G = randn(gen, *shape, device="cuda")
+    chosen = choose_algorithm(shape[-2], shape[-1], 5)
+    auto = ns5(G, algorithm="auto")
+    assert torch.equal(auto, ns5(G, algorithm=chosen))
+    assert torch.equal(auto, torch.ops.muonkern.ns5(G))  # the schema default
+    assert rel_err(auto, ns5(G, algorithm="standard")).max().item() <= BF16_RTOL
+
+
+def test_gram_side_stream(gen):
+    check_side_stream(randn(gen, 2, 512, 2048, device="cuda"), algorithm="gram")
+
+
+@pytest.mark.parametrize("args", [((4, 32, 96), 5, None, 1e-7, "gram"), ((2, 96, 32), 3, [1.5, -0.5, 0.0] * 3, 1e-6, "gram"),
+                                  ((2, 32, 96), 5, None, 1e-7, "auto")], ids=["gram", "gram_tall", "auto"])
+def test_gram_opcheck(gen, args):
+    shape, *rest = args
+    torch.library.opcheck(torch.ops.muonkern.ns5.default, (randn(gen, *shape, device="cuda"), *rest))
+
+
+def test_gram_cuda_graph_replay(gen):
+    static_in = randn(gen, 2, 512, 2048, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ns5(static_in, algorithm="gram")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ns5(static_in, algorithm="gram")
+    fresh = randn(gen, 2, 512, 2048, device="cuda")
+    static_in.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, ns5(fresh, algorithm="gram"))

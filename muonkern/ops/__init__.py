@@ -21,28 +21,34 @@ def backend() -> str:
 
 
 def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = None,
-        eps: float = 1e-7) -> torch.Tensor:
+        eps: float = 1e-7, algorithm: str = "auto") -> torch.Tensor:
     """Quintic Newton-Schulz orthogonalization of every matrix in G (shape (..., m, n)).
 
     X = G / (||G||_F + eps) per matrix, then `steps` times: A = X X^T, B = b A + c A A,
     X = a X + B X, with one (a, b, c) triple per step (`coefficients`, flattened; default
     KellerJordan/Muon's (3.4445, -4.7750, 2.0315)). Wide orientation is used internally
-    (m > n works on the transpose). bf16 operands, fp32 accumulation; the result has G's
+    (m > n works on the transpose; the Gram algorithm multiplies from the right instead). bf16 operands, fp32 accumulation; the result has G's
     dtype and shape and is contiguous.
+
+    ``algorithm``: "standard" (the iteration above), "gram" (the same polynomial computed on the
+    m×m Gram matrix X Xᵀ with restarts, fewer FLOPs for wide or tall matrices; see
+    muonkern.ops.fallback.gram_iteration) or "auto" (gram where a FLOP cost model says it saves at
+    least 25% on a large enough short side: muonkern.ops.ns5_args.choose_algorithm).
     """
     coeffs = None if coefficients is None else [float(c) for c in coefficients]
-    return torch.ops.muonkern.ns5(G, steps, coeffs, eps)
+    return torch.ops.muonkern.ns5(G, steps, coeffs, eps, algorithm)
 
 
-def ns5_grouped(Gs: Sequence[torch.Tensor], steps: int = 5,
-                coefficients: Sequence[float] | None = None, eps: float = 1e-7) -> List[torch.Tensor]:
+def ns5_grouped(Gs: Sequence[torch.Tensor], steps: int = 5, coefficients: Sequence[float] | None = None,
+                eps: float = 1e-7, algorithm: str = "auto") -> List[torch.Tensor]:
     """:func:`ns5` of every tensor in ``Gs`` (shapes (..., m, n), any mix of shapes, dtypes and
-    devices), with one ns5 launch per distinct shape (m×n and n×m share one) and dtype: what an
+    devices), with one ns5 launch per distinct shape (m×n and n×m share one unless the Gram
+    algorithm runs them) and dtype: what an
     optimizer step needs. Returns new contiguous tensors, in order, each equal to ``ns5(G)``."""
     if len(Gs) == 0:  # the dispatcher cannot route a call without tensors
         return []
     coeffs = None if coefficients is None else [float(c) for c in coefficients]
-    return torch.ops.muonkern.ns5_grouped(list(Gs), steps, coeffs, eps)
+    return torch.ops.muonkern.ns5_grouped(list(Gs), steps, coeffs, eps, algorithm)
 
 
 def dirquad(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],

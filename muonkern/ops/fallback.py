@@ -1,35 +1,78 @@
 """Pure-PyTorch implementations of muonkern's ops.
 
 `ns5_reference` is the reference iteration itself (KellerJordan/Muon's zeropower_via_newtonschulz5,
-batched over leading dims, with per-step coefficients); `dirquad_reference` the per-parameter dot
-products of the curvature probes. They run on any device and are what `torch.ops.muonkern.*`
-executes when the compiled extension is absent.
+batched over leading dims, with per-step coefficients) or, with algorithm="gram", the same polynomial
+through the Gram matrix (`gram_iteration`); `dirquad_reference` the per-parameter dot products of the
+curvature probes. They run on any device and are what `torch.ops.muonkern.*` executes when the
+compiled extension is absent. The C++ kernels run the same ATen ops in the same order.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
 
 from .dirquad_args import dirquad_sizes
-from .ns5_args import check_ns5_args, step_coefficients
+from .ns5_args import check_ns5_args, gram_restart_steps, resolve_algorithm, step_coefficients
 
 
 def ns5_reference(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = None,
-                  eps: float = 1e-7) -> torch.Tensor:
-    check_ns5_args(G, steps, coefficients, eps)
+                  eps: float = 1e-7, algorithm: str = "auto") -> torch.Tensor:
+    """The op's kernel; its defaults are the schema's (the dispatcher leaves out arguments equal to
+    their schema default). algorithm="standard" gives KellerJordan's iteration at every shape."""
+    check_ns5_args(G, steps, coefficients, eps, algorithm)
     X = G.bfloat16()
     X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
+    triples = step_coefficients(steps, coefficients)
+    if resolve_algorithm(algorithm, G.size(-2), G.size(-1), steps) == "gram":
+        return gram_iteration(X, triples, gram_restart_steps(steps)).to(G.dtype).contiguous()
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
-    for a, b, c in step_coefficients(steps, coefficients):
+    for a, b, c in triples:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     if transposed:
         X = X.mT
     return X.to(G.dtype).contiguous()
+
+
+def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
+                   restarts: Sequence[int]) -> torch.Tensor:
+    """The Newton-Schulz polynomial of the normalized X0 (..., m, n) computed on its Gram matrix, in
+    X0's dtype: R = X0 X0ᵀ, Q = I; per step P = a I + b R + c R², R = P R P, Q = P Q; returns Q X0.
+
+    P and R are polynomials in the same matrix, so they commute and Q X0 equals the standard
+    iteration's X up to rounding; P R P keeps R symmetric better than P² R. After each step listed
+    in `restarts` (1-based) the iteration starts over from X0 = Q X0. A tall X0 (m > n) uses the
+    n×n Gram matrix X0ᵀ X0 and multiplies from the right (X0 Q) instead of transposing. The C++
+    kernels run the same ops (csrc/ns5_gram.cpp)."""
+    wide = X0.size(-2) <= X0.size(-1)
+    X = X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1))
+
+    def gram(Y):
+        return torch.bmm(Y, Y.mT) if wide else torch.bmm(Y.mT, Y)
+
+    def apply(Q, Y):  # Q Y (wide) or Y Q (tall)
+        return torch.bmm(Q, Y) if wide else torch.bmm(Y, Q)
+
+    R, Q = gram(X), None  # Q None: the identity
+    for s, (a, b, c) in enumerate(triples, start=1):
+        # baddbmm with alpha = 0 ignores beta for bf16 on CPU (torch 2.14): c = 0 takes b R alone
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0 else R * b
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else apply(P, Q)
+        if s == len(triples):
+            break
+        if s in restarts:
+            X, Q = apply(Q, X), None
+            R = gram(X)
+        else:
+            R = torch.bmm(torch.bmm(P, R), P)
+    out = X if Q is None else apply(Q, X)
+    return out.reshape(X0.shape)
 
 
 def dirquad_reference(grads: List[torch.Tensor], directions: List[torch.Tensor],

@@ -23,6 +23,63 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 
 
+ALGORITHMS = ("auto", "standard", "gram")
+
+# ---- algorithm="gram" and the choice of algorithm="auto" ------------------------------------------
+# The C++ kernels apply the same rules with the same constants (csrc/ns5_common.h); a test checks that
+# both choose alike on a grid of shapes. Recalibrate both after GPU timing.
+#
+# The Gram iteration restarts (X = Q X0, R = X Xᵀ recomputed, Q = I) after every GRAM_RESTART_INTERVAL
+# steps; a last stretch of 3 steps runs without a restart (5 steps: one restart, after step 2). In bf16
+# a longer stretch lets rounding in R grow: its smallest eigenvalues, below the rounding of R, may turn
+# negative, and R ← P R P multiplies a negative eigenvalue by p(λ)², ~12x a step for Jordan's (a, b, c).
+GRAM_RESTART_INTERVAL = 2
+# "auto" takes gram where its FLOP count (ns5_flops) is at most (1 - GRAM_MIN_SAVING) of the standard
+# iteration's and the short side is at least GRAM_MIN_SHORT_SIDE (below, the m×m products of the Gram
+# iteration are too small to keep a GPU busy and their launches dominate); square matrices never.
+# With 5 steps that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 47%).
+GRAM_MIN_SAVING = 0.25
+GRAM_MIN_SHORT_SIDE = 512
+
+
+def gram_restart_steps(steps: int) -> list[int]:
+    """The steps after which algorithm="gram" restarts (1-based): every GRAM_RESTART_INTERVAL-th,
+    except one that would leave a single step to run (5 steps: [2]; 6: [2, 4]; 3: [])."""
+    restarts = list(range(GRAM_RESTART_INTERVAL, steps, GRAM_RESTART_INTERVAL))
+    if restarts and steps - restarts[-1] < GRAM_RESTART_INTERVAL:
+        restarts.pop()
+    return restarts
+
+
+def ns5_flops(m: int, n: int, steps: int, algorithm: str) -> float:
+    """Multiply-add FLOPs (2 per multiply-add) of one m×n matrix, r = min(m, n), c = max(m, n).
+
+    standard: per step A = X Xᵀ (2r²c), A·A (2r³), B·X (2r²c).
+    gram:     R = X0 X0ᵀ and the output Q·X0 (2r²c each), X = Q X0 and R = X Xᵀ per restart (4r²c),
+              and r×r products: R·R every step, P·R·P (two) except at the last step of a stretch,
+              P·Q except at its first: 4·steps - 3·stretches of them, stretches = restarts + 1."""
+    r, c = float(min(m, n)), float(max(m, n))
+    if algorithm == "standard":
+        return steps * (4.0 * r * r * c + 2.0 * r * r * r)
+    if steps == 0:
+        return 0.0
+    restarts = len(gram_restart_steps(steps))
+    return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1))
+
+
+def choose_algorithm(m: int, n: int, steps: int) -> str:
+    """What algorithm="auto" runs for m×n matrices: "gram" or "standard" (rule above)."""
+    if m == n or min(m, n) < GRAM_MIN_SHORT_SIDE or steps == 0:
+        return "standard"
+    gram, standard = ns5_flops(m, n, steps, "gram"), ns5_flops(m, n, steps, "standard")
+    return "gram" if gram <= (1.0 - GRAM_MIN_SAVING) * standard else "standard"
+
+
+def resolve_algorithm(algorithm: str, m: int, n: int, steps: int) -> str:
+    """"standard" or "gram": the algorithm itself, or choose_algorithm's pick for "auto"."""
+    return choose_algorithm(m, n, steps) if algorithm == "auto" else algorithm
+
+
 def resolve_coefficients(coefficients, steps: int) -> list[float] | None:
     """The flattened per-step list ns5 takes, from a preset name ("jordan", "polar_express"), a list
     of (a, b, c) triples, or a flat list of 3*steps numbers. None means Jordan's default."""
@@ -40,7 +97,8 @@ def resolve_coefficients(coefficients, steps: int) -> list[float] | None:
     return flat
 
 
-def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | None, eps: float) -> None:
+def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | None, eps: float,
+                   algorithm: str = "auto") -> None:
     if G.dim() < 2:
         raise ValueError(f"ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
     if not G.dtype.is_floating_point:
@@ -53,6 +111,9 @@ def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | 
             f"got {len(coefficients)}")
     if not eps > 0:
         raise ValueError(f"ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got {eps}")
+    if algorithm not in ALGORITHMS:
+        # quoted by hand, not with !r, so that the C++ kernels can print the same message
+        raise ValueError(f"ns5: algorithm must be 'auto', 'standard' or 'gram', got '{algorithm}'")
 
 
 def step_coefficients(steps: int, coefficients: Sequence[float] | None) -> list[tuple[float, float, float]]:

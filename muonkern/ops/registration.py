@@ -32,8 +32,8 @@ def _load_extension() -> bool:
     return True
 
 
-def _ns5_fake(G, steps=5, coefficients=None, eps=1e-7):
-    check_ns5_args(G, steps, coefficients, eps)
+def _ns5_fake(G, steps=5, coefficients=None, eps=1e-7, algorithm="auto"):
+    check_ns5_args(G, steps, coefficients, eps, algorithm)
     return G.new_empty(G.shape)
 
 

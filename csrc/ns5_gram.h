@@ -1,0 +1,18 @@
+// Pieces of muonkern::ns5 written once in ATen ops and run by both the CPU and the CUDA kernel: the
+// normalization X0 = G / (||G||_F + eps) in bf16, and the Gram Newton-Schulz iteration.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace muonkern {
+
+// bf16 G / (||G||_F + eps) per matrix (the norm of the bf16-rounded G), shape of G.
+at::Tensor ns5_normalized(const at::Tensor& G, double eps);
+
+// The op's result under algorithm="gram": G's dtype and shape, contiguous. `abc` holds (a, b, c) per
+// step; restarts after the steps of gram_restart_steps (ns5_common.h).
+at::Tensor ns5_gram(const at::Tensor& G, const std::vector<double>& abc, double eps);
+
+}  // namespace muonkern
