@@ -16,6 +16,7 @@ CPU_GRAM_SHAPES) vs reference.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -74,7 +75,7 @@ def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
     if impl in ALGORITHM_IMPLS and tuple(shape) not in gram_shapes:
         pytest.skip("algorithm rows are timed on the Gram shapes only")
     label = impl
-    if impl == "muonkern" and choose_algorithm(shape[-2], shape[-1], 5) == "gram":
+    if impl == "muonkern" and choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), device) == "gram":
         label = "muonkern (auto: gram)"
     time_ns5(IMPLS[impl], shape, label, device)
 

@@ -13,7 +13,7 @@ at::Tensor ns5_cpu(const at::Tensor& G, int64_t steps, std::optional<at::ArrayRe
                    double eps, c10::string_view algorithm) {
   check_ns5_args(G, steps, coefficients, eps, algorithm);
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
-  if (ns5_use_gram(algorithm, G.size(-2), G.size(-1), steps)) return ns5_gram(G, abc, eps);
+  if (ns5_use_gram(algorithm, G.size(-2), G.size(-1), steps, ns5_batch(G), false)) return ns5_gram(G, abc, eps);
   at::Tensor X = ns5_normalized(G, eps);
   const bool transposed = G.size(-2) > G.size(-1);
   if (transposed) X = X.mT();

@@ -261,7 +261,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   check_ns5_args(G_in, steps, coefficients, eps, algorithm);
   const c10::cuda::CUDAGuard guard(G_in.device());
   // The Gram algorithm runs as ATen ops (cuBLAS products) on the current stream: ns5_gram.cpp.
-  if (ns5_use_gram(algorithm, G_in.size(-2), G_in.size(-1), steps))
+  if (ns5_use_gram(algorithm, G_in.size(-2), G_in.size(-1), steps, ns5_batch(G_in), true))
     return ns5_gram(G_in, ns5_step_coefficients(steps, coefficients), eps);
   at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;

@@ -8,16 +8,17 @@
 
 namespace {
 
-// muonkern._C.ns5_auto_algorithm(m, n, steps): what algorithm="auto" runs in the C++ kernels, so a
-// test can hold the C++ rule against muonkern.ops.ns5_args.choose_algorithm.
+// muonkern._C.ns5_auto_algorithm(m, n, steps, batch, on_cuda): what algorithm="auto" runs in the C++
+// kernels, so a test can hold the C++ rule against muonkern.ops.ns5_args.choose_algorithm.
 PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
-  long long m = 0, n = 0, steps = 0;
-  if (!PyArg_ParseTuple(args, "LLL", &m, &n, &steps)) return nullptr;
-  return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
+  long long m = 0, n = 0, steps = 0, batch = 0;
+  int on_cuda = 0;
+  if (!PyArg_ParseTuple(args, "LLLLp", &m, &n, &steps, &batch, &on_cuda)) return nullptr;
+  return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps, batch, on_cuda) ? "gram" : "standard");
 }
 
 PyMethodDef methods[] = {
-    {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
+    {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps, batch, on_cuda) -> 'gram' | 'standard'"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

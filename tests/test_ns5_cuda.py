@@ -9,6 +9,8 @@ the fallback), CUDA tensors run the pure-PyTorch fallback and the path variable 
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -300,10 +302,11 @@ def test_gram_agrees_with_cpu(gen, shape):
     assert diff <= CROSS_DEVICE_RTOL, f"CUDA vs CPU relative difference {diff:.4g}"
 
 
-@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768)], ids=shape_id)
+@pytest.mark.parametrize("shape", [(1024, 4096), (4, 1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768)],
+                         ids=shape_id)
 def test_auto_runs_the_chosen_algorithm(gen, shape):
     G = randn(gen, *shape, device="cuda")
-    chosen = choose_algorithm(shape[-2], shape[-1], 5)
+    chosen = choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), "cuda")
     auto = ns5(G, algorithm="auto")
     assert torch.equal(auto, ns5(G, algorithm=chosen))
     assert torch.equal(auto, torch.ops.muonkern.ns5(G))  # the schema default

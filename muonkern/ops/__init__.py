@@ -33,7 +33,8 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     ``algorithm``: "standard" (the iteration above), "gram" (the same polynomial computed on the
     m×m Gram matrix X Xᵀ with restarts, fewer FLOPs for wide or tall matrices; see
     muonkern.ops.fallback.gram_iteration) or "auto" (gram where a FLOP cost model says it saves at
-    least 25% on a large enough short side: muonkern.ops.ns5_args.choose_algorithm).
+    least 25% on a large enough short side and, on CUDA, the call is large enough to be
+    matmul-bound: muonkern.ops.ns5_args.choose_algorithm).
     """
     coeffs = None if coefficients is None else [float(c) for c in coefficients]
     return torch.ops.muonkern.ns5(G, steps, coeffs, eps, algorithm)

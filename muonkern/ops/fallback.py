@@ -25,7 +25,7 @@ def ns5_reference(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float]
     X = G.bfloat16()
     X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
     triples = step_coefficients(steps, coefficients)
-    if resolve_algorithm(algorithm, G.size(-2), G.size(-1), steps) == "gram":
+    if resolve_algorithm(algorithm, G, steps) == "gram":
         return gram_iteration(X, triples, gram_restart_steps(steps)).to(G.dtype).contiguous()
     transposed = G.size(-2) > G.size(-1)
     if transposed:
