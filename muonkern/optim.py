@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .ops import ns5
-from .ops.ns5_args import resolve_coefficients
+from .ops.ns5_args import resolve_algorithm, resolve_coefficients
 
 __all__ = ["Muon", "muon_param_groups"]
 
@@ -132,16 +132,19 @@ class Muon(torch.optim.Optimizer):
         counts = [v.numel() // (v.shape[-2] * v.shape[-1]) for v in views]
         stacked = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in views])
         world = _world_size(self.process_group)
+        # "auto" decided on the whole batch, so every world size runs the same algorithm
+        algorithm = resolve_algorithm("auto", stacked, group["ns_steps"])
         if world > 1:
             rank = dist.get_rank(self.process_group)
             share = -(-stacked.shape[0] // world)
             padded = torch.cat([stacked, stacked.new_zeros(share * world - stacked.shape[0], *stacked.shape[1:])])
-            mine = ns5(padded[rank * share:(rank + 1) * share], group["ns_steps"], coefficients).contiguous()
+            mine = ns5(padded[rank * share:(rank + 1) * share], group["ns_steps"], coefficients,
+                       algorithm=algorithm).contiguous()
             gathered = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(gathered, mine, group=self.process_group)
             result = torch.cat(gathered)[:stacked.shape[0]]
         else:
-            result = ns5(stacked, group["ns_steps"], coefficients)
+            result = ns5(stacked, group["ns_steps"], coefficients, algorithm=algorithm)
         return list(result.split(counts))
 
     @staticmethod

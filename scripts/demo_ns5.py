@@ -110,10 +110,12 @@ def main() -> int:
         if p == "fused" and not fits:
             continue
         os.environ["MUONKERN_NS5_PATH"] = p
-        t = time_ms(lambda x: muonkern.ns5(x, args.steps), G)
+        t = time_ms(lambda x: muonkern.ns5(x, args.steps, algorithm="standard"), G)
         label = f"muonkern ({p} path)" if len(paths) > 1 else "muonkern"
         print(f"time per call: {label} {t:.3f} ms  ({t_ref / t:.2f}x the reference's speed)")
     os.environ["MUONKERN_NS5_PATH"] = path
+    t = time_ms(lambda x: muonkern.ns5(x, args.steps, algorithm="gram"), G)
+    print(f"time per call: muonkern (gram) {t:.3f} ms  ({t_ref / t:.2f}x the reference's speed)")
     return 0 if err.max().item() <= budget else 1
 
 

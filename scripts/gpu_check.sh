@@ -9,6 +9,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)"
 phase="${2:-all}"
+[[ "$phase" == all || "$phase" == tests || "$phase" == bench ]] || { echo "phase must be all, tests or bench, got '$phase'"; exit 2; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MUONKERN_BENCH_OUT="$out" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME COMMAND...: runs, logs to NAME.log, records a failure without stopping

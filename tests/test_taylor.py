@@ -328,6 +328,28 @@ def test_gpt_head_in_direction_chunks(gen, monkeypatch):
         assert_rel(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("tie,K,head_chunk", [(False, 1, None), (True, 3, None), (True, 3, 1)])
+def test_gpt_leaves_params_and_directions_unchanged(gen, monkeypatch, tie, K, head_chunk):
+    """The forward writes into its own buffers only (residual adds run in place; one direction is a
+    view of the caller's tensor): params and directions are bitwise as they were, and a second
+    call gives the same values."""
+    import muonkern.taylor.gpt as taylor_gpt
+    if head_chunk is not None:
+        monkeypatch.setattr(taylor_gpt, "_HEAD_CHUNK_ELEMENTS", head_chunk)
+    model, params = random_gpt(gen, tie_embeddings=tie)
+    x, y = batch(gen, model.config, 2, 11)
+    dirs = random_directions(gen, params, K)
+    before = ({k: v.clone() for k, v in params.items()}, [{k: v.clone() for k, v in u.items()} for u in dirs])
+    first = taylor_directional(model, params, x, y, dirs if K > 1 else dirs[0])
+    for k in params:
+        assert torch.equal(params[k], before[0][k]), k
+        for u, u0 in zip(dirs, before[1]):
+            assert torch.equal(u[k], u0[k]), k
+    second = taylor_directional(model, params, x, y, dirs if K > 1 else dirs[0])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_gpt_derivatives_by_finite_differences_of_the_loss(gen):
     """Independent of every derivative code: φ(t) = L(θ + t·u) by the model's own forward,
     central differences at steps h and h/2 combined by Richardson extrapolation (error O(h⁴))."""

@@ -4,7 +4,8 @@
 batched over leading dims, with per-step coefficients) or, with algorithm="gram", the same polynomial
 through the Gram matrix (`gram_iteration`); `dirquad_reference` the per-parameter dot products of the
 curvature probes. They run on any device and are what `torch.ops.muonkern.*` executes when the
-compiled extension is absent. The C++ kernels run the same ATen ops in the same order.
+compiled extension is absent. The C++ CPU kernel and the Gram path (CPU and CUDA) run the same ATen
+ops in the same order; the CUDA standard path runs its own kernels.
 """
 from __future__ import annotations
 

@@ -36,18 +36,13 @@ def shape_groups(Gs: Sequence[torch.Tensor], steps: int = 5,
                  algorithm: str = "auto") -> Dict[GroupKey, List[int]]:
     """Indices of ``Gs`` by (rows, cols) in wide orientation, dtype, device and the algorithm ns5
     runs for them ("standard" or "gram"; gram keeps tall matrices apart), in first-seen order."""
-    by_shape: Dict[tuple, List[int]] = {}
+    groups: Dict[GroupKey, List[int]] = {}
     for i, G in enumerate(Gs):
         m, n = G.shape[-2:]
-        by_shape.setdefault((min(m, n), max(m, n), G.dtype, G.device), []).append(i)
-    groups: Dict[GroupKey, List[int]] = {}
-    for key, members in by_shape.items():
-        # "auto" decides for the group as one call: its batch is every matrix of the group
-        batch = sum(Gs[i].numel() // max(1, key[0] * key[1]) for i in members)
-        chosen = resolve_algorithm(algorithm, Gs[members[0]], steps, batch)
-        for i in members:
-            tall = chosen == "gram" and Gs[i].shape[-2] > Gs[i].shape[-1]
-            groups.setdefault((*key, chosen, tall), []).append(i)
+        # "auto" decides per tensor, as ns5(G) alone would: each output equals ns5 of its input
+        chosen = resolve_algorithm(algorithm, G, steps)
+        tall = chosen == "gram" and m > n
+        groups.setdefault((min(m, n), max(m, n), G.dtype, G.device, chosen, tall), []).append(i)
     return groups
 
 

@@ -6,7 +6,7 @@ with its first and second derivatives along all K directions (:mod:`muonkern.tay
 attention by ``torch.ops.muonkern.taylor_attention``); the primal computation is shared. No
 backward pass and no T×T attention matrix, nothing kept for a backward: the memory beyond the
 parameters and directions is a few (1 + 2K)-tensor jets of one layer (the residual stream, and
-q, k, v and the attention output at the peak), the K directions of one parameter stacked, and
+q, k, v and the attention output at the peak), the K directions of one layer's parameters stacked, and
 the MLP and output head taken in bounded chunks.
 
     params = {k: p.detach() for k, p in model.named_parameters()}
