@@ -313,6 +313,32 @@ def test_gpt_mlp_in_row_chunks(gen, monkeypatch):
     assert_rel(chunked[2], q.curvature, 1e-8)
 
 
+@pytest.mark.parametrize("heads_per_group", [1, 2])
+def test_gpt_attention_in_head_groups(gen, monkeypatch, heads_per_group):
+    """Attention runs over groups of heads, each adding its share of the output projection to the
+    residual stream: 3 heads one at a time, or as 2 + 1, give the all-heads values, which match
+    the HVP path."""
+    import muonkern.taylor.gpt as taylor_gpt
+    model, params = random_gpt(gen, vocab_size=23, context=12, n_layer=2, n_head=3, d_model=24)
+    K = 3
+    x, y = batch(gen, model.config, 2, 11)
+    dirs = random_directions(gen, params, K)
+    # groups of ceil(n_head * _ATTENTION_GROUP_DIRECTIONS / K) heads
+    monkeypatch.setattr(taylor_gpt, "_ATTENTION_GROUP_DIRECTIONS", K)
+    assert list(taylor_gpt._head_groups(3, K)) == [0]
+    whole = taylor_directional(model, params, x, y, dirs)
+    monkeypatch.setattr(taylor_gpt, "_ATTENTION_GROUP_DIRECTIONS", heads_per_group)
+    assert list(taylor_gpt._head_groups(3, K)) == [0, 1, 2][::heads_per_group]
+    grouped = taylor_directional(model, params, x, y, dirs)
+    for a, b in zip(grouped, whole):
+        assert_rel(a, b, 1e-12)
+    loss_fn = gpt_loss_fn(model, x, y)
+    with exact_attention():
+        q = curvature.directional_quadratics(loss_fn, params, dirs, blocks=False)
+    assert_rel(grouped[1], q.gain, 1e-8)
+    assert_rel(grouped[2], q.curvature, 1e-8)
+
+
 def test_gpt_head_in_direction_chunks(gen, monkeypatch):
     """Directions go through the output head and the loss one chunk at a time (here one per
     chunk), against one shared primal softmax: the same values as all at once."""
@@ -328,14 +354,18 @@ def test_gpt_head_in_direction_chunks(gen, monkeypatch):
         assert_rel(a, b, 1e-12)
 
 
-@pytest.mark.parametrize("tie,K,head_chunk", [(False, 1, None), (True, 3, None), (True, 3, 1)])
-def test_gpt_leaves_params_and_directions_unchanged(gen, monkeypatch, tie, K, head_chunk):
+@pytest.mark.parametrize("tie,K,head_chunk,attention_group", [(False, 1, None, None), (True, 3, None, None),
+                                                               (True, 3, 1, 1)])
+def test_gpt_leaves_params_and_directions_unchanged(gen, monkeypatch, tie, K, head_chunk,
+                                                     attention_group):
     """The forward writes into its own buffers only (residual adds run in place; one direction is a
     view of the caller's tensor): params and directions are bitwise as they were, and a second
     call gives the same values."""
     import muonkern.taylor.gpt as taylor_gpt
     if head_chunk is not None:
         monkeypatch.setattr(taylor_gpt, "_HEAD_CHUNK_ELEMENTS", head_chunk)
+    if attention_group is not None:
+        monkeypatch.setattr(taylor_gpt, "_ATTENTION_GROUP_DIRECTIONS", attention_group)
     model, params = random_gpt(gen, tie_embeddings=tie)
     x, y = batch(gen, model.config, 2, 11)
     dirs = random_directions(gen, params, K)

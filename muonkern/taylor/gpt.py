@@ -5,9 +5,10 @@ batch), φ_k'(0) = g·u_k and φ_k''(0) = u_kᵀ H u_k. One forward pass propaga
 with its first and second derivatives along all K directions (:mod:`muonkern.taylor.layers`,
 attention by ``torch.ops.muonkern.taylor_attention``); the primal computation is shared. No
 backward pass and no T×T attention matrix, nothing kept for a backward: the memory beyond the
-parameters and directions is a few (1 + 2K)-tensor jets of one layer (the residual stream, and
-q, k, v and the attention output at the peak), the K directions of one layer's parameters stacked, and
-the MLP and output head taken in bounded chunks.
+parameters and directions is two (1 + 2K)-tensor jets of the model's width (the residual stream,
+updated in place, and a branch's normed input), the K directions of one layer's parameters
+stacked, and bounded chunks: attention by groups of heads, the MLP by token rows, the output head
+by directions.
 
     params = {k: p.detach() for k, p in model.named_parameters()}
     loss, gu, uHu = taylor_directional(model, params, x, y, [u1, u2])   # float64 (2,) each
@@ -33,10 +34,15 @@ Params = Mapping[str, torch.Tensor]
 # K·B·T·V floats twice); the primal logits and softmax are computed once
 _HEAD_CHUNK_ELEMENTS = 1 << 27
 # the MLP runs over token rows in chunks whose hidden tensors (4x the width) hold at most this many
-# elements per order, and at least _MLP_MIN_ROWS rows (smaller products lose more time than they
-# save memory): its (1 + 2K) hidden tensors and the GELU temporaries otherwise set the peak
+# elements per order, and at least _MLP_MIN_ROWS rows over the K directions' stacked products
+# (smaller products lose more time than they save memory): its (1 + 2K) hidden tensors and the
+# GELU temporaries otherwise set the peak
 _MLP_CHUNK_ELEMENTS = 1 << 22
 _MLP_MIN_ROWS = 1024
+# with K directions, attention runs over groups of heads whose q, k, v derivatives hold about as
+# many elements as all heads' at this many directions (groups of ceil(n_head / K) heads): q, k, v
+# of all heads would otherwise set the peak (at K = 8, 0.9x a training step's)
+_ATTENTION_GROUP_DIRECTIONS = 1
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -132,42 +138,60 @@ class _Directions:
         return torch.stack([u[name] for u in chosen])
 
 
-def _attention(h: Jet, P, U: _Directions, pre: str, n_head: int, eps: float, cos, sin) -> Jet:
-    """The attention branch of block ``pre`` (its RMSNorm included). Each input is dropped as
-    soon as its last use is done: the q, k, v jets and the kernel's outputs set the peak."""
+def _head_groups(n_head: int, K: int) -> range:
+    """Start heads of near-equal groups of about n_head·_ATTENTION_GROUP_DIRECTIONS/K heads."""
+    per_group = min(n_head, -(-n_head * _ATTENTION_GROUP_DIRECTIONS // K))
+    groups = -(-n_head // per_group)
+    return range(0, n_head, -(-n_head // groups))
+
+
+def _add_attention(h: Jet, P, U: _Directions, pre: str, n_head: int, eps: float, cos, sin) -> None:
+    """h += the attention branch of block ``pre`` (its RMSNorm included), in place. Heads run in
+    groups (they are independent up to the output projection, which is summed over its input
+    columns): only one group's q, k, v and output jets are alive, beside h and the normed input."""
     a = layers.rmsnorm(h, P[pre + "attn_norm.weight"], U[pre + "attn_norm.weight"], eps)
-    proj = {name: _heads(layers.linear(a, P[f"{pre}attn.{name}.weight"],
-                                       U[f"{pre}attn.{name}.weight"]), n_head)
-            for name in ("q", "k", "v")}
-    del a
-    # the kernels take contiguous (…, H, T, D) inputs: rope's output already is, v is copied
-    # here so that the projection's output is freed rather than held beside the kernel's copy
-    q, k = layers.rope(proj.pop("q"), cos, sin), layers.rope(proj.pop("k"), cos, sin)
-    v = Jet(*(t.contiguous() for t in proj.pop("v")))
-    o = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d, q.dd, k.dd, v.dd, None)
-    del q, k, v
-    merged = Jet(*(_merge_heads(t) for t in o))
-    del o
-    return layers.linear(merged, P[pre + "attn.o.weight"], U[pre + "attn.o.weight"])
+    K, C = a.d.shape[0], a.x.shape[-1]
+    D = C // n_head
+    W = {name: P[f"{pre}attn.{name}.weight"] for name in ("q", "k", "v", "o")}
+    Us = {name: U[f"{pre}attn.{name}.weight"] for name in W}
+    starts = _head_groups(n_head, K)
+    for h0 in starts:
+        cols = slice(h0 * D, min(n_head, h0 + starts.step) * D)
+        heads = (cols.stop - cols.start) // D
+        def project(name):
+            return _heads(layers.linear(a, W[name][cols], Us[name][:, cols]), heads)
+        # one projection at a time, each freed once the kernel's contiguous (…, H, T, D) input is
+        # made from it: rope's output already is contiguous, v is copied
+        q = layers.rope(project("q"), cos, sin)
+        k = layers.rope(project("k"), cos, sin)
+        v = Jet(*(t.contiguous() for t in project("v")))
+        o = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d, q.dd, k.dd, v.dd,
+                                                None)
+        del q, k, v
+        merged = Jet(*(_merge_heads(t) for t in o))
+        del o
+        layers.add_linear_(h, merged, W["o"][:, cols], Us["o"][:, :, cols])
 
 
-def _mlp(h: Jet, P, U: _Directions, pre: str, eps: float) -> Jet:
-    """The MLP branch of block ``pre`` (RMSNorm -> fc -> GELU -> proj), token rows in chunks
-    (rows are independent) so that the wide hidden activations of only one chunk are alive."""
+def _add_mlp(h: Jet, P, U: _Directions, pre: str, eps: float) -> None:
+    """h += the MLP branch of block ``pre`` (RMSNorm -> fc -> GELU -> proj), in place, token rows
+    in chunks (rows are independent) so that the wide hidden activations of only one chunk are
+    alive."""
     m = layers.rmsnorm(h, P[pre + "mlp_norm.weight"], U[pre + "mlp_norm.weight"], eps)
     fc, proj = P[pre + "mlp.fc.weight"], P[pre + "mlp.proj.weight"]
     Ufc, Uproj = U[pre + "mlp.fc.weight"], U[pre + "mlp.proj.weight"]
     K, C = m.d.shape[0], m.x.shape[-1]
     x, d, dd = m.x.reshape(-1, C), m.d.reshape(K, -1, C), m.dd.reshape(K, -1, C)
-    rows = max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMENTS // (K * fc.shape[0]))
-    out = Jet(torch.empty_like(x), torch.empty_like(d), torch.empty_like(dd))
+    hx, hd, hdd = h.x.view(-1, C), h.d.view(K, -1, C), h.dd.view(K, -1, C)
+    rows = max(-(-_MLP_MIN_ROWS // K), _MLP_CHUNK_ELEMENTS // (K * fc.shape[0]))
     for r0 in range(0, x.shape[0], rows):
         part = slice(r0, r0 + rows)
         a = layers.gelu(layers.linear(Jet(x[part], d[:, part], dd[:, part]), fc, Ufc))
         y = layers.linear(a, proj, Uproj)
         del a
-        out.x[part], out.d[:, part], out.dd[:, part] = y
-    return Jet(out.x.reshape(m.x.shape), out.d.reshape(m.d.shape), out.dd.reshape(m.dd.shape))
+        hx[part] += y.x
+        hd[:, part] += y.d
+        hdd[:, part] += y.dd
 
 
 def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -217,9 +241,9 @@ def taylor_forward(model: GPT, P: Dict[str, torch.Tensor], x: torch.Tensor, y: t
         h = layers.embedding(x, P["embed.weight"], U["embed.weight"])
         for i, block in enumerate(model.blocks):
             pre = f"blocks.{i}."
-            h = layers.add_residual(h, _attention(h, P, U, pre, cfg.n_head, block.attn_norm.eps,
-                                                  cos, sin))
-            h = layers.add_residual(h, _mlp(h, P, U, pre, block.mlp_norm.eps))
+            # h is the embedding's or an earlier block's fresh output: updated in place
+            _add_attention(h, P, U, pre, cfg.n_head, block.attn_norm.eps, cos, sin)
+            _add_mlp(h, P, U, pre, block.mlp_norm.eps)
         n = layers.rmsnorm(h, P["norm.weight"], U["norm.weight"], model.norm.eps)
         del h
         nx, nd, ndd = n.x.reshape(B * T, -1), n.d.reshape(K, B * T, -1), n.dd.reshape(K, B * T, -1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..models.gpt import apply_rope
 from .attention import accumulation_dtype
 
-__all__ = ["CrossEntropy", "Jet", "add_residual", "embedding", "gelu", "linear", "linear_derivatives",
+__all__ = ["CrossEntropy", "Jet", "add_linear_", "embedding", "gelu", "linear", "linear_derivatives",
            "rmsnorm", "rope"]
 
 
@@ -42,12 +42,18 @@ def _per_direction(U: torch.Tensor, ndim: int) -> torch.Tensor:
     return U.reshape(U.shape[0], *([1] * (ndim - 2)), U.shape[-1])
 
 
-def add_residual(h: Jet, out: Jet) -> Jet:
-    """h + out, written into ``out`` (a layer's fresh output): no third set of jets."""
-    out.x.add_(h.x)
-    out.d.add_(h.d)
-    out.dd.add_(h.dd)
-    return out
+def add_linear_(out: Jet, h: Jet, W: torch.Tensor, U: torch.Tensor) -> None:
+    """out += linear(h, W, U), in place and without a temporary of out's size: a layer's
+    contribution to the residual stream, taken a slice of W's input columns at a time."""
+    K, out_f, in_f = U.shape
+    x, xd, xdd = h.x.reshape(-1, in_f), h.d.reshape(K, -1, in_f), h.dd.reshape(K, -1, in_f)
+    N = x.shape[0]
+    out.x.view(-1, out_f).addmm_(x, W.T)
+    # ẏ = [ẋ, x]·[W, U_k]ᵀ and ÿ = [ẍ, 2ẋ]·[W, U_k]ᵀ: one product each over the joined inputs,
+    # so out's derivatives are read and written once, not twice
+    WU = torch.cat((W.expand(K, out_f, in_f), U), dim=2).transpose(1, 2)
+    out.d.view(K, N, out_f).baddbmm_(torch.cat((xd, x.expand(K, N, in_f)), dim=2), WU)
+    out.dd.view(K, N, out_f).baddbmm_(torch.cat((xdd, 2.0 * xd), dim=2), WU)
 
 
 def embedding(idx: torch.Tensor, E: torch.Tensor, U: torch.Tensor) -> Jet:
@@ -87,17 +93,20 @@ def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
     x, xd, xdd = h.x.to(dt), h.d.to(dt), h.dd.to(dt)
     mu = x.pow(2).mean(-1, keepdim=True)
     mud = 2.0 * (x * xd).mean(-1, keepdim=True)
-    mudd = 2.0 * (xd * xd + x * xdd).mean(-1, keepdim=True)
+    mudd = 2.0 * (xd * xd).addcmul_(x, xdd).mean(-1, keepdim=True)
     r = torch.rsqrt(mu + eps)
     r3 = r ** 3
     rd = -0.5 * r3 * mud
     rdd = 0.75 * r3 * r * r * mud * mud - 0.5 * r3 * mudd
     n = x * r
-    nd = torch.addcmul(x * rd, xd, r)
-    ndd = torch.addcmul(x * rdd, xd, rd, value=2.0).addcmul_(xdd, r)
+    nd = (x * rd).addcmul_(xd, r)
+    ndd = (x * rdd).addcmul_(xd, rd, value=2.0).addcmul_(xdd, r)
     n, nd, ndd = n.to(h.x.dtype), nd.to(h.x.dtype), ndd.to(h.x.dtype)
     Uw = _per_direction(U, nd.dim())
-    return Jet(n * w, torch.addcmul(nd * w, n, Uw), torch.addcmul(ndd * w, nd, Uw, value=2.0))
+    # in place, ÿ before ẏ (it reads ṅ): no (K, ...) temporaries beside the input's jet
+    ndd.mul_(w).addcmul_(nd, Uw, value=2.0)
+    nd.mul_(w).addcmul_(n, Uw)
+    return Jet(n * w, nd, ndd)
 
 
 def gelu(h: Jet) -> Jet:

@@ -51,7 +51,8 @@ def _attn_fwd_primal(
         sm_scale, seq_len,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0)
+    # the longest (causal: last) query blocks first, so that a launch ends on short programs
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -95,7 +96,7 @@ def _attn_fwd_taylor(
         sm_scale, seq_len, n_bh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0)
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)      # longest blocks first, as above
     off_bh = tl.program_id(1)
     off_dir = tl.program_id(2)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
