@@ -9,6 +9,11 @@ GPU (the baseline shapes, fp32 inputs):
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
   torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
+  muonkern triton-sym muonkern.ops.triton_symmetric.ns5_symmetric: X Xᵀ and b·A + c·A·A by the Triton
+                      symmetric kernels, a·X + B·X by cuBLAS; on the shapes whose short side is >= 512
+                      (below, the triangle has too few large tiles to pay off)
+X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt vs torch.matmul(X, X.mT), its own table
+(xxt_bench.md/.json) with reference-equivalent TFLOP/s: the dense product's 2m²n FLOPs / the time.
 CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern (and its algorithms on
 CPU_GRAM_SHAPES) vs reference.
 
@@ -16,12 +21,16 @@ CPU_GRAM_SHAPES) vs reference.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 
+from muonkern.ops import triton_symmetric
 from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
 
@@ -32,7 +41,8 @@ GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
               (48, 128, 128), (12, 64, 768), (8, 1024, 4096), (2048, 8192), (4096, 1024)]
 CPU_SHAPES = [(4, 64, 256), (256, 256), *CPU_GRAM_SHAPES]
 GPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram", "reference_compiled",
-             "torch_optim_muon"]
+             "torch_optim_muon", "muonkern triton-sym"]
+TRITON_SYM_MIN_SHORT_SIDE = 512
 CPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram"]
 ALGORITHM_IMPLS = {"muonkern standard": "standard", "muonkern gram": "gram"}
 
@@ -63,8 +73,12 @@ def _torch_optim_muon(G):
     return _zeropower_via_newtonschulz(G, ns_coefficients=JORDAN_COEFFICIENTS, ns_steps=5, eps=1e-7)
 
 
+def _triton_sym(G):
+    return triton_symmetric.ns5_symmetric(G, 5, None, 1e-7)
+
+
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
-         "torch_optim_muon": _torch_optim_muon,
+         "torch_optim_muon": _torch_optim_muon, "muonkern triton-sym": _triton_sym,
          **{impl: (lambda G, a=algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, a))
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
@@ -91,6 +105,11 @@ def test_ns5_cuda(time_ns5, shape, impl):
             pytest.skip("this torch has no torch.optim._muon")
         if len(shape) != 2:
             pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
+    if impl == "muonkern triton-sym":
+        if not triton_symmetric.available():
+            pytest.skip("triton is not installed")
+        if min(shape[-2:]) < TRITON_SYM_MIN_SHORT_SIDE:
+            pytest.skip(f"symmetric tiles pay off from a short side of {TRITON_SYM_MIN_SHORT_SIDE}")
     _time_impl(time_ns5, shape, impl, "cuda", GRAM_SHAPES)
 
 
@@ -122,3 +141,100 @@ GROUPED = [("loop of reference", None, lambda Gs: [_reference(G) for G in Gs]),
 def test_ns5_grouped_gpt2_small(time_probe, impl, reference, fn):
     Gs = gpt2_small_matrices("cuda")
     time_probe(lambda: fn(Gs), "ns5 of a GPT-2-small step's 72 matrices", impl, reference=reference)
+
+
+# ---- X Xᵀ alone: the Triton symmetric kernel against cuBLAS's dense product --------------------
+
+XXT_SHAPES = [(4096, 4096), (8192, 8192), (1024, 4096), (2048, 8192)]
+XXT_IMPLS = {"torch.matmul": lambda X: torch.matmul(X, X.mT),
+             "muonkern triton xxt": lambda X: triton_symmetric.xxt(X)}
+_XXT_RESULTS: list[dict] = []
+
+
+class _XxtTable:
+    """Prints and writes the X Xᵀ table at the end of the run, as conftest does for its tables
+    (markdown and JSON in $MUONKERN_BENCH_OUT, default bench_results/)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not _XXT_RESULTS:
+            return
+        dense = {r["shape"]: r["median_ms"] for r in _XXT_RESULTS if r["impl"] == "torch.matmul"}
+        rows = [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
+                for r in _XXT_RESULTS]
+        env = {"torch": torch.__version__, "triton": getattr(triton_symmetric.triton, "__version__", None),
+               "python": platform.python_version(), "gpu": torch.cuda.get_device_name()}
+        lines = ["# X Xᵀ benchmark: Triton symmetric kernel vs torch.matmul (bf16)", "",
+                 ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+                 "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul time / "
+                 "this impl's time (> 1 is faster); TFLOP/s counted as the dense product's 2m^2n for both "
+                 "(reference-equivalent: the symmetric kernel does about half of that work).", "",
+                 "| shape (m×n) | impl | median ms | ratio vs torch.matmul | reference-equivalent TFLOP/s |",
+                 "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['shape']} | {r['impl']} | {r['median_ms']:.4f} | "
+                  f"{'—' if r['ratio_vs_matmul'] is None else format(r['ratio_vs_matmul'], '.2f') + 'x'} | "
+                  f"{r['tflops']:.1f} |" for r in rows]
+        out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "xxt_bench.md").write_text("\n".join(lines) + "\n")
+        (out_dir / "xxt_bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+        terminalreporter.write_sep("=", "xxt_bench")
+        for line in lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"written to {out_dir / 'xxt_bench'}.md and .json")
+
+
+@pytest.fixture
+def record_xxt(request):
+    """Appends a row to the X Xᵀ table; registers the table's writer on first use."""
+    plugins = request.config.pluginmanager
+    if not plugins.has_plugin("muonkern-xxt-table"):
+        plugins.register(_XxtTable(), "muonkern-xxt-table")
+    return _XXT_RESULTS.append
+
+
+def _median_per_call(benchmark, fn, inputs) -> float:
+    """Seconds per call: k calls over rotating inputs, then one synchronize, per timed round (k
+    such that a round lasts >= 2 ms), about 0.6 s of rounds; as conftest's time_ns5."""
+    fn(inputs[0])  # first call: compiles and autotunes
+    torch.cuda.synchronize()
+    start, calls = torch.cuda.Event(enable_timing=True), len(inputs)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for X in inputs:
+        fn(X)
+    end.record()
+    torch.cuda.synchronize()
+    per_call = max(start.elapsed_time(end) / 1e3 / calls, 1e-6)
+    k = max(1, min(2000, math.ceil(2e-3 / per_call)))
+    rounds = max(5, min(200, int(0.6 / (k * per_call))))
+
+    def timed_round():
+        for i in range(k):
+            fn(inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=2, iterations=1)
+    return benchmark.stats.stats.median / k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
+@pytest.mark.parametrize("impl", list(XXT_IMPLS))
+@pytest.mark.parametrize("shape", XXT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_xxt_cuda(benchmark, record_xxt, shape, impl):
+    if impl != "torch.matmul" and not triton_symmetric.available():
+        pytest.skip("triton is not installed")
+    m, n = shape
+    # fresh inputs, together more than twice the L2 cache, so a call cannot find its X there
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20)
+    count = max(1, min(16, math.ceil(2 * l2 / (2 * m * n))))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(count)]
+    fn = XXT_IMPLS[impl]
+    C = fn(inputs[0])
+    assert C.shape == (m, m) and torch.isfinite(C).all()
+    benchmark.group = f"xxt cuda {m}x{n}"
+    benchmark.extra_info.update(impl=impl, shape=list(shape))
+    median_s = _median_per_call(benchmark, fn, inputs)
+    record_xxt({"shape": f"{m}x{n}", "impl": impl, "median_ms": median_s * 1e3,
+                "flops": 2.0 * m * m * n, "tflops": 2.0 * m * m * n / median_s / 1e12,
+                "inputs_rotated": count})

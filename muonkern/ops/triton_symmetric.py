@@ -1,0 +1,293 @@
+"""Triton kernels for the symmetric products of the Newton-Schulz iteration.
+
+Each step of ns5 (wide orientation, X is m×n with m <= n) is
+
+    A = X Xᵀ,   B = b·A + c·A·A,   X = a·X + B·X.
+
+A and B are symmetric, and so is A·A = A·Aᵀ. One kernel computes C = X Xᵀ (and, with the
+linear term folded into its epilogue, C = c·A·Aᵀ + b·A) on the tiles on and above the diagonal
+only, and stores every tile twice: as it is and mirrored across the diagonal. That halves the
+FLOPs of two of the three products (4m²n + 2m³ per step become 3m²n + m³). The third product,
+B·X, has no symmetry to use; it runs as ``torch.baddbmm`` (cuBLAS) with a·X in its epilogue.
+
+Tile mapping. The output is cut into square BLOCK×BLOCK tiles, T = ceil(m / BLOCK) per side,
+and the grid has one program per tile of the upper triangle, T(T+1)/2 per matrix, so no program
+is launched only to exit. ``_upper_tile`` turns the 1-D program id into a (row, col) tile pair:
+bands of GROUP tile rows, column by column within a band (the grouped ordering of Triton's
+matmul tutorial, restricted to the triangle), so programs that run at the same time read the
+same row blocks of X and find them in L2. A diagonal tile stores its upper half in place and
+mirrors its strict upper half, so C is exactly symmetric and no element is written twice.
+
+Operands bf16 (fp16 works too) with fp32 accumulation; float32 operands run exact-input
+("ieee") products, which Triton's CPU interpreter runs and the tests use (slow on a GPU). Any
+strides work, so a transposed view ``X.mT`` needs no copy. Tile shapes: autotuned on CUDA over a
+few H100 configurations (``CONFIGS``, keyed on the problem size), or given as ``config=``.
+
+CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported). Without triton this module still imports; its functions then raise RuntimeError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .ns5_args import check_ns5_args, step_coefficients
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package must work without triton; the kernels below then do not exist
+    triton = None
+
+__all__ = ["CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
+           "wgmma_in_ptx", "xxt"]
+
+
+@dataclass(frozen=True)
+class SyrkConfig:
+    """Launch parameters: square output tiles of BLOCK×BLOCK, BLOCK_K columns of X per loop step,
+    and GROUP tile rows per band of the program order (L2 reuse)."""
+
+    block: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group: int = 8
+
+
+# H100 (sm_90, 228 KB of shared memory per SM): 128×128 tiles keep a wgmma pipeline busy on
+# large matrices; 64×64 tiles give a small matrix enough programs (m = 512: 10 tiles of 128,
+# 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most 192 KB (128×128, 3 stages).
+# Non-square tiles would not map onto the triangle of tile pairs, so every tile is square.
+CONFIGS = (
+    SyrkConfig(128, 64, num_warps=8, num_stages=4),
+    SyrkConfig(128, 64, num_warps=4, num_stages=4),
+    SyrkConfig(128, 128, num_warps=8, num_stages=3),
+    SyrkConfig(64, 128, num_warps=4, num_stages=4),
+    SyrkConfig(64, 64, num_warps=4, num_stages=5),
+)
+
+# Small tiles for the interpreter (it runs every tile in numpy); group 2 so that the shapes the
+# tests use have several bands, a partial last one included.
+INTERPRETER_CONFIG = SyrkConfig(16, 16, num_warps=1, num_stages=1, group=2)
+
+
+def available() -> bool:
+    """Whether triton is importable (the kernels exist)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _upper_tile(t, T, GROUP: tl.constexpr):
+        """(row, col), row <= col, of the t-th tile in the upper triangle of a T×T tile grid.
+
+        A band of R = min(GROUP, T - r0) tile rows starting at row r0 holds a triangular head
+        (columns r0 .. r0+R-1 with 1 .. R tiles each) and then a rectangle (columns r0+R .. T-1
+        with R tiles each); rows vary fastest, so neighbouring programs share a column block."""
+        r0 = t * 0
+        rows = tl.minimum(T, GROUP)
+        size = rows * (rows + 1) // 2 + rows * (T - rows)
+        while t >= size:  # at most T / GROUP bands: a few scalar steps per program
+            t -= size
+            r0 += GROUP
+            rows = tl.minimum(T - r0, GROUP)
+            size = rows * (rows + 1) // 2 + rows * (T - r0 - rows)
+        head = rows * (rows + 1) // 2
+        # head: column c holds rows 0..c and starts at c (c + 1) / 2; the float root can be off by
+        # one after rounding, the two integer checks put it right
+        c = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        c = tl.where(c * (c + 1) // 2 > t, c - 1, c)
+        c = tl.where((c + 1) * (c + 2) // 2 <= t, c + 1, c)
+        rect = t - head
+        in_head = t < head
+        row = r0 + tl.where(in_head, t - c * (c + 1) // 2, rect % rows)
+        col = r0 + tl.where(in_head, c, rows + rect // rows)
+        return row, col
+
+    # BATCH is read only by the autotuner (its key): not specialized, so it costs no recompilation
+    @triton.jit(do_not_specialize=["BATCH"])
+    def _syrk_kernel(X, C, M, K, BATCH,
+                     stride_xb, stride_xm, stride_xk,
+                     stride_cb, stride_cm, stride_cn,
+                     alpha, beta,
+                     HAS_LINEAR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """C = X Xᵀ, or C = alpha·X Xᵀ + beta·X for a square X (HAS_LINEAR), per matrix of a
+        batch: X (batch, M, K), C (batch, M, M); one program per upper-triangle tile."""
+        tiles = tl.cdiv(M, BLOCK)
+        per_matrix = tiles * (tiles + 1) // 2
+        pid = tl.program_id(0)
+        batch = pid // per_matrix
+        tile_m, tile_n = _upper_tile(pid % per_matrix, tiles, GROUP)
+        X += batch.to(tl.int64) * stride_xb
+        C += batch.to(tl.int64) * stride_cb
+
+        offs_m = tile_m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tile_n * BLOCK + tl.arange(0, BLOCK)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Rows past M wrap around to valid rows, so the loads need no row mask; their results
+        # land in rows and columns that are never stored.
+        rows_m = offs_m % M
+        rows_n = offs_n % M
+        a_ptrs = X + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk   # X[m-block, k]
+        b_ptrs = X + offs_k[:, None] * stride_xk + rows_n[None, :] * stride_xm   # X[n-block, k]ᵀ
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            b_ptrs += BLOCK_K * stride_xk
+
+        in_m = offs_m < M
+        in_n = offs_n < M
+        if HAS_LINEAR:  # the polynomial's linear term, in fp32 before the one rounding to C
+            lin_ptrs = X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk
+            lin = tl.load(lin_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
+            acc = alpha * acc + beta * lin.to(tl.float32)
+        out = acc.to(C.dtype.element_ty)
+
+        # Upper half (row <= col) in place; the strict upper half mirrored to (col, row). Off the
+        # diagonal every element is strictly upper, so both stores write the whole tile.
+        upper = in_m[:, None] & in_n[None, :] & (offs_m[:, None] <= offs_n[None, :])
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out, mask=upper)
+        lower = in_n[:, None] & in_m[None, :] & (offs_n[:, None] > offs_m[None, :])
+        tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
+                 mask=lower)
+
+    def _triton_configs():
+        return [triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group},
+                              num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
+
+    # Autotuned once per (M, K, batch, kind) and dtype: a first call pays for timing each config
+    # (a few hundred ms); later calls with the same key reuse the choice. The batch is part of the
+    # key because many small matrices want other tiles than one large one.
+    _syrk_autotuned = triton.autotune(configs=_triton_configs(),
+                                      key=["M", "K", "BATCH", "HAS_LINEAR"])(_syrk_kernel)
+
+
+def _interpreting() -> bool:
+    return not isinstance(_syrk_kernel, triton.runtime.JITFunction)
+
+
+def _require_triton(name: str, *tensors: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError(f"{name}: triton is not installed")
+    for t in tensors:
+        if t.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"{name}: CPU tensors run only under Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported")
+
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _batched(name: str, X: torch.Tensor, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """X as (batch, m, k) and the output (given or new) as (batch, m, m), both views."""
+    if X.dim() not in (2, 3):
+        raise ValueError(f"{name}: expected a 2-D or 3-D tensor, got shape {tuple(X.shape)}")
+    if X.dtype not in _DTYPES:
+        raise TypeError(f"{name}: expected bfloat16, float16 or float32, got {X.dtype}")
+    shape = (*X.shape[:-1], X.size(-2))
+    if out is None:
+        out = torch.empty(shape, dtype=X.dtype, device=X.device)
+    elif tuple(out.shape) != shape or out.device != X.device or out.dtype not in _DTYPES:
+        raise ValueError(f"{name}: out must have shape {shape} on {X.device} and a floating dtype, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    elif out.untyped_storage().data_ptr() == X.untyped_storage().data_ptr():
+        raise ValueError(f"{name}: out must not share memory with the input (tiles read what others write)")
+    return (X if X.dim() == 3 else X.unsqueeze(0)), (out if out.dim() == 3 else out.unsqueeze(0))
+
+
+def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_linear: bool,
+            config: Optional[SyrkConfig]):
+    """Runs the kernel on X (batch, M, K) into C (batch, M, M); returns what the launch returns
+    (the compiled kernel on a GPU, with its ``.asm``)."""
+    batch, M, K = X.shape
+    if batch == 0 or M == 0:
+        return None
+    args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta))
+    meta = dict(HAS_LINEAR=has_linear,
+                DOT_PRECISION="ieee" if X.dtype == torch.float32 else "tf32")
+    if config is None and (_interpreting() or X.device.type != "cuda"):
+        config = INTERPRETER_CONFIG
+    if config is None:
+        def grid(meta_):
+            tiles = triton.cdiv(M, meta_["BLOCK"])
+            return (batch * tiles * (tiles + 1) // 2,)
+        return _syrk_autotuned[grid](*args, **meta)
+    tiles = triton.cdiv(M, config.block)
+    return _syrk_kernel[(batch * tiles * (tiles + 1) // 2,)](
+        *args, BLOCK=config.block, BLOCK_K=config.block_k, GROUP=config.group,
+        num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+
+
+def xxt(X: torch.Tensor, out: Optional[torch.Tensor] = None,
+        config: Optional[SyrkConfig] = None) -> torch.Tensor:
+    """C = X Xᵀ for X of shape (m, n) or (batch, m, n): (…, m, m), symmetric, in X's dtype (or
+    out's). Only the upper triangle of tiles is computed; each tile is also stored mirrored."""
+    _require_triton("xxt", X)
+    X3, C3 = _batched("xxt", X, out)
+    _launch(X3, C3, 1.0, 0.0, False, config)
+    return C3 if X.dim() == 3 else C3[0]
+
+
+def symmetric_polynomial(A: torch.Tensor, b: float, c: float, out: Optional[torch.Tensor] = None,
+                         config: Optional[SyrkConfig] = None) -> torch.Tensor:
+    """C = b·A + c·A·A for a symmetric A (…, m, m): A·A = A·Aᵀ, so the X Xᵀ kernel with the
+    linear term added in fp32 in its epilogue. Reads the whole of A; the result is exactly
+    symmetric (computed from the upper triangle of tiles)."""
+    _require_triton("symmetric_polynomial", A)
+    if A.size(-1) != A.size(-2):
+        raise ValueError(f"symmetric_polynomial: expected square matrices, got shape {tuple(A.shape)}")
+    A3, C3 = _batched("symmetric_polynomial", A, out)
+    _launch(A3, C3, c, b, True, config)
+    return C3 if A.dim() == 3 else C3[0]
+
+
+def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
+                  eps: float = 1e-7, config: Optional[SyrkConfig] = None,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """ns5 (the standard iteration, as ``muonkern.ops.fallback.ns5_reference`` with
+    algorithm="standard") of G (m, n) or (batch, m, n), with A = X Xᵀ and B = b·A + c·A·A by the
+    symmetric kernels and X = a·X + B·X by cuBLAS (baddbmm). Operands in ``dtype``: bfloat16 as in
+    the reference (float32 serves exactness tests under the interpreter). Each product rounds once,
+    in its epilogue, where the reference rounds after every elementwise op as well. Returns G's
+    dtype and shape, contiguous."""
+    check_ns5_args(G, steps, coefficients, eps)
+    _require_triton("ns5_symmetric", G)
+    if G.dim() not in (2, 3):
+        raise ValueError(f"ns5_symmetric: expected a 2-D or 3-D tensor, got shape {tuple(G.shape)}")
+    # The reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)
+    X = G.to(dtype)
+    X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
+    if X.numel() == 0 or steps == 0:
+        return X.to(G.dtype).contiguous()
+    X = X.unsqueeze(0) if G.dim() == 2 else X
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT  # a strided view: the first X Xᵀ reads it in place, baddbmm writes wide
+    batch, m, n = X.shape
+    A = torch.empty((batch, m, m), dtype=dtype, device=X.device)
+    B = torch.empty_like(A)
+    # two buffers in turn: baddbmm must not write the X it reads
+    buffers = [torch.empty((batch, m, n), dtype=dtype, device=X.device) for _ in range(2)]
+    for i, (a, b, c) in enumerate(step_coefficients(steps, coefficients)):
+        xxt(X, out=A, config=config)
+        symmetric_polynomial(A, b, c, out=B, config=config)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0, out=buffers[i % 2])
+    if transposed:
+        X = X.mT
+    X = X if G.dim() == 3 else X[0]
+    return X.to(G.dtype).contiguous()
+
+
+def wgmma_in_ptx(compiled) -> bool:
+    """Whether a compiled Triton kernel (what ``kernel[grid](...)`` returns on a GPU) issues
+    Hopper's warp-group MMA: its PTX holds ``wgmma.mma_async`` rather than ``mma.sync``."""
+    return "wgmma.mma_async" in compiled.asm["ptx"]
