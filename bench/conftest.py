@@ -8,24 +8,20 @@ At the end one table is printed and written as markdown and JSON to $MUONKERN_BE
 """
 from __future__ import annotations
 
-import itertools
-import json
 import math
-import os
-import platform
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import muonkern
-from measure import measure_call
+from measure import (environment, markdown, measure_call, rotating_inputs, shape_str, time_rotating,
+                     write_report)
+
+from muonkern.ops import ns5_args
 
 TARGET_ROUND_S = 2e-3     # k calls per timed round, so a round lasts >= ~2 ms (CUDA is async)
 TIME_PER_CASE_S = 0.6     # timed rounds per (shape, impl): about this long, 5..200 rounds
 WARMUP_ROUNDS = 2
-MAX_ROTATING_INPUTS = 16
 
 _RESULTS: list[dict] = []
 _OPTIM_RESULTS: list[dict] = []
@@ -34,29 +30,7 @@ _PROBE_RESULTS: list[dict] = []
 
 def ns5_flops(shape, steps: int = 5) -> float:
     """Per step 4 m^2 n + 2 m^3 with m the short side, n the long side; times batch."""
-    m, n = sorted(shape[-2:])
-    batch = math.prod(shape[:-2])
-    return float(steps * batch * (4 * m * m * n + 2 * m ** 3))
-
-
-def shape_str(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def rotating_inputs(shape, device: str, seed: int = 0) -> list[torch.Tensor]:
-    """Fresh Gaussian fp32 inputs (never zeros); several for small shapes, so that together they
-    exceed twice the L2 cache and a call cannot find its input there from the previous call."""
-    nbytes = 4 * math.prod(shape)
-    l2 = 50 << 20
-    if device == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", l2) or l2
-    count = max(1, min(MAX_ROTATING_INPUTS, math.ceil(2 * l2 / nbytes)))
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).to(device) for _ in range(count)]
-
-
-def _sync(device: str):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return math.prod(shape[:-2]) * float(ns5_args.ns5_flops(shape[-2], shape[-1], steps, "standard"))
 
 
 @pytest.fixture
@@ -65,34 +39,16 @@ def time_ns5(benchmark):
 
     def run(fn, shape, impl: str, device: str) -> float:
         inputs = rotating_inputs(shape, device)
-        sync = _sync(device)
-        cycle = itertools.cycle(inputs)
-        out = fn(inputs[0])  # first call: compiles / builds plans
-        sync()
-        assert torch.isfinite(out).all(), f"{impl} returned non-finite values on {shape_str(shape)}"
-        calls, start = 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - start < 0.05:
-            fn(next(cycle))
-            calls += 1
-        sync()
-        per_call = (time.perf_counter() - start) / calls
-        k = max(1, min(2000, math.ceil(TARGET_ROUND_S / per_call)))
-        rounds = max(5, min(200, int(TIME_PER_CASE_S / (k * per_call))))
-
-        def timed_round():
-            for _ in range(k):
-                fn(next(cycle))
-            sync()
-
         benchmark.group = f"{device} {shape_str(shape)}"
-        benchmark.extra_info.update(calls_per_round=k, impl=impl, shape=list(shape), device=device)
-        benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-        stats = benchmark.stats.stats
-        median_s = stats.median / k
+        benchmark.extra_info.update(impl=impl, shape=list(shape), device=device)
+        timed = time_rotating(benchmark, fn, inputs, device, TARGET_ROUND_S, TIME_PER_CASE_S, WARMUP_ROUNDS)
+        assert torch.isfinite(timed["first_output"]).all(), \
+            f"{impl} returned non-finite values on {shape_str(shape)}"
+        median_s = timed["median_s"]
         _RESULTS.append({
             "device": device, "shape": shape_str(shape), "impl": impl, "median_ms": median_s * 1e3,
-            "min_ms": stats.min / k * 1e3, "calls_per_round": k, "rounds": rounds,
-            "inputs_rotated": len(inputs), "flops": ns5_flops(shape),
+            "min_ms": timed["min_s"] * 1e3, "calls_per_round": timed["calls_per_round"],
+            "rounds": timed["rounds"], "inputs_rotated": len(inputs), "flops": ns5_flops(shape),
             "tflops": ns5_flops(shape) / median_s / 1e12,
         })
         return median_s
@@ -160,14 +116,6 @@ def pytest_configure(config):
         config.option.benchmark_quiet = True
 
 
-def _environment() -> dict:
-    env = {"torch": torch.__version__, "muonkern_backend": muonkern.backend(), "python": platform.python_version(),
-           "ns5_path": os.environ.get("MUONKERN_NS5_PATH", "auto")}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
 def _table(results: list[dict]) -> list[dict]:
     reference = {(r["device"], r["shape"]): r["median_ms"] for r in results if r["impl"] == "reference"}
     rows = []
@@ -177,19 +125,11 @@ def _table(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _markdown(title: str, env: dict, note: str, columns: list[str], cells: list[list[str]]) -> str:
-    aligns = ["---" if i < columns.index("median ms") else "---:" for i in range(len(columns))]
-    lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "", note, "",
-             "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
-
-
 def _ns5_report(rows: list[dict], env: dict) -> str:
     cells = [[r["device"], r["shape"], r["impl"], f"{r['median_ms']:.4f}",
               "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x", f"{r['tflops']:.2f}"]
              for r in rows]
-    return _markdown("muonkern ns5 benchmark", env,
+    return markdown("muonkern ns5 benchmark", env,
                      "Median per call (k calls then one synchronize per timed round); ratio = reference eager "
                      "time / this impl's time (> 1 is faster than the reference); TFLOP/s counted as "
                      "4m^2n + 2m^3 per step (m = short side).",
@@ -200,7 +140,7 @@ def _optim_report(rows: list[dict], env: dict) -> str:
     ours = next((r["median_ms"] for r in rows if r["impl"] == "muonkern"), None)
     cells = [[r["impl"], f"{r['median_ms']:.3f}", f"{r['median_ms'] / ours:.2f}x" if ours else "—",
               f"{r['state_mb']:.1f}", f"{r['peak_step_mb']:.1f}"] for r in rows]
-    return _markdown("muonkern optimizer-step benchmark (GPT-2-small parameter set, fp32 parameters)", env,
+    return markdown("muonkern optimizer-step benchmark (GPT-2-small parameter set, fp32 parameters)", env,
                      "Median per step; speed-up = that impl's time / muonkern's time (same run). State MB: the "
                      "optimizer's state tensors after one step; peak MB: the most memory a step allocates beyond "
                      "parameters, gradients and state.",
@@ -211,32 +151,21 @@ def _probe_report(rows: list[dict], env: dict) -> str:
     cells = [[r["case"], r["impl"], f"{r['median_ms']:.2f}", str(r["per"]), f"{r['per_ms']:.2f}",
               "—" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x "
               f"{r['reference']}", f"{r['peak_mb']:.0f}"] for r in rows]
-    return _markdown("muonkern multi-call benchmark (curvature probes, grouped ns5)", env,
+    return markdown("muonkern multi-call benchmark (curvature probes, grouped ns5)", env,
                      "Median per call (one call and one synchronize per round). per = directions (or "
                      "dot-product sets) per call; ratio = time per direction / the named reference's time in "
                      "the same run; peak MB = memory a call allocates beyond what existed before it.",
                      ["case", "impl", "median ms", "per", "ms per", "ratio", "peak MB"], cells)
 
 
-def _write_report(terminalreporter, name: str, text: str, payload: dict) -> None:
-    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.md").write_text(text)
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    terminalreporter.write_sep("=", name)
-    for line in text.splitlines():
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f"written to {out_dir / name}.md and .json")
-
-
 def pytest_terminal_summary(terminalreporter):
-    env = _environment()
+    env = environment()
     if _OPTIM_RESULTS:
-        _write_report(terminalreporter, "optim_bench", _optim_report(_OPTIM_RESULTS, env),
+        write_report(terminalreporter, "optim_bench", _optim_report(_OPTIM_RESULTS, env),
                       {"environment": env, "results": _OPTIM_RESULTS})
     if _PROBE_RESULTS:
-        _write_report(terminalreporter, "curvature_bench", _probe_report(_PROBE_RESULTS, env),
+        write_report(terminalreporter, "curvature_bench", _probe_report(_PROBE_RESULTS, env),
                       {"environment": env, "results": _PROBE_RESULTS})
     if _RESULTS:
         rows = _table(_RESULTS)
-        _write_report(terminalreporter, "ns5_bench", _ns5_report(rows, env), {"environment": env, "results": rows})
+        write_report(terminalreporter, "ns5_bench", _ns5_report(rows, env), {"environment": env, "results": rows})

@@ -53,7 +53,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("small")).cuda()
-    x, y = (torch.randint(0, 256, (32, 256), device="cuda") for _ in range(2))
+    x, y = (torch.randint(0, model.config.vocab_size, (32, 256), device="cuda") for _ in range(2))
     loss_fn = gpt_loss_fn(model, x, y)
     params = {k: p.detach() for k, p in model.named_parameters()}
     u = {k: 1e-3 * torch.randn_like(p) for k, p in params.items()}

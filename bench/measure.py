@@ -1,15 +1,76 @@
-"""Time and peak memory of one GPU call, shared by the benchmarks whose calls take milliseconds."""
+"""Shared by the benchmarks: inputs, timing (rounds of k calls; one call with its peak memory),
+and the tables they write (markdown and JSON in $MUONKERN_BENCH_OUT, default bench_results/)."""
 from __future__ import annotations
 
+import itertools
+import json
+import math
+import os
+import platform
 import time
+from pathlib import Path
 from typing import Callable
+
+import torch
+
+import muonkern
+
+MAX_ROTATING_INPUTS = 16
+
+
+def shape_str(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def rotating_inputs(shape, device: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> list:
+    """Fresh Gaussian inputs (never zeros); several for small shapes, so that together they exceed
+    twice the L2 cache and a call cannot find its input there from the previous call."""
+    nbytes = dtype.itemsize * math.prod(shape)
+    l2 = 50 << 20
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", l2) or l2
+    count = max(1, min(MAX_ROTATING_INPUTS, math.ceil(2 * l2 / nbytes)))
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(count)]
+
+
+def sync_for(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def time_rotating(benchmark, fn, inputs: list, device: str, target_round_s: float = 2e-3,
+                  time_per_case_s: float = 0.6, warmup_rounds: int = 2) -> dict:
+    """fn over the inputs in turn, k calls then one synchronize per timed round (k such that a
+    round lasts >= target_round_s: CUDA is asynchronous), about time_per_case_s of 5..200 rounds.
+    The first call (compilation, autotuning, plans) is not timed; its output is returned."""
+    sync = sync_for(device)
+    cycle = itertools.cycle(inputs)
+    out = fn(inputs[0])
+    sync()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < 0.05:
+        fn(next(cycle))
+        calls += 1
+    sync()
+    per_call = (time.perf_counter() - start) / calls
+    k = max(1, min(2000, math.ceil(target_round_s / per_call)))
+    rounds = max(5, min(200, int(time_per_case_s / (k * per_call))))
+
+    def timed_round():
+        for _ in range(k):
+            fn(next(cycle))
+        sync()
+
+    benchmark.extra_info.update(calls_per_round=k)
+    benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    stats = benchmark.stats.stats
+    return {"first_output": out, "median_s": stats.median / k, "min_s": stats.min / k,
+            "calls_per_round": k, "rounds": rounds}
 
 
 def measure_call(fn: Callable[[], object], benchmark, budget_s: float, max_rounds: int = 50) -> dict:
     """Warm-up call, one call for peak memory (beyond what was allocated before it), then timed
     rounds of one call and one synchronize through pytest-benchmark, about ``budget_s`` in all."""
-    import torch
-
     fn()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -34,8 +95,6 @@ def measure_call(fn: Callable[[], object], benchmark, budget_s: float, max_round
 def capture_graph(fn: Callable[[], object]):
     """fn captured as a CUDA graph (after warm-up calls on a side stream, as torch.cuda.graph
     requires); call ``.replay()`` on the result. Raises if fn cannot be captured (a host sync)."""
-    import torch
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -46,3 +105,31 @@ def capture_graph(fn: Callable[[], object]):
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "muonkern_backend": muonkern.backend(), "python": platform.python_version(),
+           "ns5_path": os.environ.get("MUONKERN_NS5_PATH", "auto")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def markdown(title: str, env: dict, note: str, columns: list[str], cells: list[list[str]]) -> str:
+    aligns = ["---" if i < columns.index("median ms") else "---:" for i in range(len(columns))]
+    lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "", note, "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(terminalreporter, name: str, text: str, payload: dict) -> None:
+    """Prints a table at the end of the run and writes it as NAME.md and NAME.json."""
+    out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    terminalreporter.write_sep("=", name)
+    for line in text.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"written to {out_dir / name}.md and .json")

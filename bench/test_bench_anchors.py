@@ -34,9 +34,11 @@ from typing import Callable
 import pytest
 import torch
 
+from measure import shape_str
+from test_bench_ns5 import gpt2_small_matrices, muonkern_label
+
 from muonkern.ops.fallback import ns5_reference
-from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
-from test_bench_ns5 import gpt2_small_matrices
+from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
 
 ANCHORS = Path(os.environ.get("MUONKERN_ANCHORS", Path(__file__).resolve().parents[1] / ".scratch" / "anchors"))
 SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192), (2048, 8192),
@@ -50,11 +52,9 @@ XXT_CASE = "X·Xᵀ of one 8192x8192 bf16 matrix"
 EPS = 1e-7
 
 
-def shape_str(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
+# without the anchors this file would only time again what test_bench_ns5.py times
+pytestmark = pytest.mark.skipif(not ANCHORS.is_dir(), reason=f"anchors not staged in {ANCHORS} (bench/NOTES.md)")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Impl:
     fn: Callable[[torch.Tensor], torch.Tensor]
     label: Callable[[tuple | None], str]   # shape -> row label; None: the label of a mixed-shape loop
     max_ndim: int = 3
-    module: object = None
+    module: object = None   # the anchor's package, where a test calls more of it
 
 
 def _fixed(name: str) -> Callable[[tuple | None], str]:
@@ -83,11 +83,8 @@ def _reference() -> Impl:
 
 
 def _muonkern() -> Impl:
-    def label(shape):
-        if shape and choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), "cuda") == "gram":
-            return "muonkern (auto: gram)"
-        return "muonkern"
-    return Impl(lambda G: torch.ops.muonkern.ns5(G, 5, None, EPS), label)
+    return Impl(lambda G: torch.ops.muonkern.ns5(G, 5, None, EPS),
+                lambda shape: muonkern_label(shape) if shape else "muonkern")
 
 
 def _flash_muon() -> Impl:
@@ -111,7 +108,7 @@ def _dion_module():  # one module, so both dion rows share its autotuning
 
 def _dion() -> Impl:
     dion = _dion_module()
-    return Impl(dion.newton_schulz_triton, _fixed("dion triton (You coefficients)"), module=dion)
+    return Impl(dion.newton_schulz_triton, _fixed("dion triton (You coefficients)"))
 
 
 def _dion_jordan() -> Impl:
@@ -133,7 +130,7 @@ def _dion_jordan() -> Impl:
             addmm(X, B, X, beta=a, out=C)
             X, C = C, X
         return X.mT if tall else X
-    return Impl(run, _fixed("dion triton kernels (Jordan)"), module=dion)
+    return Impl(run, _fixed("dion triton kernels (Jordan)"))
 
 
 def _gram_newton_schulz() -> Impl:
@@ -152,7 +149,7 @@ def _gram_newton_schulz() -> Impl:
         return f"gram-newton-schulz ({path}, {'standard NS' if shape[-2] == shape[-1] else 'gram NS'})"
     # Called as ortho(X), as its README and Muon do; that runs eagerly (the torch.compile wrapper is
     # an instance attribute, which a call does not look up). It normalizes an fp32 X in place.
-    return Impl(lambda G: ortho(G), label, module=gns)
+    return Impl(lambda G: ortho(G), label)
 
 
 LOADERS = {"reference": _reference, "muonkern": _muonkern, "flash-muon": _flash_muon, "dion triton": _dion,

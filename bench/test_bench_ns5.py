@@ -21,14 +21,12 @@ CPU_GRAM_SHAPES) vs reference.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-from pathlib import Path
 
 import pytest
 import torch
+from measure import environment, markdown, rotating_inputs, shape_str, time_rotating, write_report
 
 from muonkern.ops import triton_symmetric
 from muonkern.ops.fallback import ns5_reference
@@ -83,20 +81,23 @@ IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
 
+def muonkern_label(shape, device: str = "cuda") -> str:
+    """The default call's row label: "muonkern (auto: gram)" where auto runs the Gram iteration."""
+    gram = choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), device) == "gram"
+    return "muonkern (auto: gram)" if gram else "muonkern"
+
+
 def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
     """Times one impl; the algorithm rows only on the Gram shapes, and the default call labelled with
     the algorithm "auto" picks where it is the Gram one."""
     if impl in ALGORITHM_IMPLS and tuple(shape) not in gram_shapes:
         pytest.skip("algorithm rows are timed on the Gram shapes only")
-    label = impl
-    if impl == "muonkern" and choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), device) == "gram":
-        label = "muonkern (auto: gram)"
-    time_ns5(IMPLS[impl], shape, label, device)
+    time_ns5(IMPLS[impl], shape, muonkern_label(shape, device) if impl == "muonkern" else impl, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_str)
 def test_ns5_cuda(time_ns5, shape, impl):
     if impl == "torch_optim_muon":
         try:
@@ -116,7 +117,7 @@ def test_ns5_cuda(time_ns5, shape, impl):
 @pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("MUONKERN_BENCH_CPU") != "1",
                     reason="CPU benchmark runs without a GPU, or with MUONKERN_BENCH_CPU=1")
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=shape_str)
 def test_ns5_cpu(time_ns5, shape, impl):
     _time_impl(time_ns5, shape, impl, "cpu", CPU_GRAM_SHAPES)
 
@@ -152,8 +153,7 @@ _XXT_RESULTS: list[dict] = []
 
 
 class _XxtTable:
-    """Prints and writes the X Xᵀ table at the end of the run, as conftest does for its tables
-    (markdown and JSON in $MUONKERN_BENCH_OUT, default bench_results/)."""
+    """The X Xᵀ table, printed and written (xxt_bench.md/.json) at the end of the run."""
 
     def pytest_terminal_summary(self, terminalreporter):
         if not _XXT_RESULTS:
@@ -161,26 +161,17 @@ class _XxtTable:
         dense = {r["shape"]: r["median_ms"] for r in _XXT_RESULTS if r["impl"] == "torch.matmul"}
         rows = [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
                 for r in _XXT_RESULTS]
-        env = {"torch": torch.__version__, "triton": getattr(triton_symmetric.triton, "__version__", None),
-               "python": platform.python_version(), "gpu": torch.cuda.get_device_name()}
-        lines = ["# X Xᵀ benchmark: Triton symmetric kernel vs torch.matmul (bf16)", "",
-                 ", ".join(f"{k}: {v}" for k, v in env.items()), "",
-                 "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul time / "
-                 "this impl's time (> 1 is faster); TFLOP/s counted as the dense product's 2m^2n for both "
-                 "(reference-equivalent: the symmetric kernel does about half of that work).", "",
-                 "| shape (m×n) | impl | median ms | ratio vs torch.matmul | reference-equivalent TFLOP/s |",
-                 "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['shape']} | {r['impl']} | {r['median_ms']:.4f} | "
-                  f"{'—' if r['ratio_vs_matmul'] is None else format(r['ratio_vs_matmul'], '.2f') + 'x'} | "
-                  f"{r['tflops']:.1f} |" for r in rows]
-        out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "xxt_bench.md").write_text("\n".join(lines) + "\n")
-        (out_dir / "xxt_bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-        terminalreporter.write_sep("=", "xxt_bench")
-        for line in lines:
-            terminalreporter.write_line(line)
-        terminalreporter.write_line(f"written to {out_dir / 'xxt_bench'}.md and .json")
+        env = {**environment(), "triton": getattr(triton_symmetric.triton, "__version__", None)}
+        cells = [[r["shape"], r["impl"], f"{r['median_ms']:.4f}",
+                  "—" if r["ratio_vs_matmul"] is None else f"{r['ratio_vs_matmul']:.2f}x",
+                  f"{r['tflops']:.1f}"] for r in rows]
+        text = markdown("X Xᵀ benchmark: Triton symmetric kernel vs torch.matmul (bf16)", env,
+                        "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul "
+                        "time / this impl's time (> 1 is faster); TFLOP/s counted as the dense product's "
+                        "2m^2n for both (reference-equivalent: the symmetric kernel does about half of that "
+                        "work).", ["shape (m×n)", "impl", "median ms", "ratio vs torch.matmul",
+                                   "reference-equivalent TFLOP/s"], cells)
+        write_report(terminalreporter, "xxt_bench", text, {"environment": env, "results": rows})
 
 
 @pytest.fixture
@@ -192,49 +183,20 @@ def record_xxt(request):
     return _XXT_RESULTS.append
 
 
-def _median_per_call(benchmark, fn, inputs) -> float:
-    """Seconds per call: k calls over rotating inputs, then one synchronize, per timed round (k
-    such that a round lasts >= 2 ms), about 0.6 s of rounds; as conftest's time_ns5."""
-    fn(inputs[0])  # first call: compiles and autotunes
-    torch.cuda.synchronize()
-    start, calls = torch.cuda.Event(enable_timing=True), len(inputs)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for X in inputs:
-        fn(X)
-    end.record()
-    torch.cuda.synchronize()
-    per_call = max(start.elapsed_time(end) / 1e3 / calls, 1e-6)
-    k = max(1, min(2000, math.ceil(2e-3 / per_call)))
-    rounds = max(5, min(200, int(0.6 / (k * per_call))))
-
-    def timed_round():
-        for i in range(k):
-            fn(inputs[i % len(inputs)])
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=2, iterations=1)
-    return benchmark.stats.stats.median / k
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
 @pytest.mark.parametrize("impl", list(XXT_IMPLS))
-@pytest.mark.parametrize("shape", XXT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", XXT_SHAPES, ids=shape_str)
 def test_xxt_cuda(benchmark, record_xxt, shape, impl):
     if impl != "torch.matmul" and not triton_symmetric.available():
         pytest.skip("triton is not installed")
     m, n = shape
-    # fresh inputs, together more than twice the L2 cache, so a call cannot find its X there
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20)
-    count = max(1, min(16, math.ceil(2 * l2 / (2 * m * n))))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    inputs = [torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(count)]
-    fn = XXT_IMPLS[impl]
-    C = fn(inputs[0])
-    assert C.shape == (m, m) and torch.isfinite(C).all()
+    inputs = rotating_inputs(shape, "cuda", dtype=torch.bfloat16)
     benchmark.group = f"xxt cuda {m}x{n}"
     benchmark.extra_info.update(impl=impl, shape=list(shape))
-    median_s = _median_per_call(benchmark, fn, inputs)
+    timed = time_rotating(benchmark, XXT_IMPLS[impl], inputs, "cuda")
+    C = timed["first_output"]
+    assert C.shape == (m, m) and torch.isfinite(C).all()
+    median_s = timed["median_s"]
     record_xxt({"shape": f"{m}x{n}", "impl": impl, "median_ms": median_s * 1e3,
                 "flops": 2.0 * m * m * n, "tflops": 2.0 * m * m * n / median_s / 1e12,
-                "inputs_rotated": count})
+                "inputs_rotated": len(inputs)})

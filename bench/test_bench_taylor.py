@@ -28,9 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
-from conftest import _environment as bench_environment
-from conftest import _write_report as write_report
-from measure import measure_call
+from measure import environment as bench_environment
+from measure import measure_call, write_report
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU"),
@@ -48,7 +47,7 @@ _STATE: Dict[str, object] = {}
 
 
 # --------------------------------------------------------------------------------------------
-# helpers (this file's own; bench/conftest.py serves the ns5 and optimizer tables)
+# helpers (this file's own; bench/measure.py has the shared timing and table writing)
 # --------------------------------------------------------------------------------------------
 
 def _setup(config: str):
@@ -212,8 +211,7 @@ class _Reporter:
 
 @pytest.fixture(scope="module")
 def report(request):
-    """Makes sure the table is printed at the end of the run (bench/conftest.py prints the ns5
-    and optimizer tables; this file keeps its own)."""
+    """Makes sure this file's table is printed at the end of the run."""
     manager = request.config.pluginmanager
     if not manager.has_plugin("muonkern-taylor-bench"):
         manager.register(_Reporter(), "muonkern-taylor-bench")

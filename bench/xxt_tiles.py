@@ -3,17 +3,13 @@ torch.matmul and, where staged (bench/NOTES.md), flash-muon's and dion's X·Xᵀ
 
     python bench/xxt_tiles.py          # bf16, 4096², 8192², 2048×8192; best of 5 × 20 calls
 """
-import importlib.util
 import itertools
-import os
-import sys
-from pathlib import Path
 
 import torch
+from test_bench_anchors import _anchor_module, _dion_module
 
 from muonkern.ops.triton_symmetric import SyrkConfig, xxt
 
-ANCHORS = Path(os.environ.get("MUONKERN_ANCHORS", Path(__file__).resolve().parents[1] / ".scratch" / "anchors"))
 
 
 def best_ms(fn, reps: int = 20) -> float:
@@ -34,16 +30,14 @@ def best_ms(fn, reps: int = 20) -> float:
 def anchor_kernels() -> dict:
     """X -> X·Xᵀ of each staged anchor (none when the folder is absent)."""
     kernels = {}
-    dion_file = ANCHORS / "dion" / "dion" / "newton_schulz_triton.py"
-    if dion_file.is_file():
-        spec = importlib.util.spec_from_file_location("dion_newton_schulz_triton", dion_file)
-        dion = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dion)
-        kernels["dion ns_line_1"] = lambda X: dion.ns_line_1(X)
-    if (ANCHORS / "flash-muon").is_dir():
-        sys.path.insert(0, str(ANCHORS / "flash-muon"))
-        import flash_muon
-        kernels["flash-muon matmul_transpose"] = flash_muon.matmul_transpose
+    try:
+        kernels["dion ns_line_1"] = _dion_module().ns_line_1
+    except Exception as e:  # third-party code: missing or failing to import is reported, not fatal
+        print(f"dion: {type(e).__name__}: {e}")
+    try:
+        kernels["flash-muon matmul_transpose"] = _anchor_module("flash-muon", "flash_muon").matmul_transpose
+    except Exception as e:
+        print(f"flash-muon: {type(e).__name__}: {e}")
     return kernels
 
 

@@ -57,7 +57,7 @@ def fused_fits(m: int, n: int, steps: int) -> bool | None:
     rp = -(-short // 32) * 32
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     for S in (1, 2, 4, 8):
-        cs = -(-long // (16 * S)) * 16 * S // S
+        cs = -(-long // (16 * S)) * 16
         need = 2 * rp * (cs + 8) + 4 * rp * (rp + 8) + 256 + (4 * rp * rp if S > 1 else 0)
         if need <= limit:
             return True

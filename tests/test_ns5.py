@@ -179,6 +179,8 @@ def test_errors(case):
 def test_error_messages_equal_the_fallback(case):
     """Whichever backend serves the call, the message is the fallback's, word for word."""
     from muonkern.ops.fallback import ns5_reference
+    if muonkern.backend() == "fallback":
+        pytest.skip("the op is the fallback itself")
     _, make, kwargs, exc, _ = case
     G = make("cpu")
     args = (kwargs.get("steps", 5), kwargs.get("coefficients"), kwargs.get("eps", 1e-7),

@@ -250,7 +250,8 @@ for shape in [(45, 45), (2, 33, 33), (1, 1)]:
     P = ts.symmetric_polynomial(A, -4.775, 2.0315, out=out)
     ref = -4.775 * A.double() + 2.0315 * A.double() @ A.double()
     poly.append({"shape": list(shape), "nan": bool(P.isnan().any()),
-                 "symmetric": bool(torch.equal(P, P.mT)), "err": max_rel(P, ref)})
+                 "symmetric": bool(torch.equal(P, P.mT)), "same_out": P.data_ptr() == out.data_ptr(),
+                 "err": max_rel(P, ref)})
 report["poly"] = poly
 
 # 4. The whole iteration with float32 operands against its float64 replica (wide, tall, 2-D,
@@ -293,7 +294,7 @@ def test_kernels_under_interpreter(gen):
     report = _run_interpreter(_INTERPRETER_SCRIPT, str(seed), str(TESTS))
     assert report["tile_order_bad"] == [], "(tiles a side, band rows) whose tile order misses or repeats a tile"
     for row in report["xxt"] + report["poly"]:
-        assert not row["nan"] and row["symmetric"] and row.get("same_out", True), row
+        assert not row["nan"] and row["symmetric"] and row["same_out"], row
         # float32 out: exact-input products summed in fp32 (a few ulps); bf16 out: one conversion,
         # which the interpreter truncates (2^-7 relative; a GPU rounds to nearest, 2^-8)
         assert row["err"] <= (2.0 ** -7 if row.get("out") == "torch.bfloat16" else 1e-5), row

@@ -39,13 +39,10 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     probes = results["probes"]
     assert {p["optimizer"] for p in probes} == {"muon", "adamw"} and {p["seed"] for p in probes} == {0, 1}
     for p in probes:
-        # ΔᵀHΔ splits exactly into within and cross (both partitions); NDS = ΔᵀHΔ/‖Δ‖².
-        assert p["curvature"] == pytest.approx(p["within"] + p["cross"], rel=1e-9, abs=1e-12)
+        # The two partitions (two sets of restricted directions) see the same ΔᵀHΔ and ‖Δ‖².
         assert p["curvature"] == pytest.approx(p["within_kind"] + p["cross_kind"], rel=1e-3, abs=1e-7)
-        assert p["nds"] == pytest.approx(p["curvature"] / p["norm_sq"], rel=1e-12)
-        assert p["predicted_delta"] == pytest.approx(p["gain"] + 0.5 * p["curvature"], rel=1e-12)
-        assert np.sum(p["blocks_block"]) == pytest.approx(p["curvature"], rel=1e-9, abs=1e-12)
-        assert sum(p["group_norm_sq_kind"]) == pytest.approx(p["norm_sq"], rel=1e-9)
+        for part in ("block", "kind"):
+            assert sum(p[f"group_norm_sq_{part}"]) == pytest.approx(p["norm_sq"], rel=1e-9)
         assert p["kinds"] and set(p["kinds"]) <= {"ladder", "periodic"}
     assert probes[0]["groups_block"][0] == "embed" and "blocks.0" in probes[0]["groups_block"]
     assert probes[0]["groups_kind"] == ["attn_qk", "attn_vo", "mlp", "embed_head", "norms"]

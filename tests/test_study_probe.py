@@ -55,7 +55,7 @@ def test_probe_equals_library(optimizer):
             qk = directional_quadratics(loss_fn, theta, delta, groups=groups["kind"], method="fwd_rev")
             with torch.no_grad():
                 actual = float(loss_fn({k: theta[k] + delta[k] for k in theta}) - loss_fn(theta))
-        scale = abs(record["curvature"]) + 1e-8
+        scale = abs(float(q.curvature)) + 1e-8
         assert record["gain"] == pytest.approx(float(q.gain), rel=1e-5)
         assert record["norm_sq"] == pytest.approx(float(q.norm_sq), rel=1e-6)
         assert record["curvature"] == pytest.approx(float(q.curvature), rel=1e-4, abs=1e-5 * scale)

@@ -95,7 +95,7 @@ def test_blocked_custom_scale_and_large_logits(gen):
 
 def test_causal(gen):
     """Changing anything at positions > i (values, keys and their derivatives) leaves rows ≤ i
-    of all three outputs bitwise unchanged; changing position i changes row i."""
+    of all three outputs bitwise unchanged, and rows > i change."""
     args = list(attention_inputs(gen, 2, 1, 2, 24, 8))
     base = taylor_attention_blocked(*args, block_size=8)
     i = 10
@@ -121,7 +121,7 @@ def test_blocked_low_precision(gen, dtype, rtol):
 
 
 def test_noncontiguous_inputs(gen):
-    # the GPT passes head-split views (B, T, H, D).transpose(1, 2)
+    # non-contiguous head-split views (B, T, H, D).transpose(1, 2), as a caller may pass
     K, B, H, T, D = 2, 2, 3, 12, 8
     prim = [torch.randn(B, T, H, D, generator=gen, dtype=F64).transpose(1, 2) for _ in range(3)]
     tan = [torch.randn(K, B, T, H, D, generator=gen, dtype=F64).transpose(2, 3) for _ in range(6)]
@@ -294,6 +294,17 @@ def test_gpt_matches_hvp_full_context_ignored_targets(gen):
     assert_rel(second, torch.stack([dot(h, u) for h, u in zip(hvs, dirs)]), 1e-8)
 
 
+def assert_split_exact(split, whole, model, params, x, y, dirs):
+    """A forward split into chunks gives the unsplit (loss, g·u, uᵀHu) to rounding, and the HVP
+    path's gain and curvature."""
+    for a, b in zip(split, whole):
+        assert_rel(a, b, 1e-12)
+    with exact_attention():
+        q = curvature.directional_quadratics(gpt_loss_fn(model, x, y), params, dirs, blocks=False)
+    assert_rel(split[1], q.gain, 1e-8)
+    assert_rel(split[2], q.curvature, 1e-8)
+
+
 def test_gpt_mlp_in_row_chunks(gen, monkeypatch):
     """The MLP runs over token rows in chunks: 3 rows per chunk over 2x11 = 22 rows (a ragged last
     chunk) gives the unchunked values, which match the HVP path."""
@@ -304,13 +315,7 @@ def test_gpt_mlp_in_row_chunks(gen, monkeypatch):
     whole = taylor_directional(model, params, x, y, dirs)
     monkeypatch.setattr(taylor_gpt, "_MLP_CHUNK_ELEMENTS", 3 * 2 * 4 * model.config.d_model)
     monkeypatch.setattr(taylor_gpt, "_MLP_MIN_ROWS", 1)
-    chunked = taylor_directional(model, params, x, y, dirs)
-    for a, b in zip(chunked, whole):
-        assert_rel(a, b, 1e-12)
-    loss_fn = gpt_loss_fn(model, x, y)
-    with exact_attention():
-        q = curvature.directional_quadratics(loss_fn, params, dirs, blocks=False)
-    assert_rel(chunked[2], q.curvature, 1e-8)
+    assert_split_exact(taylor_directional(model, params, x, y, dirs), whole, model, params, x, y, dirs)
 
 
 @pytest.mark.parametrize("heads_per_group", [1, 2])
@@ -329,14 +334,7 @@ def test_gpt_attention_in_head_groups(gen, monkeypatch, heads_per_group):
     whole = taylor_directional(model, params, x, y, dirs)
     monkeypatch.setattr(taylor_gpt, "_ATTENTION_GROUP_DIRECTIONS", heads_per_group)
     assert list(taylor_gpt._head_groups(3, K)) == [0, 1, 2][::heads_per_group]
-    grouped = taylor_directional(model, params, x, y, dirs)
-    for a, b in zip(grouped, whole):
-        assert_rel(a, b, 1e-12)
-    loss_fn = gpt_loss_fn(model, x, y)
-    with exact_attention():
-        q = curvature.directional_quadratics(loss_fn, params, dirs, blocks=False)
-    assert_rel(grouped[1], q.gain, 1e-8)
-    assert_rel(grouped[2], q.curvature, 1e-8)
+    assert_split_exact(taylor_directional(model, params, x, y, dirs), whole, model, params, x, y, dirs)
 
 
 def test_gpt_head_in_direction_chunks(gen, monkeypatch):
@@ -354,7 +352,8 @@ def test_gpt_head_in_direction_chunks(gen, monkeypatch):
         assert_rel(a, b, 1e-12)
 
 
-@pytest.mark.parametrize("tie,K,head_chunk,attention_group", [(False, 1, None, None), (True, 3, None, None),
+# attention_group 3 at K = 3: all heads at once; 1: one head per group (see _head_groups)
+@pytest.mark.parametrize("tie,K,head_chunk,attention_group", [(False, 1, None, None), (True, 3, None, 3),
                                                                (True, 3, 1, 1)])
 def test_gpt_leaves_params_and_directions_unchanged(gen, monkeypatch, tie, K, head_chunk,
                                                      attention_group):

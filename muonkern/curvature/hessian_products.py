@@ -2,8 +2,8 @@
 
 All three share :func:`grad_and_hvps`, which hands the products for a list of vectors to a
 callback, ``batch_size`` of them per pass (vmapped tangents for ``fwd_rev``, batched cotangents
-for ``rev_rev``: the primal forward and backward are computed once per pass and shared), and
-returns the gradient.
+for ``rev_rev``: the primal forward and backward are computed once per pass and shared), with
+the gradient.
 """
 from __future__ import annotations
 
@@ -183,24 +183,23 @@ def _is_zero_tensor_bug(e: RuntimeError) -> bool:
 
 def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
                   vector: Callable[[int], Dict[str, torch.Tensor]], method: str,
-                  batch_size: int = 1, consume=None, need_grad: bool = True
-                  ) -> Dict[str, torch.Tensor] | None:
-    """The gradient, and H v_i for i < count, ``batch_size`` vectors per pass.
+                  batch_size: int = 1, consume=None, need_grad: bool = True) -> None:
+    """H v_i for i < count, ``batch_size`` vectors per pass, and the gradient, to ``consume``.
 
     ``vector(i)`` builds v_i on demand (checked, params order and dtypes) and ``consume(i0, vs,
     hvs, g)`` receives each pass's vectors, products and the gradient, so no more than one batch
     of them is held.
-    Runs inside :func:`attention_for` ``(method)``. Returns the gradient: for the exact methods it
-    comes with their first pass; ``finite_diff`` computes it apart (the mean of a pair of shifted
-    gradients would save that pass but is off by O(‖hv‖²): percent-level in g·u in fp32 on a small
-    GPT, where uᵀHu is within 1e-3). With ``need_grad=False`` a caller that ignores the gradient
-    spares that pass: ``finite_diff`` then returns None and ``consume`` gets None.
+    Runs inside :func:`attention_for` ``(method)``. The gradient comes with the exact methods'
+    first pass; ``finite_diff`` computes it apart (the mean of a pair of shifted gradients would
+    save that pass but is off by O(‖hv‖²): percent-level in g·u in fp32 on a small GPT, where uᵀHu
+    is within 1e-3). With ``need_grad=False`` a caller that ignores the gradient spares that pass:
+    ``finite_diff`` then hands ``consume`` None.
     """
     with attention_for(method):
         if method == "rev_rev":
             engine = RevRevEngine(loss_fn, params)
             g = engine.grad
-        elif need_grad and (method == "finite_diff" or count == 0):
+        elif need_grad and method == "finite_diff":
             g = gradient(loss_fn, params)
         else:
             g = None
@@ -230,7 +229,6 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
                 hvs = [_finite_diff(loss_fn, params, v, length) for v in vs]
             if consume is not None:
                 consume(i0, vs, hvs, g)
-    return g
 
 
 def hvp(loss_fn: LossFn, params: Params, v: Params, method: str = "fwd_rev"

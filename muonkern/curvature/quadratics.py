@@ -73,8 +73,9 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
 
     Cost: G HVPs per direction with blocks (one per group b, with u restricted to group b; dotting
     H u_b with u_a restricted to each group a gives column b of M), one without; the gradient comes
-    with the first pass of products (``finite_diff`` computes it apart; ``taylor`` needs none). ``batch_size`` HVPs run per pass (memory grows with it; on a
-    GPU 4–8 amortize the shared primal computation).
+    with the first pass of products (``finite_diff`` computes it apart; ``taylor`` needs none).
+    ``batch_size`` HVPs run per pass (memory grows with it; on a GPU 4–8 amortize the shared
+    primal computation).
     """
     if method not in QUADRATIC_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {QUADRATIC_METHODS}")
@@ -85,9 +86,8 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
     if method == "taylor":
         return _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size)
     if blocks:
-        grouping = resolve_groups(params, groups)
+        grouping, parts = _group_parts(params, groups)
         group_names = list(grouping)
-        parts = [lambda u, members=members: _restrict(u, members) for members in grouping.values()]
     else:
         grouping, group_names, parts = None, [], [lambda u: u]
     K, R, P = len(dirs), len(parts), len(names)
@@ -161,8 +161,7 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
     device = next(iter(params.values())).device
     norm_sq = dirquad([dirs[0][k] for k in names], [t for u in dirs for t in u.values()])[:, 1].sum(-1)
     if blocks:
-        grouping = resolve_groups(params, groups)
-        parts = [lambda u, members=members: _restrict(u, members) for members in grouping.values()]
+        grouping, parts = _group_parts(params, groups)
         G = len(parts)
         pairs = [(a, a) for a in range(G)] + [(a, b) for a in range(G) for b in range(a + 1, G)]
 
@@ -188,12 +187,18 @@ def _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size
         return _result(first, norm_sq, second, None, single, [])
     first, second = first.view(K, len(pairs)), second.view(K, len(pairs))
     M = torch.zeros(K, G, G, dtype=torch.float64, device=device)
-    for j, (a, b) in enumerate(pairs[:G]):
-        M[:, a, a] = second[:, j]
+    for a in range(G):                               # pairs[a] = (a, a)
+        M[:, a, a] = second[:, a]
     for j, (a, b) in enumerate(pairs[G:], start=G):
         M[:, a, b] = M[:, b, a] = 0.5 * (second[:, j] - M[:, a, a] - M[:, b, b])
     gain = first[:, :G].sum(-1)                      # g·u = Σ_a g·u_a
     return _result(gain, norm_sq, None, M, single, list(grouping))
+
+
+def _group_parts(params, groups):
+    """The grouping (name -> members) and, per group, u ↦ u restricted to the group."""
+    grouping = resolve_groups(params, groups)
+    return grouping, [lambda u, members=members: _restrict(u, members) for members in grouping.values()]
 
 
 def _add(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ one error whichever backend runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -89,7 +90,7 @@ def resolve_algorithm(algorithm: str, G: torch.Tensor, steps: int, batch: int | 
         return algorithm
     m, n = G.shape[-2:]
     if batch is None:
-        batch = G[..., 0, 0].numel() if m and n else 0
+        batch = math.prod(G.shape[:-2])
     return choose_algorithm(m, n, steps, batch, G.device.type)
 
 

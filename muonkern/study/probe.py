@@ -1,5 +1,6 @@
 """One curvature probe: the second-order Taylor terms of the update Δ an optimizer applies at a
-checkpoint θ, on a fixed probe batch, with exact Hessian-vector products (math attention).
+checkpoint θ, on a fixed probe batch, with exact second derivatives (Hessian-vector products on
+math attention, or Taylor mode).
 
 Measured: gain g·Δ, curvature ΔᵀHΔ, ‖Δ‖², NDS = ΔᵀHΔ/‖Δ‖², predicted change g·Δ + ½ΔᵀHΔ, actual
 change L(θ+Δ) − L(θ), and the block matrix M_ab = Δ_aᵀ H_ab Δ_b over two partitions of the

@@ -94,8 +94,12 @@ class Problem:
     def grad(self, W: torch.Tensor) -> torch.Tensor:
         return self.matrix(self.w * self.coords(W))
 
+    def curvature(self, D: torch.Tensor) -> torch.Tensor:
+        """DᵀHD per matrix of D (…, m, n)."""
+        return (self.w * self.coords(D) ** 2).sum(-1)
+
     def nds(self, D: torch.Tensor) -> torch.Tensor:
-        return (self.w * self.coords(D) ** 2).sum(-1) / D.pow(2).sum((-2, -1))
+        return self.curvature(D) / D.pow(2).sum((-2, -1))
 
     def initial(self) -> torch.Tensor:
         return self.matrix(self.sigma)
@@ -172,16 +176,15 @@ def simulate(problem: Problem, method: str, lrs: torch.Tensor | None, steps: int
     K = 1 if lrs is None else len(lrs)
     W = problem.initial().expand(K, -1, -1).clone()
     losses, nds = [problem.loss(W)], []
+    lr = None if lrs is None else torch.as_tensor(lrs, dtype=torch.float64)
     for _ in range(steps):
         G = problem.grad(W)
         D = direction(method, G)
-        nds.append(problem.nds(D))
+        curvature = problem.curvature(D)
+        nds.append(curvature / D.pow(2).sum((-2, -1)))
         if lrs is None:
-            curvature = (problem.w * problem.coords(D) ** 2).sum(-1)
             gain = (G * D).sum((-2, -1))
             lr = torch.where(curvature > 0, gain / curvature, torch.zeros_like(gain))
-        else:
-            lr = torch.as_tensor(lrs, dtype=torch.float64)
         W = W - lr[:, None, None] * D
         losses.append(problem.loss(W))
     return {"loss": torch.stack(losses, 1), "nds": torch.stack(nds, 1)}
@@ -258,7 +261,7 @@ def run_quadratic(cfg) -> dict:
     step-size rule ("line_search": exact line search; "grid": the best constant step of the grid),
     the loss after T steps and the average NDS, simulated on matrices, with the closed forms (mode
     coordinates) for gd and muon_polar. Returns {"settings": ..., "rows": [...]}; the fields are
-    documented in muonkern.study.results."""
+    documented in muonkern/study/SCHEMA.md."""
     grid = lr_grid(cfg.quad_lr_min, cfg.quad_lr_max, cfg.quad_lr_per_decade)
     T = cfg.quad_steps
     rows = []

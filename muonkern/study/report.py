@@ -38,8 +38,8 @@ def _setup(r: dict) -> list[str]:
              f"- Probes: validation every {c['eval_every']} steps on {c['val_batches']} fixed batches; at the first "
              f"checkpoint reaching each matched-loss level (multiples of {c['ladder_step']:g} nats) and every "
              f"{c['probe_every']} steps, the update Δ the optimizer applies next is probed on a fixed batch of "
-             f"{c['probe_batch_size']} sequences from the training distribution with exact Hessian-vector products "
-             f"(math attention): g·Δ, ΔᵀHΔ, ‖Δ‖², NDS, predicted and actual loss change, the within/cross split by "
+             f"{c['probe_batch_size']} sequences from the training distribution with exact second derivatives "
+             f"({c['probe_method']}): g·Δ, ΔᵀHΔ, ‖Δ‖², NDS, predicted and actual loss change, the within/cross split by "
              f"transformer block and by parameter kind.",
              "- Statistics: 95% Student-t intervals over independent replicates (seeds; or (alpha, seed) units, pooled "
              f"over alphas, for F1–F3 and F5); 'comparable' = geometric-mean ratio within ×{COMPARABLE}. With one "
@@ -98,17 +98,17 @@ def _e4_table(e4: dict) -> list[str]:
 
 def _e5_table(e5: list[dict], rule: str) -> list[str]:
     """One row per (alpha_sigma, alpha_w): means over instances; closed forms in parentheses."""
-    methods = METHODS
     by = {(r["alpha_sigma"], r["alpha_w"], r["method"]): r for r in e5 if r["rule"] == rule}
 
     def cell(r, key, digits):
         value = _g(r[key]["mean"], digits)
         closed = r[f"closed_{key}"]
         return value if closed is None else f"{value} ({_g(closed, digits)})"
-    lines = ["| alpha_sigma | alpha_w | " + " | ".join(f"avg NDS {m}" for m in methods) + " | "
-             + " | ".join(f"loss_T/L_0 {m}" for m in methods) + " |", "|---:|---:|" + "---:|" * 8]
+    lines = ["| alpha_sigma | alpha_w | " + " | ".join(f"avg NDS {m}" for m in METHODS) + " | "
+             + " | ".join(f"loss_T/L_0 {m}" for m in METHODS) + " |",
+             "|---:|---:|" + "---:|" * (2 * len(METHODS))]
     for s, w in sorted({(k[0], k[1]) for k in by}):
-        rs = [by[(s, w, m)] for m in methods]
+        rs = [by[(s, w, m)] for m in METHODS]
         lines.append(f"| {s:g} | {w:g} | " + " | ".join(cell(r, "nds_avg", 3) for r in rs) + " | "
                      + " | ".join(cell(r, "loss_T", 2) for r in rs) + " |")
     return lines

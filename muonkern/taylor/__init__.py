@@ -11,7 +11,7 @@ from .registration import register as _register
 
 _register()
 
-from .gpt import taylor_directional  # noqa: E402  (after the op exists)
+from .gpt import taylor_directional  # noqa: E402
 
 __all__ = ["taylor_attention", "taylor_attention_blocked", "taylor_attention_dense",
            "taylor_directional"]

@@ -90,7 +90,7 @@ def _check_batch(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.dev
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must hold token ids (int64), got {t.dtype}")
+            raise TypeError(f"{name} must hold token ids (int64 or int32), got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, the parameters on {device}")
     if x.dim() != 2:

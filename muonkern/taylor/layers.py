@@ -44,7 +44,7 @@ def _per_direction(U: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def add_linear_(out: Jet, h: Jet, W: torch.Tensor, U: torch.Tensor) -> None:
     """out += linear(h, W, U), in place and without a temporary of out's size: a layer's
-    contribution to the residual stream, taken a slice of W's input columns at a time."""
+    contribution to the residual stream (callers may pass a slice of W's input columns)."""
     K, out_f, in_f = U.shape
     x, xd, xdd = h.x.reshape(-1, in_f), h.d.reshape(K, -1, in_f), h.dd.reshape(K, -1, in_f)
     N = x.shape[0]
