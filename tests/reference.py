@@ -83,6 +83,12 @@ ORTHO_TOL = 4 * BF16_U
 # leaves room for nothing but a change of reduction order in a future torch.
 EXT_VS_FALLBACK_RTOL = 1e-6
 
+# ns5_grouped vs single ns5 calls on CUDA (the tests' 4-16-column matrices, entries ≲ 0.5): the same
+# bf16 iteration, where a larger batch may take the other path (fused vs general) and accumulate
+# its fp32 sums in another order. 1e-3 absolute is below one bf16 ulp of such entries (2^-9), so
+# it asserts the same arithmetic up to fp32 reordering, not merely the same bf16 budget.
+GROUPED_CUDA_ATOL = 1e-3
+
 # Gram Newton-Schulz (algorithm="gram") computes the same polynomial through R = X Xᵀ: in float64
 # (muonkern.ops.fallback.gram_iteration on float64 input) it meets ns5_float64 to rounding: measured
 # worst 7e-14 relative on wide, tall, batched and square Gaussian inputs (Jordan and Polar Express,

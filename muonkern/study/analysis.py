@@ -90,8 +90,10 @@ def units(ladder: dict) -> dict:
         if not lad["levels"]:
             continue
         for seed in sorted({s for _, s in lad["at"]}):
-            out[(alpha, seed)] = {o: {m: _mean(derived(lad["at"][(o, seed)][lv])[m] for lv in lad["levels"])
-                                      for m in MATCHED_METRICS} for o in OPTIMIZERS}
+            out[(alpha, seed)] = {}
+            for o in OPTIMIZERS:
+                at_levels = [derived(lad["at"][(o, seed)][lv]) for lv in lad["levels"]]
+                out[(alpha, seed)][o] = {m: _mean(d[m] for d in at_levels) for m in MATCHED_METRICS}
     return out
 
 
@@ -104,8 +106,9 @@ def matched_rows(ladder: dict) -> list[dict]:
             for o in OPTIMIZERS:
                 probes = [lad["at"][(o, s)][level] for s in seeds]
                 row = {"alpha": alpha, "level": level, "optimizer": o, "steps": [p["step"] for p in probes]}
+                values = [derived(p) for p in probes]
                 for m in MATCHED_METRICS:
-                    row[m] = interval(derived(p)[m] for p in probes)
+                    row[m] = interval(d[m] for d in values)
                 rows.append(row)
     return rows
 
