@@ -27,8 +27,10 @@ else
 fi
 if [[ "$phase" == all || "$phase" == tests ]]; then
   step gpu_tests python -m pytest -q -rs -s tests/test_ns5_cuda.py tests/test_ns5_grouped.py \
-    tests/test_ns5_triton.py tests/test_dirquad.py tests/test_curvature_cuda.py tests/test_taylor_cuda.py
-  for script in sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor; do
+    tests/test_ns5_triton.py tests/test_dirquad.py tests/test_curvature_cuda.py tests/test_taylor_cuda.py \
+    tests/test_taylor_layers.py
+  for script in sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor \
+      sanitize_taylor_layers; do
     for tool in memcheck racecheck; do
       step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
         python "scripts/$script.py"

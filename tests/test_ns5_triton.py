@@ -15,13 +15,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from muonkern.ops import triton_symmetric as ts
 from muonkern.ops.fallback import ns5_reference
+from interpreter import run_interpreter
 from ns5_cases import polar_distance, relative_difference, shape_id
 from reference import (CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, NORMALIZE_RTOL, POLAR_EXPRESS, POLAR_RTOL,
                        assert_ns5_output, randn)
@@ -30,7 +30,6 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ts.available()
                                reason="needs a CUDA GPU and triton")
 needs_triton = pytest.mark.skipif(not ts.available(), reason="needs triton")
 
-TESTS = Path(__file__).resolve().parent
 
 # ---- bounds of a symmetric product against float64 -------------------------------------------
 # The operands are bf16 values, held exactly in float64 for the reference, so only the kernel's own
@@ -197,7 +196,6 @@ import json, sys
 import torch
 import triton
 import triton.language as tl
-sys.path.insert(0, sys.argv[2])
 from muonkern.ops import triton_symmetric as ts
 from reference import ns5_float64, POLAR_EXPRESS
 
@@ -270,28 +268,12 @@ print(json.dumps(report))
 """
 
 
-def _run_interpreter(script: str, *args: str) -> dict:
-    # no GPU visible: the interpreter then runs on CPU tensors as on a machine without one
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
-        # triton 3.6's interpreter keeps program ids as 1-element arrays, which newer numpy no
-        # longer converts to an int for range(); the compiled kernel is unaffected
-        import numpy
-        import triton
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy "
-                    f"{numpy.__version__} (program ids as 1-element arrays)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @needs_triton
 def test_kernels_under_interpreter(gen):
     """The kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
     is imported, hence a subprocess), on 16×16 tiles in bands of 2 tile rows. A few seconds."""
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
-    report = _run_interpreter(_INTERPRETER_SCRIPT, str(seed), str(TESTS))
+    report = run_interpreter(_INTERPRETER_SCRIPT, str(seed))
     assert report["tile_order_bad"] == [], "(tiles a side, band rows) whose tile order misses or repeats a tile"
     for row in report["xxt"] + report["poly"]:
         assert not row["nan"] and row["symmetric"] and row["same_out"], row

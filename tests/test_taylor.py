@@ -7,11 +7,7 @@ itself) for the GPT. Everything is compared in float64 on fresh random inputs.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,6 +17,7 @@ from muonkern import curvature
 from muonkern.models import GPT, GPTConfig, exact_attention, gpt_loss_fn
 from muonkern.taylor import (taylor_attention, taylor_attention_blocked, taylor_attention_dense,
                              taylor_directional)
+from interpreter import run_interpreter
 from taylor_cases import F64, attention_inputs, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*math SDPA backend:UserWarning")
@@ -208,21 +205,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 def test_triton_kernel_under_interpreter(gen):
     """The Triton kernel, run by Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     triton is imported, hence a subprocess), against the dense reference. A few seconds."""
-    pytest.importorskip("triton")
-    # no GPU visible: the interpreter then runs on CPU tensors as on a machine without one
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(seed)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
-        # triton 3.6's interpreter keeps program ids as 1-element arrays, which newer numpy no
-        # longer converts to an int for range(); the compiled kernel is unaffected
-        import numpy
-        import triton
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy "
-                    f"{numpy.__version__} (program ids as 1-element arrays)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for dtype, errs in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for dtype, errs in run_interpreter(_INTERPRETER_SCRIPT, str(seed)):
         budget = 1e-12 if dtype == "torch.float64" else 1e-5
         assert max(errs) <= budget, (dtype, errs)
 

@@ -35,9 +35,12 @@ Params = Mapping[str, torch.Tensor]
 _HEAD_CHUNK_ELEMENTS = 1 << 27
 # the MLP runs over token rows in chunks whose hidden tensors (4x the width) hold at most this many
 # elements per order, and at least _MLP_MIN_ROWS rows over the K directions' stacked products
-# (smaller products lose more time than they save memory): its (1 + 2K) hidden tensors and the
-# GELU temporaries otherwise set the peak
-_MLP_CHUNK_ELEMENTS = 1 << 22
+# (smaller products lose more time than they save memory): its (1 + 2K) hidden tensors would
+# otherwise set the peak. With GELU in place and the output projection accumulated into the
+# residual stream they are the only temporaries of a chunk; at this size the peak is set elsewhere
+# and the chunk loop's launches cost little (11M GPT on an H100: 2^22 elements ran 1.13-1.39x slower
+# per direction at K = 8, at the same peak)
+_MLP_CHUNK_ELEMENTS = 1 << 24
 _MLP_MIN_ROWS = 1024
 # with K directions, attention runs over groups of heads whose q, k, v derivatives hold about as
 # many elements as all heads' at this many directions (groups of ceil(n_head / K) heads): q, k, v
@@ -108,14 +111,6 @@ def _check_batch(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.dev
         raise ValueError(f"y holds targets outside [0, {V}) other than ignore_index={ignore_index}")
 
 
-def _heads(h: Jet, n_head: int) -> Jet:
-    """(…, T, C) -> (…, H, T, C/H) views, for the primal and both derivatives."""
-    def split(t):
-        *lead, T, C = t.shape
-        return t.reshape(*lead, T, n_head, C // n_head).transpose(-3, -2)
-    return Jet(split(h.x), split(h.d), split(h.dd))
-
-
 def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     *lead, H, T, D = t.shape
     return t.transpose(-3, -2).reshape(*lead, T, H * D)
@@ -159,12 +154,12 @@ def _add_attention(h: Jet, P, U: _Directions, pre: str, n_head: int, eps: float,
         cols = slice(h0 * D, min(n_head, h0 + starts.step) * D)
         heads = (cols.stop - cols.start) // D
         def project(name):
-            return _heads(layers.linear(a, W[name][cols], Us[name][:, cols]), heads)
+            return layers.linear(a, W[name][cols], Us[name][:, cols])
         # one projection at a time, each freed once the kernel's contiguous (…, H, T, D) input is
-        # made from it: rope's output already is contiguous, v is copied
-        q = layers.rope(project("q"), cos, sin)
-        k = layers.rope(project("k"), cos, sin)
-        v = Jet(*(t.contiguous() for t in project("v")))
+        # made from it
+        q = layers.rope_heads(project("q"), heads, cos, sin)
+        k = layers.rope_heads(project("k"), heads, cos, sin)
+        v = layers.split_heads(project("v"), heads)
         o = torch.ops.muonkern.taylor_attention(q.x, k.x, v.x, q.d, k.d, v.d, q.dd, k.dd, v.dd,
                                                 None)
         del q, k, v
@@ -186,12 +181,9 @@ def _add_mlp(h: Jet, P, U: _Directions, pre: str, eps: float) -> None:
     rows = max(-(-_MLP_MIN_ROWS // K), _MLP_CHUNK_ELEMENTS // (K * fc.shape[0]))
     for r0 in range(0, x.shape[0], rows):
         part = slice(r0, r0 + rows)
-        a = layers.gelu(layers.linear(Jet(x[part], d[:, part], dd[:, part]), fc, Ufc))
-        y = layers.linear(a, proj, Uproj)
-        del a
-        hx[part] += y.x
-        hd[:, part] += y.d
-        hdd[:, part] += y.dd
+        hidden = layers.gelu_(layers.linear(Jet(x[part], d[:, part], dd[:, part]), fc, Ufc))
+        layers.add_linear_(Jet(hx[part], hd[:, part], hdd[:, part]), hidden, proj, Uproj)
+        del hidden
 
 
 def taylor_directional(model: GPT, params: Params, x: torch.Tensor, y: torch.Tensor,

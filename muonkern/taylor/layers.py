@@ -17,6 +17,7 @@ Rules (products of a moving weight and a moving input get the cross term 2·U·�
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Tuple
 
 import torch
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from ..models.gpt import apply_rope
 from .attention import accumulation_dtype
 
-__all__ = ["CrossEntropy", "Jet", "add_linear_", "embedding", "gelu", "linear", "linear_derivatives",
-           "rmsnorm", "rope"]
+__all__ = ["CrossEntropy", "Jet", "add_linear_", "embedding", "gelu_", "linear", "linear_derivatives",
+           "rmsnorm", "rope", "rope_heads", "split_heads", "triton_layers_apply"]
 
 
 class Jet(NamedTuple):
@@ -44,16 +45,25 @@ def _per_direction(U: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def add_linear_(out: Jet, h: Jet, W: torch.Tensor, U: torch.Tensor) -> None:
     """out += linear(h, W, U), in place and without a temporary of out's size: a layer's
-    contribution to the residual stream (callers may pass a slice of W's input columns)."""
+    contribution to the residual stream (callers may pass a slice of W's input columns; out's
+    derivatives may be strided views, e.g. a chunk of token rows)."""
     K, out_f, in_f = U.shape
     x, xd, xdd = h.x.reshape(-1, in_f), h.d.reshape(K, -1, in_f), h.dd.reshape(K, -1, in_f)
     N = x.shape[0]
+    od, odd = out.d.view(K, N, out_f), out.dd.view(K, N, out_f)
     out.x.view(-1, out_f).addmm_(x, W.T)
-    # ẏ = [ẋ, x]·[W, U_k]ᵀ and ÿ = [ẍ, 2ẋ]·[W, U_k]ᵀ: one product each over the joined inputs,
-    # so out's derivatives are read and written once, not twice
-    WU = torch.cat((W.expand(K, out_f, in_f), U), dim=2).transpose(1, 2)
-    out.d.view(K, N, out_f).baddbmm_(torch.cat((xd, x.expand(K, N, in_f)), dim=2), WU)
-    out.dd.view(K, N, out_f).baddbmm_(torch.cat((xdd, 2.0 * xd), dim=2), WU)
+    Wt = W.T.expand(K, in_f, out_f)
+    if 2 * in_f < out_f:
+        # narrow inputs (one group of heads): ẏ = [ẋ, x]·[W, U_k]ᵀ and ÿ = [ẍ, 2ẋ]·[W, U_k]ᵀ, one
+        # product each over the joined inputs, so out's derivatives are read and written once
+        WU = torch.cat((Wt, U.transpose(1, 2)), dim=1)
+        od.baddbmm_(torch.cat((xd, x.expand(K, N, in_f)), dim=2), WU)
+        odd.baddbmm_(torch.cat((xdd, 2.0 * xd), dim=2), WU)
+    else:
+        # wide inputs (the MLP's hidden layer): joining them would copy more than a second pass
+        # over out's derivatives moves
+        od.baddbmm_(xd, Wt).baddbmm_(x.expand(K, N, in_f), U.transpose(1, 2))
+        odd.baddbmm_(xdd, Wt).baddbmm_(xd, U.transpose(1, 2), alpha=2.0)
 
 
 def embedding(idx: torch.Tensor, E: torch.Tensor, U: torch.Tensor) -> Jet:
@@ -67,11 +77,9 @@ def linear_derivatives(x: torch.Tensor, xd: torch.Tensor, xdd: torch.Tensor, W: 
     """(ẏ, ÿ) of y = x Wᵀ for x (N, in), ẋ and ẍ (K, N, in), W (out, in) moving as W + t·U,
     U (K, out, in); both (K, N, out)."""
     K, out_f, in_f = U.shape
-    # x U_kᵀ for every k as one product with the K weights stacked: (N, K·out) -> (K, N, out)
-    x_u = (x @ U.reshape(K * out_f, in_f).T).reshape(-1, K, out_f).transpose(0, 1)
-    yd = torch.matmul(xd, W.T).add_(x_u)
-    # 2·ẋ Uᵀ accumulated by the batched product itself: no temporary, no extra passes
-    ydd = torch.baddbmm(torch.matmul(xdd, W.T), xd, U.transpose(1, 2), alpha=2.0)
+    # the cross terms accumulate into the products' outputs: no temporaries beside ẏ and ÿ
+    yd = torch.matmul(xd, W.T).baddbmm_(x.expand(K, *x.shape), U.transpose(1, 2))
+    ydd = torch.matmul(xdd, W.T).baddbmm_(xd, U.transpose(1, 2), alpha=2.0)
     return yd, ydd
 
 
@@ -89,6 +97,9 @@ def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
     """y = x·(mean(x²) + eps)^(−1/2)·w over the last dim, w moving as w + t·U (U: (K, n)).
 
     Computed in at least float32, like the model's RMSNorm."""
+    if triton_layers_apply(h.x):
+        from .triton_layers import rmsnorm_jet
+        return Jet(*rmsnorm_jet(h.x, h.d, h.dd, w, U, eps))
     dt = accumulation_dtype(h.x.dtype)
     x, xd, xdd = h.x.to(dt), h.d.to(dt), h.dd.to(dt)
     mu = x.pow(2).mean(-1, keepdim=True)
@@ -109,21 +120,61 @@ def rmsnorm(h: Jet, w: torch.Tensor, U: torch.Tensor, eps: float) -> Jet:
     return Jet(n * w, nd, ndd)
 
 
-def gelu(h: Jet) -> Jet:
-    """GELU (erf form) f(x) = x Φ(x): f' = Φ + x φ, f'' = φ (2 − x²), φ the normal density."""
+def gelu_(h: Jet) -> Jet:
+    """GELU (erf form) f(x) = x Φ(x), in place on the jet (the widest tensors of the model, so no
+    copies): f' = Φ + x φ, f'' = φ (2 − x²), φ the normal density."""
+    if triton_layers_apply(h.x) and h.x.is_contiguous() and h.d.is_contiguous() \
+            and h.dd.is_contiguous():
+        from .triton_layers import gelu_jet_
+        gelu_jet_(h.x, h.d, h.dd)
+        return h
     x = h.x
-    # in place where a temporary is no longer needed: these are the widest tensors of the model
     pdf = torch.exp(-0.5 * x * x).mul_(1.0 / math.sqrt(2.0 * math.pi))
-    f1 = torch.erf(x * (1.0 / math.sqrt(2.0))).add_(1.0).mul_(0.5).addcmul_(x, pdf)   # Φ + xφ
+    cdf = torch.erf(x * (1.0 / math.sqrt(2.0))).add_(1.0).mul_(0.5)
+    f1 = torch.addcmul(cdf, x, pdf)                                      # Φ + xφ
     f2 = pdf.mul_(2.0 - x * x)
-    dd = (h.d * h.d).mul_(f2).addcmul_(f1, h.dd)
-    del f2
-    return Jet(F.gelu(x), f1 * h.d, dd)
+    h.dd.mul_(f1).addcmul_(h.d * h.d, f2)
+    h.d.mul_(f1)
+    x.mul_(cdf)
+    return h
 
 
 def rope(h: Jet, cos: torch.Tensor, sin: torch.Tensor) -> Jet:
     """Rotary embedding: a fixed linear map, applied to each order."""
     return Jet(apply_rope(h.x, cos, sin), apply_rope(h.d, cos, sin), apply_rope(h.dd, cos, sin))
+
+
+def split_heads(h: Jet, n_head: int) -> Jet:
+    """(…, T, C) -> contiguous (…, H, T, C/H), each order: the Taylor attention's layout."""
+    def split(t):
+        *lead, T, C = t.shape
+        return t.reshape(*lead, T, n_head, C // n_head).transpose(-3, -2).contiguous()
+    return Jet(split(h.x), split(h.d), split(h.dd))
+
+
+def rope_heads(h: Jet, n_head: int, cos: torch.Tensor, sin: torch.Tensor) -> Jet:
+    """split_heads, then the rotary embedding: one pass per order where the Triton kernel runs."""
+    D = h.x.shape[-1] // n_head
+    if triton_layers_apply(h.x) and D >= 2 and D & (D - 1) == 0:
+        from .triton_layers import rope_heads_jet
+        return Jet(*rope_heads_jet(h.x, h.d, h.dd, n_head, cos, sin))
+    return rope(split_heads(h, n_head), cos, sin)
+
+
+def triton_layers_apply(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels of :mod:`muonkern.taylor.triton_layers` run for jets like x:
+    CUDA tensors where triton is installed, unless ``MUONKERN_TAYLOR_LAYERS=torch`` (read at
+    every call) asks for the PyTorch rules."""
+    choice = os.environ.get("MUONKERN_TAYLOR_LAYERS", "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"MUONKERN_TAYLOR_LAYERS must be auto or torch, got {choice!r}")
+    if choice == "torch" or x.device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class CrossEntropy:
