@@ -44,7 +44,7 @@ def anchor_kernels() -> dict:
 def main():
     others = {"torch.matmul": lambda X: torch.matmul(X, X.mT), **anchor_kernels()}
     configs = [SyrkConfig(128, bk, num_warps=w, num_stages=st, group=g)
-               for bk, st, w, g in itertools.product([32, 64, 128], [3, 4], [4, 8], [8, 16])
+               for bk, st, w, g in itertools.product([32, 64, 128], [3, 4, 5], [4, 8], [8, 16])
                if bk * st <= 384]  # 128×128 with 4 stages needs more than 228 KB of shared memory
     for m, n in [(4096, 4096), (8192, 8192), (2048, 8192)]:
         X = torch.randn(m, n, device="cuda").bfloat16()

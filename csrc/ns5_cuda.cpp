@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <cublasLt.h>
 #include <torch/library.h>
 
@@ -209,7 +210,8 @@ void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice. MUONKERN_NS5_PATH=fused|general forces a path (fused only where it fits) and
+// Path choice (after the symmetric route above). MUONKERN_NS5_PATH=fused|general forces a path
+// (fused only where it fits) and
 // MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size; otherwise a cost model decides. The
 // fused kernel runs one block per SM at a rate per SM, in waves of (matrices x cluster) / SMs; the
 // general path pays a launch per kernel and runs its products near the chip's GEMM rate.
@@ -256,6 +258,26 @@ double general_seconds(const Ns5Problem& p) {
   return (3 * p.steps + 2) * kLaunchSeconds + p.batch * p.steps * (4 * R * R * C + 2 * R * R * R) / kGeneralGemmFlops;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Large matrices on Hopper: the Triton symmetric-product iteration (muonkern/ops/triton_symmetric.py,
+// registered from Python as muonkern::ns5_symmetric where triton is installed) computes X X^T and
+// b A + c A A on one triangle of tiles, 3m^2n + m^3 FLOPs per step instead of 4m^2n + 2m^3. H100,
+// bench/test_bench_ns5.py: 4096^2 2.68 ms against 3.32 (cuBLAS path), 8192^2 18.8 against 24.9;
+// a short side of 2048 (2048x8192) ties and 1024 loses, where the triangle has too few large tiles.
+// MUONKERN_NS5_PATH=symmetric takes it at any size (tests), fused|general never.
+constexpr int64_t kSymmetricMinShortSide = 4096;
+
+std::optional<c10::OperatorHandle> symmetric_route(const at::Tensor& G, const std::string& path,
+                                                   const cudaDeviceProp& prop) {
+  const int64_t short_side = std::min(G.size(-2), G.size(-1));
+  const bool wanted = path == "symmetric" || (path == "auto" && prop.major == 9 && short_side >= kSymmetricMinShortSide);
+  if (!wanted || G.numel() == 0) return std::nullopt;
+  // looked up per call: Python registers the op when muonkern is imported, after this library loads
+  auto op = c10::Dispatcher::singleton().findOp({"muonkern::ns5_symmetric", ""});
+  if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
+  return op;
+}
+
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
                     double eps, c10::string_view algorithm) {
   check_ns5_args(G_in, steps, coefficients, eps, algorithm);
@@ -263,6 +285,12 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   // The Gram algorithm runs as ATen ops (cuBLAS products) on the current stream: ns5_gram.cpp.
   if (ns5_use_gram(algorithm, G_in.size(-2), G_in.size(-1), steps, ns5_batch(G_in), true))
     return ns5_gram(G_in, ns5_step_coefficients(steps, coefficients), eps);
+  const char* forced = std::getenv("MUONKERN_NS5_PATH");
+  const std::string path = forced != nullptr ? forced : "auto";
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  if (auto op = symmetric_route(G_in, path, prop))
+    return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
+        G_in, steps, coefficients, eps);
   at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   StridedMatrices probe{};
@@ -270,9 +298,6 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   const Ns5Problem p = describe(G, out, steps, eps);
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  const char* forced = std::getenv("MUONKERN_NS5_PATH");
-  const std::string path = forced != nullptr ? forced : "auto";
   const int cluster = path == "general" ? 0 : fused_cluster(p, prop);
   if (cluster > 0 && (path == "fused" || fused_seconds(p, cluster, prop) <= general_seconds(p))) {
     std::vector<float> abc32(abc.begin(), abc.end());

@@ -174,6 +174,32 @@ def test_ns5_symmetric_polar_express_views_and_edges(gen):
 
 
 @needs_gpu
+def test_ns5_op_takes_the_symmetric_route(gen, monkeypatch):
+    """muonkern::ns5 on CUDA hands large matrices on Hopper (short side >= 4096) to
+    muonkern::ns5_symmetric, which MUONKERN_NS5_PATH=symmetric forces at any size (here a 4-D
+    batch, which the op reshapes) and MUONKERN_NS5_PATH=general never takes. Routed results are
+    bitwise the symmetric op's; the cuBLAS path rounds in another order, so its result differs."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "symmetric")
+    small = randn(gen, 2, 3, 40, 72, device="cuda")
+    out = torch.ops.muonkern.ns5(small)
+    assert out.shape == small.shape and out.is_contiguous()
+    assert torch.equal(out, torch.ops.muonkern.ns5_symmetric(small))
+    assert_ns5_output(out, small)
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
+    assert not torch.equal(torch.ops.muonkern.ns5(small), out)
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the automatic route is measured on Hopper only")
+    G = randn(gen, 4096, 4096, device="cuda")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "auto")
+    routed = torch.ops.muonkern.ns5(G)
+    assert torch.equal(routed, torch.ops.muonkern.ns5_symmetric(G))
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
+    general = torch.ops.muonkern.ns5(G)
+    assert not torch.equal(routed, general)
+    assert relative_difference(routed, general) <= CROSS_DEVICE_RTOL
+
+
+@needs_gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="wgmma is Hopper's (sm_90)")
 @pytest.mark.parametrize("case", ["xxt", "xxt-mT-view", "polynomial"])

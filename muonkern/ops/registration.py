@@ -7,6 +7,7 @@ kernels are registered in both cases so torch.compile and FakeTensor see through
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -72,11 +73,36 @@ def register() -> str:
 
 _composites = None
 
+# The iteration with X Xᵀ and b·A + c·A·A by Triton kernels on one triangle of tiles
+# (muonkern.ops.triton_symmetric): the CUDA kernel of ns5 routes large matrices on Hopper to it
+# (csrc/ns5_cuda.cpp, symmetric_route). Defined where triton is installed.
+NS5_SYMMETRIC_SCHEMA = ("ns5_symmetric(Tensor G, int steps=5, float[]? coefficients=None, "
+                        "float eps=1e-07) -> Tensor")
+
+
+def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
+    from .triton_symmetric import ns5_symmetric   # imports triton: on first use, not at import
+    check_ns5_args(G, steps, coefficients, eps)
+    m, n = G.shape[-2:]
+    return ns5_symmetric(G.reshape(-1, m, n), steps, coefficients, eps).reshape(G.shape)
+
+
+def _ns5_symmetric_fake(G, steps=5, coefficients=None, eps=1e-7):
+    check_ns5_args(G, steps, coefficients, eps)
+    return G.new_empty(G.shape)
+
 
 def _register_composites() -> None:
-    """Ops written in terms of the others (Python on every backend): ns5_grouped."""
+    """Ops written in terms of the others or in Triton (Python on every backend): ns5_grouped,
+    and ns5_symmetric where triton is installed."""
     global _composites
     _composites = torch.library.Library("muonkern", "FRAGMENT")
     _composites.define(NS5_GROUPED_SCHEMA)
     _composites.impl("ns5_grouped", ns5_grouped_kernel, "CompositeExplicitAutograd")
     torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)
+    if importlib.util.find_spec("triton") is not None:
+        _composites.define(NS5_SYMMETRIC_SCHEMA)
+        for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
+            _composites.impl("ns5_symmetric", _ns5_symmetric_kernel, key)
+        torch.library.register_fake("muonkern::ns5_symmetric", _ns5_symmetric_fake,
+                                    lib=_composites)

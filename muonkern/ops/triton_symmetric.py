@@ -15,8 +15,8 @@ and the grid has one program per tile of the upper triangle, T(T+1)/2 per matrix
 is launched only to exit. ``_upper_tile`` turns the 1-D program id into a (row, col) tile pair:
 bands of GROUP tile rows, column by column within a band (the grouped ordering of Triton's
 matmul tutorial, restricted to the triangle), so programs that run at the same time read the
-same row blocks of X and find them in L2. A diagonal tile stores its upper half in place and
-mirrors its strict upper half, so C is exactly symmetric and no element is written twice.
+same row blocks of X and find them in L2. A diagonal tile replaces its lower half with the mirror
+of its upper half, so C is exactly symmetric and no element is written twice.
 
 Operands bf16 (fp16 works too) with fp32 accumulation; float32 operands run exact-input
 ("ieee") products, which Triton's CPU interpreter runs and the tests use (slow on a GPU). Any
@@ -58,13 +58,16 @@ class SyrkConfig:
 
 
 # H100 (sm_90, 228 KB of shared memory per SM): 128×128 tiles keep a wgmma pipeline busy on
-# large matrices; 64×64 tiles give a small matrix enough programs (m = 512: 10 tiles of 128,
-# 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most 192 KB (128×128, 3 stages).
-# Non-square tiles would not map onto the triangle of tile pairs, so every tile is square.
+# large matrices (the fastest of python bench/xxt_tiles.py's sweep: BLOCK_K 64 with 4-5 stages at
+# 4096² and 8192², 32 with 4 stages at 2048×8192); 64×64 tiles give a small matrix enough programs
+# (m = 512: 10 tiles of 128, 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most
+# 160 KB here. Non-square tiles would not map onto the triangle of tile pairs, so every tile is
+# square.
 CONFIGS = (
-    SyrkConfig(128, 64, num_warps=8, num_stages=4),
-    SyrkConfig(128, 64, num_warps=4, num_stages=4),
-    SyrkConfig(128, 128, num_warps=8, num_stages=3),
+    SyrkConfig(128, 64, num_warps=8, num_stages=4, group=16),
+    SyrkConfig(128, 64, num_warps=8, num_stages=5, group=16),
+    SyrkConfig(128, 64, num_warps=4, num_stages=3, group=16),
+    SyrkConfig(128, 32, num_warps=4, num_stages=4),
     SyrkConfig(64, 128, num_warps=4, num_stages=4),
     SyrkConfig(64, 64, num_warps=4, num_stages=5),
 )
@@ -152,13 +155,16 @@ if triton is not None:
             acc = alpha * acc + beta * lin.to(tl.float32)
         out = acc.to(C.dtype.element_ty)
 
-        # Upper half (row <= col) in place; the strict upper half mirrored to (col, row). Off the
-        # diagonal every element is strictly upper, so both stores write the whole tile.
-        upper = in_m[:, None] & in_n[None, :] & (offs_m[:, None] <= offs_n[None, :])
-        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out, mask=upper)
-        lower = in_n[:, None] & in_m[None, :] & (offs_n[:, None] > offs_m[None, :])
-        tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
-                 mask=lower)
+        # A diagonal tile keeps its upper half (row <= col) and takes its mirror below, so C is
+        # exactly symmetric; it is stored once. Any other tile is stored as it is and mirrored.
+        # Only boundary masks: a triangle mask on the stores splits them into 2-byte writes.
+        c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        if tile_m == tile_n:
+            out = tl.where(offs_m[:, None] <= offs_n[None, :], out, tl.trans(out))
+        tl.store(c_ptrs, out, mask=in_m[:, None] & in_n[None, :])
+        if tile_m != tile_n:
+            tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
+                     mask=in_n[:, None] & in_m[None, :])
 
     def _triton_configs():
         return [triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group},
@@ -210,6 +216,13 @@ def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_lin
     (the compiled kernel on a GPU, with its ``.asm``)."""
     batch, M, K = X.shape
     if batch == 0 or M == 0:
+        return None
+    if M == 1:
+        # 1×1 outputs: Triton 3.6 fails to compile the kernel when M = 1 is specialized to a
+        # constant (its coalescing pass, on the mirrored store); there is nothing to tile anyway
+        Xf = X.float()
+        P = Xf @ Xf.mT
+        C.copy_(alpha * P + beta * Xf if has_linear else P)
         return None
     args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta))
     meta = dict(HAS_LINEAR=has_linear,
