@@ -82,9 +82,9 @@ NS5_SYMMETRIC_SCHEMA = ("ns5_symmetric(Tensor G, int steps=5, float[]? coefficie
 
 def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
     from .triton_symmetric import ns5_symmetric   # imports triton: on first use, not at import
-    check_ns5_args(G, steps, coefficients, eps)
-    m, n = G.shape[-2:]
-    return ns5_symmetric(G.reshape(-1, m, n), steps, coefficients, eps).reshape(G.shape)
+    if G.dim() <= 3:                               # ns5_symmetric checks the arguments
+        return ns5_symmetric(G, steps, coefficients, eps)
+    return ns5_symmetric(G.reshape(-1, *G.shape[-2:]), steps, coefficients, eps).reshape(G.shape)
 
 
 def _ns5_symmetric_fake(G, steps=5, coefficients=None, eps=1e-7):

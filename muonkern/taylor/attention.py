@@ -30,16 +30,32 @@ Accumulation is float64 for float64 inputs and float32 otherwise; outputs have t
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["accumulation_dtype", "check_taylor_attention_args", "taylor_attention",
+__all__ = ["accumulation_dtype", "check_taylor_attention_args", "triton_requested", "taylor_attention",
            "taylor_attention_blocked", "taylor_attention_dense"]
 
 Triple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _NAMES = ("q", "k", "v", "qd", "kd", "vd", "qdd", "kdd", "vdd")
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_requested(x: torch.Tensor, env: str, choices: Tuple[str, ...], off: str) -> bool:
+    """Whether Triton kernels may run for tensors like x: CUDA tensors where triton is installed,
+    unless the environment variable ``env`` (read at every call; one of ``choices``, default
+    "auto") equals ``off``."""
+    choice = os.environ.get(env, "auto")
+    if choice not in choices:
+        raise ValueError(f"{env} must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                         f"got {choice!r}")
+    return choice != off and x.device.type == "cuda" and _HAS_TRITON
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

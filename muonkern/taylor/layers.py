@@ -17,14 +17,13 @@ Rules (products of a moving weight and a moving input get the cross term 2·U·�
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..models.gpt import apply_rope
-from .attention import accumulation_dtype
+from .attention import accumulation_dtype, triton_requested
 
 __all__ = ["CrossEntropy", "Jet", "add_linear_", "embedding", "gelu_", "linear", "linear_derivatives",
            "rmsnorm", "rope", "rope_heads", "split_heads", "triton_layers_apply"]
@@ -165,16 +164,7 @@ def triton_layers_apply(x: torch.Tensor) -> bool:
     """Whether the Triton kernels of :mod:`muonkern.taylor.triton_layers` run for jets like x:
     CUDA tensors where triton is installed, unless ``MUONKERN_TAYLOR_LAYERS=torch`` (read at
     every call) asks for the PyTorch rules."""
-    choice = os.environ.get("MUONKERN_TAYLOR_LAYERS", "auto")
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"MUONKERN_TAYLOR_LAYERS must be auto or torch, got {choice!r}")
-    if choice == "torch" or x.device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_requested(x, "MUONKERN_TAYLOR_LAYERS", ("auto", "torch"), off="torch")
 
 
 class CrossEntropy:

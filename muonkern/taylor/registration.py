@@ -12,12 +12,11 @@ fallback); this module adds one op to it as a library fragment:
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-from .attention import check_taylor_attention_args, taylor_attention_blocked
+from .attention import check_taylor_attention_args, taylor_attention_blocked, triton_requested
 
 SCHEMA = ("taylor_attention(Tensor q, Tensor k, Tensor v, Tensor qd, Tensor kd, Tensor vd, "
           "Tensor qdd, Tensor kdd, Tensor vdd, float? scale=None) -> (Tensor, Tensor, Tensor)")
@@ -33,21 +32,11 @@ _TRITON_DOES_NOT_FIT = set()  # (head dim, dtype, device) where the kernels ran 
 
 def triton_applies(q: torch.Tensor) -> bool:
     """Whether the CUDA kernel of the op runs the Triton kernel for inputs like ``q``."""
-    choice = os.environ.get("MUONKERN_TAYLOR_ATTENTION", "auto")
-    if choice not in ("auto", "triton", "fallback"):
-        raise ValueError("MUONKERN_TAYLOR_ATTENTION must be auto, triton or fallback, "
-                         f"got {choice!r}")
-    if choice == "fallback" or q.device.type != "cuda":
+    if not triton_requested(q, "MUONKERN_TAYLOR_ATTENTION", ("auto", "triton", "fallback"),
+                            off="fallback"):
         return False
-    if (q.shape[-1], q.dtype) not in TRITON_CASES:
-        return False
-    if (q.shape[-1], q.dtype, q.device) in _TRITON_DOES_NOT_FIT:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return ((q.shape[-1], q.dtype) in TRITON_CASES
+            and (q.shape[-1], q.dtype, q.device) not in _TRITON_DOES_NOT_FIT)
 
 
 def _fallback_kernel(q, k, v, qd, kd, vd, qdd, kdd, vdd, scale=None):
