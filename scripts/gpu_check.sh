@@ -2,7 +2,7 @@
 # On a GPU machine: rebuild the extension, run the GPU tests, compute-sanitizer on every kernel
 # family, and the benchmarks. Logs and tables go to OUT (default gpu_check) and, after every
 # step, to OUT.tar (or $GPU_CHECK_TAR), so a run cut short still leaves what it did.
-#   bash scripts/gpu_check.sh [OUT] [all|tests|bench]     (all: over 10 minutes on an H100)
+#   bash scripts/gpu_check.sh [OUT] [all|tests|bench]     (all: every step; tests, bench: its halves)
 # tests = build + GPU tests + sanitizers; bench = build + benchmarks. The study's small preset
 # is timed apart: time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
