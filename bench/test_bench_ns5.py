@@ -10,8 +10,10 @@ GPU (the baseline shapes, fp32 inputs):
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
   torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
   muonkern triton-sym muonkern.ops.triton_symmetric.ns5_symmetric: X Xᵀ and b·A + c·A·A by the Triton
-                      symmetric kernels, a·X + B·X by cuBLAS; on the shapes whose short side is >= 512
-                      (below, the triangle has too few large tiles to pay off)
+                      symmetric kernels, a·X + B·X by cuBLAS; timed on the shapes whose short side is
+                      >= 512. The op itself takes this route on Hopper from a short side of 4096
+                      (csrc/ns5_cuda.cpp), so there the "muonkern" row times the same computation;
+                      MUONKERN_NS5_PATH=general times the cuBLAS path instead
 X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt vs torch.matmul(X, X.mT), its own table
 (xxt_bench.md/.json) with reference-equivalent TFLOP/s: the dense product's 2m²n FLOPs / the time.
 CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern (and its algorithms on

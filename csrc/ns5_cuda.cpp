@@ -262,7 +262,8 @@ double general_seconds(const Ns5Problem& p) {
 // Large matrices on Hopper: the Triton symmetric-product iteration (muonkern/ops/triton_symmetric.py,
 // registered from Python as muonkern::ns5_symmetric where triton is installed) computes X X^T and
 // b A + c A A on one triangle of tiles, 3m^2n + m^3 FLOPs per step instead of 4m^2n + 2m^3. H100,
-// bench/test_bench_ns5.py: 4096^2 2.68 ms against 3.32 (cuBLAS path), 8192^2 18.8 against 24.9;
+// bench/test_bench_ns5.py (triton-sym rows; the cuBLAS path's with MUONKERN_NS5_PATH=general): 4096^2
+// 2.68 ms against 3.32 (cuBLAS path), 8192^2 18.8 against 24.9;
 // a short side of 2048 (2048x8192) ties and 1024 loses, where the triangle has too few large tiles.
 // MUONKERN_NS5_PATH=symmetric takes it at any size (tests), fused|general never.
 constexpr int64_t kSymmetricMinShortSide = 4096;

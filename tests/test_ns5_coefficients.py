@@ -16,12 +16,16 @@ _spec.loader.exec_module(coef)
 
 
 def test_error_measures(gen):
-    G = torch.randn(12, 20, generator=gen, dtype=torch.float64)
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    # G = Q diag(s) W with Q orthogonal and W's rows orthonormal: its polar factor is Q W by
+    # construction, independent of the SVD the code under test runs
+    Q = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(20, 12, generator=gen, dtype=torch.float64))[0].mT
+    s = torch.rand(12, generator=gen, dtype=torch.float64) + 0.1
+    G = Q @ torch.diag(s) @ W
     polar = coef.polar_factor(G)
-    sigma_err, polar_err = coef.errors(polar, U @ Vh)
+    sigma_err, polar_err = coef.errors(polar, Q @ W)
     assert sigma_err < 1e-12 and polar_err < 1e-12
-    sigma_err, polar_err = coef.errors(polar, 0.5 * U @ Vh)
+    sigma_err, polar_err = coef.errors(polar, 0.5 * Q @ W)
     assert abs(sigma_err - 0.5) < 1e-12 and abs(polar_err - 0.5) < 1e-12
 
 

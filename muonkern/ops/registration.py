@@ -87,11 +87,6 @@ def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
     return ns5_symmetric(G.reshape(-1, *G.shape[-2:]), steps, coefficients, eps).reshape(G.shape)
 
 
-def _ns5_symmetric_fake(G, steps=5, coefficients=None, eps=1e-7):
-    check_ns5_args(G, steps, coefficients, eps)
-    return G.new_empty(G.shape)
-
-
 def _register_composites() -> None:
     """Ops written in terms of the others or in Triton (Python on every backend): ns5_grouped,
     and ns5_symmetric where triton is installed."""
@@ -104,5 +99,5 @@ def _register_composites() -> None:
         _composites.define(NS5_SYMMETRIC_SCHEMA)
         for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
             _composites.impl("ns5_symmetric", _ns5_symmetric_kernel, key)
-        torch.library.register_fake("muonkern::ns5_symmetric", _ns5_symmetric_fake,
+        torch.library.register_fake("muonkern::ns5_symmetric", _ns5_fake,
                                     lib=_composites)

@@ -276,6 +276,8 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     _require_triton("ns5_symmetric", G)
     if G.dim() not in (2, 3):
         raise ValueError(f"ns5_symmetric: expected a 2-D or 3-D tensor, got shape {tuple(G.shape)}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"ns5_symmetric: dtype must be bfloat16, float16 or float32, got {dtype}")
     # The reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)
     X = G.to(dtype)
     X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
@@ -290,9 +292,10 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     B = torch.empty_like(A)
     # two buffers in turn: baddbmm must not write the X it reads
     buffers = [torch.empty((batch, m, n), dtype=dtype, device=X.device) for _ in range(2)]
+    # the buffers are this function's own: the products launch without xxt's per-call checks
     for i, (a, b, c) in enumerate(step_coefficients(steps, coefficients)):
-        xxt(X, out=A, config=config)
-        symmetric_polynomial(A, b, c, out=B, config=config)
+        _launch(X, A, 1.0, 0.0, False, config)
+        _launch(A, B, c, b, True, config)
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0, out=buffers[i % 2])
     if transposed:
         X = X.mT
