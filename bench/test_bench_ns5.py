@@ -3,7 +3,9 @@
 GPU (the baseline shapes, fp32 inputs):
   muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH),
                       algorithm="auto" (the default); labelled "muonkern (auto: gram)" where auto runs
-                      the Gram iteration
+                      the Gram iteration. Launch-bound calls replay a cached CUDA graph
+  muonkern direct     the same with MUONKERN_NS5_GRAPH=0 (every kernel launched by the host), timed on
+                      GRAPH_SHAPES, where the op replays graphs
   muonkern standard   algorithm="standard" and algorithm="gram" side by side, on the Gram shapes only
   muonkern gram       (GRAM_SHAPES; TFLOP/s of every row count the standard iteration's FLOPs)
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
@@ -23,7 +25,6 @@ CPU_GRAM_SHAPES) vs reference.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -35,13 +36,15 @@ from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
 
 # Wide (1:4) and tall shapes where "auto" may pick the Gram iteration: timed with each algorithm.
-GRAM_SHAPES = [(1024, 4096), (2048, 8192), (8, 1024, 4096), (4096, 1024)]
+GRAM_SHAPES = [(768, 3072), (1024, 4096), (2048, 8192), (8, 1024, 4096), (4096, 1024)]
 CPU_GRAM_SHAPES = [(512, 2048)]
 GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
               (48, 128, 128), (12, 64, 768), (8, 1024, 4096), (2048, 8192), (4096, 1024)]
 CPU_SHAPES = [(4, 64, 256), (256, 256), *CPU_GRAM_SHAPES]
-GPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram", "reference_compiled",
-             "torch_optim_muon", "muonkern triton-sym"]
+GPU_IMPLS = ["reference", "muonkern", "muonkern direct", "muonkern standard", "muonkern gram",
+             "reference_compiled", "torch_optim_muon", "muonkern triton-sym"]
+# Launch-bound shapes, where the op replays CUDA graphs (csrc/ns5_cuda.cpp, launch_bound).
+GRAPH_SHAPES = [(768, 768), (768, 3072), (1024, 4096)]
 TRITON_SYM_MIN_SHORT_SIDE = 512
 CPU_IMPLS = ["reference", "muonkern", "muonkern standard", "muonkern gram"]
 ALGORITHM_IMPLS = {"muonkern standard": "standard", "muonkern gram": "gram"}
@@ -83,9 +86,9 @@ IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
 
-def muonkern_label(shape, device: str = "cuda") -> str:
+def muonkern_label(shape) -> str:
     """The default call's row label: "muonkern (auto: gram)" where auto runs the Gram iteration."""
-    gram = choose_algorithm(shape[-2], shape[-1], 5, math.prod(shape[:-2]), device) == "gram"
+    gram = choose_algorithm(shape[-2], shape[-1], 5) == "gram"
     return "muonkern (auto: gram)" if gram else "muonkern"
 
 
@@ -94,13 +97,19 @@ def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
     the algorithm "auto" picks where it is the Gram one."""
     if impl in ALGORITHM_IMPLS and tuple(shape) not in gram_shapes:
         pytest.skip("algorithm rows are timed on the Gram shapes only")
-    time_ns5(IMPLS[impl], shape, muonkern_label(shape, device) if impl == "muonkern" else impl, device)
+    time_ns5(IMPLS[impl], shape, muonkern_label(shape) if impl == "muonkern" else impl, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_str)
-def test_ns5_cuda(time_ns5, shape, impl):
+def test_ns5_cuda(time_ns5, monkeypatch, shape, impl):
+    if impl == "muonkern direct":
+        if tuple(shape) not in GRAPH_SHAPES:
+            pytest.skip("the op replays graphs on GRAPH_SHAPES only")
+        monkeypatch.setenv("MUONKERN_NS5_GRAPH", "0")
+        time_ns5(_muonkern, shape, impl, "cuda")
+        return
     if impl == "torch_optim_muon":
         try:
             from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: F401

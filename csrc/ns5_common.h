@@ -46,7 +46,6 @@ inline void check_ns5_args(const at::Tensor& G, int64_t steps,
 inline constexpr int64_t kGramRestartInterval = 2;   // restart after every 2nd step (5 steps: after 2)
 inline constexpr double kGramMinSaving = 0.25;       // "auto" takes gram where it saves >= 25% of FLOPs
 inline constexpr int64_t kGramMinShortSide = 512;    // ... and the short side is at least this
-inline constexpr double kGramMinCudaFlops = 2e11;     // ... and, on CUDA, the call's standard work
 
 // The steps after which the Gram iteration restarts (1-based): every kGramRestartInterval-th, except
 // one that would leave a single step to run.
@@ -66,15 +65,12 @@ inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
   return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1));
 }
 
-// Whether the op runs the Gram iteration on `batch` m x n matrices: algorithm "gram", or "auto" where
-// the cost model picks it.
-inline bool ns5_use_gram(std::string_view algorithm, int64_t m, int64_t n, int64_t steps, int64_t batch,
-                         bool on_cuda) {
+// Whether the op runs the Gram iteration on m x n matrices: algorithm "gram", or "auto" where the
+// cost model picks it.
+inline bool ns5_use_gram(std::string_view algorithm, int64_t m, int64_t n, int64_t steps) {
   if (algorithm != "auto") return algorithm == "gram";
   if (m == n || std::min(m, n) < kGramMinShortSide || steps == 0) return false;
-  const double standard = ns5_flops(m, n, steps, false);
-  if (on_cuda && static_cast<double>(batch) * standard < kGramMinCudaFlops) return false;
-  return ns5_flops(m, n, steps, true) <= (1.0 - kGramMinSaving) * standard;
+  return ns5_flops(m, n, steps, true) <= (1.0 - kGramMinSaving) * ns5_flops(m, n, steps, false);
 }
 
 // The number of matrices in G (..., m, n).

@@ -1,6 +1,6 @@
 // CPU kernel of muonkern::ns5: the reference iteration as a composite of ATen ops, op for op the
 // same arithmetic as the Python fallback (muonkern/ops/fallback.py), so the two agree bitwise; the
-// Gram algorithm is shared with the CUDA kernel (ns5_gram.cpp).
+// Gram algorithm in ns5_gram.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,7 +13,7 @@ at::Tensor ns5_cpu(const at::Tensor& G, int64_t steps, std::optional<at::ArrayRe
                    double eps, c10::string_view algorithm) {
   check_ns5_args(G, steps, coefficients, eps, algorithm);
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
-  if (ns5_use_gram(algorithm, G.size(-2), G.size(-1), steps, ns5_batch(G), false)) return ns5_gram(G, abc, eps);
+  if (ns5_use_gram(algorithm, G.size(-2), G.size(-1), steps)) return ns5_gram(G, abc, eps);
   at::Tensor X = ns5_normalized(G, eps);
   const bool transposed = G.size(-2) > G.size(-1);
   if (transposed) X = X.mT();

@@ -1,12 +1,12 @@
-// CUDA kernel of muonkern::ns5: picks the fused one-launch kernel for small matrices or the general
+// CUDA kernel of muonkern::ns5: picks the fused one-launch kernel for small matrices, the general
 // path (normalize kernel, three cuBLASLt batched GEMMs per step with the polynomial in alpha/beta,
-// finish kernel), and turns torch tensors into the torch-free launch structs of kernels/.
+// finish kernel) or the Gram iteration on the same pieces, replays launch-bound calls from CUDA
+// graphs (ns5_graphs.h), and turns torch tensors into the torch-free launch structs of kernels/.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <cublasLt.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -17,20 +17,14 @@
 #include <string>
 #include <unordered_map>
 
+#include "cublaslt_gemm.h"
 #include "kernels/ns5_kernels.h"
 #include "kernel_dtype.h"
 #include "ns5_common.h"
-#include "ns5_gram.h"
+#include "ns5_graphs.h"
 
 namespace muonkern {
 namespace {
-
-#define MUONKERN_CUBLAS_CHECK(expr)                                                                  \
-  do {                                                                                              \
-    const cublasStatus_t _status = (expr);                                                          \
-    TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS,                                                  \
-                std::string("ns5: " #expr " failed with cuBLAS status ") + std::to_string(_status));  \
-  } while (0)
 
 // Leading dims, merged where their strides allow, so most inputs fit kMaxBatchDims without a copy.
 bool describe_batch(const at::Tensor& G, StridedMatrices& s) {
@@ -67,112 +61,6 @@ Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, d
   return p;
 }
 
-// ---------------------------------------------------------------------------------------------
-// cuBLASLt: D = alpha * op(A) op(B) + beta * C, column-major, bf16 operands, fp32 accumulation,
-// strided batches. C and D are separate buffers, which is what lets the NS polynomial ride in beta.
-// All fields int64 so the struct has no padding and compares/hashes bytewise.
-struct GemmShape {
-  int64_t ta, tb;  // cublasOperation_t
-  int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
-  int64_t batch, device;
-  bool operator==(const GemmShape& o) const { return std::memcmp(this, &o, sizeof(GemmShape)) == 0; }
-};
-struct GemmShapeHash {
-  size_t operator()(const GemmShape& s) const {
-    size_t h = 0;
-    const auto* bytes = reinterpret_cast<const unsigned char*>(&s);
-    for (size_t i = 0; i < sizeof(GemmShape); ++i) h = h * 131 + bytes[i];
-    return h;
-  }
-};
-
-struct GemmPlan {
-  cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulAlgo_t algo{};
-};
-
-cublasLtMatrixLayout_t make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int batch) {
-  cublasLtMatrixLayout_t layout;
-  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, rows, cols, ld));
-  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
-  MUONKERN_CUBLAS_CHECK(
-      cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
-  return layout;
-}
-
-// A product with few output tiles and a long K (the Gram matrix X X^T of a wide X) leaves most
-// SMs idle; splitting K among them fills the chip. The heuristic rarely does this on its own.
-cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan, cublasLtMatmulAlgo_t algo,
-                                  const GemmShape& s, size_t workspace) {
-  const char* disabled = std::getenv("MUONKERN_NS5_SPLITK");
-  if (disabled != nullptr && std::strcmp(disabled, "0") == 0) return algo;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = ((s.m + 127) / 128) * ((s.n + 127) / 128) * s.batch;  // typical 128x128 tiles
-  const int64_t splits = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), s.k / 512);
-  int supported = 0;
-  size_t written = 0;
-  if (splits < 2 || cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported,
-                                                      sizeof(supported), &written) != CUBLAS_STATUS_SUCCESS ||
-      !supported)
-    return algo;
-  cublasLtMatmulAlgo_t split = algo;
-  const int32_t num = static_cast<int32_t>(splits);
-  const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-  cublasLtMatmulHeuristicResult_t check{};
-  if (cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &num, sizeof(num)) ==
-          CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
-          CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, &split, &check) ==
-          CUBLAS_STATUS_SUCCESS &&
-      check.workspaceSize <= workspace)
-    return split;
-  return algo;
-}
-
-// Plans (descriptors + heuristic algorithm) are cached per shape: building one costs more than a
-// small GEMM. They are never freed; a process sees few distinct shapes.
-const GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspace) {
-  static std::mutex mutex;
-  static std::unordered_map<GemmShape, GemmPlan, GemmShapeHash> plans;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = plans.find(s);
-  if (it != plans.end()) return it->second;
-  GemmPlan plan;
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const auto ta = static_cast<cublasOperation_t>(s.ta), tb = static_cast<cublasOperation_t>(s.tb);
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
-  const int batch = static_cast<int>(s.batch);
-  plan.a = make_layout(na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
-  plan.b = make_layout(nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
-  plan.c = make_layout(s.m, s.n, s.ldc, s.stride_c, batch);
-  cublasLtMatmulPreference_t pref;
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                             &workspace, sizeof(workspace)));
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  MUONKERN_CUBLAS_CHECK(
-      cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found));
-  cublasLtMatmulPreferenceDestroy(pref);
-  TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
-                            "x" + std::to_string(s.k) + " bf16 GEMM");
-  plan.algo = with_split_k(handle, plan, result.algo, s, workspace);
-  return plans.emplace(s, plan).first->second;
-}
-
-void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
-          const __nv_bfloat16* C, __nv_bfloat16* D, cudaStream_t stream) {
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  const GemmPlan& plan = gemm_plan(s, handle, workspace_size);
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, D, plan.c,
-                                       &plan.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size, stream));
-}
-
 // The general path. Row-major X (R x C) is column-major X^T, so in cuBLAS terms (Xc = X^T, ld C):
 //   A  = X X^T        = Xc^T Xc           (T, N; R x R x C)
 //   B  = c A A + b A                       (N, N; R x R x R; C = A, beta = b)
@@ -204,6 +92,74 @@ void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor
                               ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr())
                               : X[1 - cur];
     gemm(update, 1.f, X[cur], B, a, X[cur], next, stream);
+    cur = 1 - cur;
+  }
+  if (!write_out_directly) C10_CUDA_CHECK(launch_ns5_finish(p, X[cur], stream));
+}
+
+// The Gram iteration (ns5_gram.cpp states it; the same products and roundings) on cuBLASLt, with
+// the general path's normalize and finish kernels, for `batch` wide R x C matrices X0:
+//   R = X0 X0^T;  per step P = a I + b R + c R R,  Q = P Q (Q = P at a stretch's first step),
+//   R = (P R) P;  at a restart X0 = Q X0, R = X0 X0^T;  out = Q X0.
+// P, Q and R are polynomials in one symmetric matrix, so they commute and are symmetric: products
+// among them are the same in row- and column-major terms (plain N, N GEMMs), and Q X0 is, in
+// cuBLAS's column-major terms, Xc Q, the general path's `update` shape.
+void ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
+  const int64_t R = p.short_side(), C = p.long_side();
+  const int64_t batch = p.batch, device = out.get_device();
+  at::Tensor work = at::empty({batch * (2 * R * C + 5 * R * R)}, out.options().dtype(at::kBFloat16));
+  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
+  auto* base = reinterpret_cast<__nv_bfloat16*>(work.data_ptr());
+  __nv_bfloat16* X[2] = {base, base + batch * R * C};
+  // Five R x R buffers: R, P, Q, and room for P R and a new Q while their inputs are still read.
+  std::vector<__nv_bfloat16*> spare;
+  for (int i = 4; i >= 0; --i) spare.push_back(base + 2 * batch * R * C + i * batch * R * R);
+  const auto take = [&spare] { __nv_bfloat16* b = spare.back(); spare.pop_back(); return b; };
+  const auto give = [&spare](__nv_bfloat16* b) { if (b != nullptr) spare.push_back(b); };
+  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], scratch.data_ptr<float>(), stream));
+
+  const GemmShape gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device};
+  const GemmShape square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device};
+  const GemmShape apply{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device};
+  const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
+  const bool write_out_directly = !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
+  int cur = 0;
+  __nv_bfloat16* Rm = take();
+  __nv_bfloat16* Q = nullptr;
+  if (p.steps > 0) gemm(gram, 1.f, X[cur], X[cur], 0.f, Rm, Rm, stream);
+  for (int s = 1; s <= p.steps; ++s) {
+    const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
+                c = static_cast<float>(abc[3 * (s - 1) + 2]);
+    __nv_bfloat16* P = take();
+    gemm(square, c, Rm, Rm, b, Rm, P, stream);
+    C10_CUDA_CHECK(launch_add_diagonal(P, batch, R, a, stream));
+    if (Q == nullptr) {
+      Q = P;  // P lives on as Q
+    } else {
+      __nv_bfloat16* next = take();
+      gemm(square, 1.f, P, Q, 0.f, next, next, stream);
+      give(Q);
+      Q = next;
+    }
+    if (s == p.steps) break;
+    if (std::find(restarts.begin(), restarts.end(), s) != restarts.end()) {
+      gemm(apply, 1.f, X[cur], Q, 0.f, X[1 - cur], X[1 - cur], stream);
+      cur = 1 - cur;
+      gemm(gram, 1.f, X[cur], X[cur], 0.f, Rm, Rm, stream);
+      if (Q != P) give(P);
+      give(Q);
+      Q = nullptr;
+      continue;
+    }
+    __nv_bfloat16* PR = take();
+    gemm(square, 1.f, P, Rm, 0.f, PR, PR, stream);
+    gemm(square, 1.f, PR, P, 0.f, Rm, Rm, stream);
+    give(PR);
+    if (Q != P) give(P);
+  }
+  if (p.steps > 0) {
+    __nv_bfloat16* result = write_out_directly ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : X[1 - cur];
+    gemm(apply, 1.f, X[cur], Q, 0.f, result, result, stream);
     cur = 1 - cur;
   }
   if (!write_out_directly) C10_CUDA_CHECK(launch_ns5_finish(p, X[cur], stream));
@@ -279,34 +235,78 @@ std::optional<c10::OperatorHandle> symmetric_route(const at::Tensor& G, const st
   return op;
 }
 
-at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
-                    double eps, c10::string_view algorithm) {
-  check_ns5_args(G_in, steps, coefficients, eps, algorithm);
-  const c10::cuda::CUDAGuard guard(G_in.device());
-  // The Gram algorithm runs as ATen ops (cuBLAS products) on the current stream: ns5_gram.cpp.
-  if (ns5_use_gram(algorithm, G_in.size(-2), G_in.size(-1), steps, ns5_batch(G_in), true))
-    return ns5_gram(G_in, ns5_step_coefficients(steps, coefficients), eps);
-  const char* forced = std::getenv("MUONKERN_NS5_PATH");
-  const std::string path = forced != nullptr ? forced : "auto";
-  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  if (auto op = symmetric_route(G_in, path, prop))
-    return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
-        G_in, steps, coefficients, eps);
+// One call on the fused path (`cluster` > 0), the general path, or the Gram iteration (`gram`).
+at::Tensor ns5_run(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, bool gram,
+                   int cluster) {
   at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   StridedMatrices probe{};
   const at::Tensor G = describe_batch(G_in, probe) ? G_in : G_in.contiguous();  // > 8 unmergeable batch dims
   const Ns5Problem p = describe(G, out, steps, eps);
-  const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int cluster = path == "general" ? 0 : fused_cluster(p, prop);
-  if (cluster > 0 && (path == "fused" || fused_seconds(p, cluster, prop) <= general_seconds(p))) {
+  if (gram) {
+    ns5_gram_iteration(p, abc, out, stream);
+  } else if (cluster > 0) {
     std::vector<float> abc32(abc.begin(), abc.end());
     C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), cluster, stream));
   } else {
     ns5_general(p, abc, out, stream);
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA graphs (ns5_graphs.cpp) for the multi-launch paths where the host's launches take at least
+// half as long as the GPU's work: there the direct call waits on the host, and the graph's copies in
+// and out cost little beside that. The fused path is a single launch already.
+bool launch_bound(const Ns5Problem& shape, bool gram) {
+  const double launches = gram ? 6 + 5 * shape.steps : 3 * shape.steps + 2;
+  const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
+  return launches * kLaunchSeconds >= 0.5 * gpu;
+}
+
+// Everything that fixes the launches of a call.
+std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<double>& abc, double eps) {
+  std::string s = gram ? "gram" : "general";
+  const auto append = [&s](const void* bytes, size_t n) { s.append(static_cast<const char*>(bytes), n); };
+  const int8_t dtype = static_cast<int8_t>(G.scalar_type());
+  append(&dtype, sizeof(dtype));
+  append(&eps, sizeof(eps));
+  for (const int64_t size : G.sizes()) append(&size, sizeof(size));
+  s += '|';
+  for (const int64_t stride : G.strides()) append(&stride, sizeof(stride));
+  s += '|';
+  append(abc.data(), abc.size() * sizeof(double));  // the step count is abc.size() / 3
+  return s;
+}
+
+at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
+                    double eps, c10::string_view algorithm) {
+  check_ns5_args(G_in, steps, coefficients, eps, algorithm);
+  const c10::cuda::CUDAGuard guard(G_in.device());
+  const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
+  Ns5Problem shape{};  // sizes only: what the path choice reads
+  shape.m = G_in.size(-2);
+  shape.n = G_in.size(-1);
+  shape.batch = ns5_batch(G_in);
+  shape.steps = static_cast<int>(steps);
+  const bool gram = ns5_use_gram(algorithm, shape.m, shape.n, steps);
+  const char* forced = std::getenv("MUONKERN_NS5_PATH");
+  const std::string path = forced != nullptr ? forced : "auto";
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  if (!gram) {
+    if (auto op = symmetric_route(G_in, path, prop))
+      return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
+          G_in, steps, coefficients, eps);
+    const int cluster = path == "general" ? 0 : fused_cluster(shape, prop);
+    if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
+      return ns5_run(G_in, steps, abc, eps, false, cluster);
+  }
+  const auto compute = [&](const at::Tensor& G) { return ns5_run(G, steps, abc, eps, gram, 0); };
+  if (G_in.numel() > 0 && launch_bound(shape, gram)) {
+    if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), compute)) return *out;
+  }
+  return compute(G_in);
 }
 
 }  // namespace

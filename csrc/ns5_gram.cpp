@@ -1,6 +1,7 @@
-// Gram Newton-Schulz: the ns5 polynomial of X0 computed on its m x m Gram matrix, for the CPU and
-// CUDA kernels alike. Op for op the arithmetic of muonkern/ops/fallback.py (gram_iteration), so the
-// CPU kernel and the fallback agree bitwise.
+// Gram Newton-Schulz: the ns5 polynomial of X0 computed on its m x m Gram matrix, for the CPU kernel.
+// Op for op the arithmetic of muonkern/ops/fallback.py (gram_iteration), so the CPU kernel and the
+// fallback agree bitwise. The CUDA kernel runs the same products on cuBLASLt (ns5_cuda.cpp,
+// ns5_gram_iteration).
 //
 //   R = X0 X0^T, Q = I; per step P = a I + b R + c R R, R = P R P, Q = P Q; the result is Q X0.
 //

@@ -1,5 +1,5 @@
-// Pieces of muonkern::ns5 written once in ATen ops and run by both the CPU and the CUDA kernel: the
-// normalization X0 = G / (||G||_F + eps) in bf16, and the Gram Newton-Schulz iteration.
+// Pieces of the CPU kernel of muonkern::ns5 in ATen ops: the normalization X0 = G / (||G||_F + eps)
+// in bf16, and the Gram Newton-Schulz iteration.
 #pragma once
 
 #include <ATen/core/Tensor.h>

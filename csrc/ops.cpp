@@ -5,20 +5,33 @@
 
 #include "dirquad.h"
 #include "ns5_common.h"
+#ifdef MUONKERN_WITH_CUDA
+#include "ns5_graphs.h"
+#endif
 
 namespace {
 
-// muonkern._C.ns5_auto_algorithm(m, n, steps, batch, on_cuda): what algorithm="auto" runs in the C++
+// muonkern._C.ns5_auto_algorithm(m, n, steps): what algorithm="auto" runs in the C++
 // kernels, so a test can hold the C++ rule against muonkern.ops.ns5_args.choose_algorithm.
 PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
-  long long m = 0, n = 0, steps = 0, batch = 0;
-  int on_cuda = 0;
-  if (!PyArg_ParseTuple(args, "LLLLp", &m, &n, &steps, &batch, &on_cuda)) return nullptr;
-  return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps, batch, on_cuda) ? "gram" : "standard");
+  long long m = 0, n = 0, steps = 0;
+  if (!PyArg_ParseTuple(args, "LLL", &m, &n, &steps)) return nullptr;
+  return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
+}
+
+// muonkern._C.ns5_cached_graphs(): CUDA graphs the ns5 op has captured for launch-bound calls
+// (csrc/ns5_graphs.h); 0 in a build without CUDA.
+PyObject* ns5_cached_graphs(PyObject*, PyObject*) {
+#ifdef MUONKERN_WITH_CUDA
+  return PyLong_FromLongLong(muonkern::ns5_cached_graphs());
+#else
+  return PyLong_FromLongLong(0);
+#endif
 }
 
 PyMethodDef methods[] = {
-    {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps, batch, on_cuda) -> 'gram' | 'standard'"},
+    {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
+    {"ns5_cached_graphs", ns5_cached_graphs, METH_NOARGS, "ns5_cached_graphs() -> int"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,6 +1,8 @@
 """A short run of every CUDA kernel of muonkern::ns5 for compute-sanitizer (memcheck, racecheck):
-the fused kernel at each cluster size and the general path (normalize, cuBLASLt, finish), over
-several dtypes, orientations and odd sizes.
+the fused kernel at each cluster size, the general path (normalize, cuBLASLt, finish) and the Gram
+iteration (the same pieces and the diagonal kernel), over several dtypes, orientations and odd sizes.
+The multi-launch paths run three times: directly, then captured into a CUDA graph and replayed, then
+replayed.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_ns5.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_ns5.py
@@ -11,18 +13,22 @@ import torch
 
 import muonkern  # noqa: F401  (registers the op)
 
-CASES = [  # path, cluster size, shape, dtype
-    ("fused", "1", (3, 64, 200), torch.float32),
-    ("fused", "2", (2, 96, 130), torch.bfloat16),
-    ("fused", "4", (2, 40, 300), torch.float32),
-    ("fused", "8", (1, 128, 600), torch.float16),
-    ("general", "0", (2, 70, 33), torch.float32),
-    ("general", "0", (300, 20), torch.bfloat16),
+CASES = [  # path, cluster size, algorithm, shape, dtype
+    ("fused", "1", "standard", (3, 64, 200), torch.float32),
+    ("fused", "2", "standard", (2, 96, 130), torch.bfloat16),
+    ("fused", "4", "standard", (2, 40, 300), torch.float32),
+    ("fused", "8", "standard", (1, 128, 600), torch.float16),
+    ("general", "0", "standard", (2, 70, 33), torch.float32),
+    ("general", "0", "standard", (300, 20), torch.bfloat16),
+    ("general", "0", "standard", (2, 33, 4100), torch.float16),  # flat normalize and finish, partial chunk
+    ("auto", "0", "gram", (3, 40, 130), torch.float32),
+    ("auto", "0", "gram", (200, 72), torch.bfloat16),
 ]
 
-for path, cluster, shape, dtype in CASES:
+for path, cluster, algorithm, shape, dtype in CASES:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
-    out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype))
-    torch.cuda.synchronize()
-    assert out.isfinite().all(), (path, cluster, shape, dtype)
+    for _ in range(1 if path == "fused" else 3):
+        out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
+        torch.cuda.synchronize()
+        assert out.isfinite().all(), (path, cluster, algorithm, shape, dtype)
 print("ns5 kernels ran:", len(CASES), "cases")

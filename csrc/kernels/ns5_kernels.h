@@ -56,4 +56,8 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* s
 // out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
 
+// ---- Gram path: the a*I of P = a I + b R + c R R, added in fp32 and rounded once ----
+// M (batch, n, n) bf16, contiguous: M[b, i, i] += a.
+cudaError_t launch_add_diagonal(__nv_bfloat16* M, int64_t batch, int64_t n, float a, cudaStream_t stream);
+
 }  // namespace muonkern

@@ -5,7 +5,6 @@ one error whichever backend runs.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -37,14 +36,13 @@ ALGORITHMS = ("auto", "standard", "gram")
 GRAM_RESTART_INTERVAL = 2
 # "auto" takes gram where its FLOP count (ns5_flops) is at most (1 - GRAM_MIN_SAVING) of the standard
 # iteration's and the short side is at least GRAM_MIN_SHORT_SIDE; square matrices never. With 5 steps
-# that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 46%). On CUDA the call's standard work
-# (every matrix of the batch) must also reach GRAM_MIN_CUDA_FLOPS: below it the GPU is not
-# matmul-bound and the standard iteration's few large products beat the Gram iteration's many small
-# ones. Measured on an H100 (ms, standard / gram): 768×3072 0.27 / 0.47, 1024×4096 0.29 / 0.33,
-# 4096×1024 0.29 / 0.36 (97 GFLOP), 8×1024×4096 1.71 / 1.21, 2048×8192 1.45 / 0.98 (773 GFLOP).
+# that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 46%). The rule holds on CUDA too, where the
+# op replays launch-bound calls from CUDA graphs (csrc/ns5_graphs.h), so the Gram iteration's many
+# small products cost no more host time than the standard iteration's few large ones. Measured on an
+# H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.195 / 0.168, 1024×4096 0.302 /
+# 0.263, 4096×1024 0.308 / 0.267, 8×1024×4096 1.70 / 1.28, 2048×8192 1.44 / 1.06.
 GRAM_MIN_SAVING = 0.25
 GRAM_MIN_SHORT_SIDE = 512
-GRAM_MIN_CUDA_FLOPS = 2e11
 
 
 def gram_restart_steps(steps: int) -> list[int]:
@@ -72,26 +70,21 @@ def ns5_flops(m: int, n: int, steps: int, algorithm: str) -> float:
     return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1))
 
 
-def choose_algorithm(m: int, n: int, steps: int, batch: int = 1, device_type: str = "cpu") -> str:
-    """What algorithm="auto" runs for a batch of ``batch`` m×n matrices on a device of
-    ``device_type``: "gram" or "standard" (rule above)."""
+def choose_algorithm(m: int, n: int, steps: int) -> str:
+    """What algorithm="auto" runs for m×n matrices: "gram" or "standard" (rule above)."""
     if m == n or min(m, n) < GRAM_MIN_SHORT_SIDE or steps == 0:
         return "standard"
     gram, standard = ns5_flops(m, n, steps, "gram"), ns5_flops(m, n, steps, "standard")
-    if device_type == "cuda" and batch * standard < GRAM_MIN_CUDA_FLOPS:
-        return "standard"
     return "gram" if gram <= (1.0 - GRAM_MIN_SAVING) * standard else "standard"
 
 
-def resolve_algorithm(algorithm: str, G: torch.Tensor, steps: int, batch: int | None = None) -> str:
+def resolve_algorithm(algorithm: str, G: torch.Tensor, steps: int) -> str:
     """"standard" or "gram" for ns5 of G (..., m, n): the algorithm itself, or choose_algorithm's
-    pick for "auto" (``batch``: the number of matrices, G's own by default)."""
+    pick for "auto"."""
     if algorithm != "auto":
         return algorithm
     m, n = G.shape[-2:]
-    if batch is None:
-        batch = math.prod(G.shape[:-2])
-    return choose_algorithm(m, n, steps, batch, G.device.type)
+    return choose_algorithm(m, n, steps)
 
 
 def resolve_coefficients(coefficients, steps: int) -> list[float] | None:

@@ -1,0 +1,186 @@
+// cuBLASLt plans and launches for ns5 (cublaslt_gemm.h).
+#include "cublaslt_gemm.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/util/Exception.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace muonkern {
+namespace {
+
+#define MUONKERN_CUBLAS_CHECK(expr)                                                                  \
+  do {                                                                                              \
+    const cublasStatus_t _status = (expr);                                                          \
+    TORCH_CHECK(_status == CUBLAS_STATUS_SUCCESS,                                                  \
+                std::string("ns5: " #expr " failed with cuBLAS status ") + std::to_string(_status));  \
+  } while (0)
+
+struct GemmShapeHash {
+  size_t operator()(const GemmShape& s) const {
+    size_t h = 0;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(&s);
+    for (size_t i = 0; i < sizeof(GemmShape); ++i) h = h * 131 + bytes[i];
+    return h;
+  }
+};
+
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};                    // the heuristic's first choice until timed
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // what timing picks from
+  bool timed = false;
+};
+
+// How many of the heuristic's algorithms the first call times. Its first choice is often not the
+// fastest for the square and skinny products of ns5 (a few percent to tens of percent).
+constexpr int kCandidates = 8;
+
+cublasLtMatrixLayout_t make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int batch) {
+  cublasLtMatrixLayout_t layout;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, rows, cols, ld));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+  MUONKERN_CUBLAS_CHECK(
+      cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  return layout;
+}
+
+// A product with few output tiles and a long K (the Gram matrix X X^T of a wide X) leaves most
+// SMs idle; splitting K among them fills the chip. The heuristic rarely does this on its own.
+cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan, cublasLtMatmulAlgo_t algo,
+                                  const GemmShape& s, size_t workspace) {
+  const char* disabled = std::getenv("MUONKERN_NS5_SPLITK");
+  if (disabled != nullptr && std::strcmp(disabled, "0") == 0) return algo;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t tiles = ((s.m + 127) / 128) * ((s.n + 127) / 128) * s.batch;  // typical 128x128 tiles
+  const int64_t splits = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), s.k / 512);
+  int supported = 0;
+  size_t written = 0;
+  if (splits < 2 || cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported,
+                                                      sizeof(supported), &written) != CUBLAS_STATUS_SUCCESS ||
+      !supported)
+    return algo;
+  cublasLtMatmulAlgo_t split = algo;
+  const int32_t num = static_cast<int32_t>(splits);
+  const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  cublasLtMatmulHeuristicResult_t check{};
+  if (cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &num, sizeof(num)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, &split, &check) ==
+          CUBLAS_STATUS_SUCCESS &&
+      check.workspaceSize <= workspace)
+    return split;
+  return algo;
+}
+
+// Plans (descriptors + candidate algorithms) are cached per shape: building one costs more than a
+// small GEMM. They are never freed; a process sees few distinct shapes.
+GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspace) {
+  static std::mutex mutex;
+  static std::unordered_map<GemmShape, GemmPlan, GemmShapeHash> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(s);
+  if (it != plans.end()) return it->second;
+  GemmPlan plan;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const auto ta = static_cast<cublasOperation_t>(s.ta), tb = static_cast<cublasOperation_t>(s.tb);
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
+  const int batch = static_cast<int>(s.batch);
+  plan.a = make_layout(na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
+  plan.b = make_layout(nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
+  plan.c = make_layout(s.m, s.n, s.ldc, s.stride_c, batch);
+  cublasLtMatmulPreference_t pref;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                             &workspace, sizeof(workspace)));
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  int found = 0;
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
+                                                       kCandidates, results, &found));
+  cublasLtMatmulPreferenceDestroy(pref);
+  TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
+                            "x" + std::to_string(s.k) + " bf16 GEMM");
+  plan.algo = with_split_k(handle, plan, results[0].algo, s, workspace);
+  plan.candidates.push_back(plan.algo);
+  for (int i = 0; i < found; ++i) plan.candidates.push_back(results[i].algo);
+  return plans.emplace(s, plan).first->second;
+}
+
+bool timing_disabled() {
+  const char* value = std::getenv("MUONKERN_NS5_GEMM_TUNE");
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
+
+// Times each candidate on the call's own operands (3 runs after a warm-up) and keeps the fastest.
+// Reruns must not change the result: callers skip this where D is C with a nonzero beta.
+cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, const float* alpha, const void* A,
+                             const void* B, const float* beta, const void* C, void* D, void* workspace,
+                             size_t workspace_size, cudaStream_t stream) {
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  cublasLtMatmulAlgo_t best = plan.algo;
+  float best_ms = std::numeric_limits<float>::infinity();
+  for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
+    const auto run = [&] {
+      return cublasLtMatmul(handle, plan.desc, alpha, A, plan.a, B, plan.b, beta, C, plan.c, D, plan.c, &algo,
+                            workspace, workspace_size, stream);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;
+    C10_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < 3; ++i) MUONKERN_CUBLAS_CHECK(run());
+    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (ms < best_ms) {
+      best_ms = ms;
+      best = algo;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return best;
+}
+
+}  // namespace
+
+void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
+          const __nv_bfloat16* C, __nv_bfloat16* D, cudaStream_t stream) {
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  GemmPlan& plan = gemm_plan(s, handle, workspace_size);
+  cublasLtMatmulAlgo_t algo;
+  {
+    // The first call of a shape picks its algorithm by timing, except under stream capture (no
+    // synchronizing there: a later call does it) and where a rerun would accumulate into D.
+    static std::mutex mutex;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!plan.timed && !timing_disabled() && (beta == 0.f || C != D) &&
+        c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+      plan.algo = fastest(handle, plan, &alpha, A, B, &beta, C, D, workspace, workspace_size, stream);
+      plan.timed = true;
+    }
+    algo = plan.algo;
+  }
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, D, plan.c,
+                                       &algo, workspace, workspace_size, stream));
+}
+
+
+}  // namespace muonkern

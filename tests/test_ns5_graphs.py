@@ -1,0 +1,104 @@
+"""The ns5 op's CUDA-graph cache (csrc/ns5_graphs.cpp).
+
+Launch-bound calls on the general path and the Gram iteration run directly the first time and are
+captured on the second, then replayed. A replay must return bitwise what the direct launches
+(MUONKERN_NS5_GRAPH=0) return, on a fresh input every call, into a fresh tensor that no later call
+overwrites. Each test uses shapes of its own: the cache is per process, and a graph captured by
+another test would leave the capture count unchanged.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muonkern
+from ns5_cases import ns5, shape_id
+from reference import assert_ns5_output, randn
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if muonkern.backend() != "cuda":
+    pytest.skip("CUDA tensors run the fallback in this build: no graphs", allow_module_level=True)
+
+
+def cached_graphs() -> int:
+    return muonkern._C.ns5_cached_graphs()
+
+
+def direct(monkeypatch, inputs, algorithm):
+    with monkeypatch.context() as env:
+        env.setenv("MUONKERN_NS5_GRAPH", "0")
+        before = cached_graphs()
+        outs = [ns5(G, algorithm=algorithm) for G in inputs]
+        assert cached_graphs() == before, "MUONKERN_NS5_GRAPH=0 still captured a graph"
+    return outs
+
+
+# (shape, algorithm, transposed view): all launch-bound and too large for the fused kernel.
+CASES = [((392, 648), "standard", False),
+         ((3, 264, 200), "standard", False),   # batch, m > n
+         ((648, 392), "standard", True),       # a transposed view: copied into the graph's input
+         ((520, 2056), "gram", False),
+         ((2056, 520), "gram", True)]
+
+
+@pytest.mark.parametrize("shape,algorithm,transposed", CASES,
+                         ids=[f"{shape_id(s)}-{a}{'-view' if t else ''}" for s, a, t in CASES])
+def test_replays_match_direct_launches(gen, monkeypatch, shape, algorithm, transposed):
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    make = (lambda: randn(gen, *shape[:-2], shape[-1], shape[-2], device="cuda").mT) if transposed \
+        else (lambda: randn(gen, *shape, device="cuda"))
+    inputs = [make() for _ in range(4)]
+    before = cached_graphs()
+    outs = [ns5(G, algorithm=algorithm) for G in inputs]  # direct, capture + replay, replay, replay
+    assert cached_graphs() == before + 1
+    assert len({out.data_ptr() for out in outs}) == len(outs), "a replay returned the graph's own buffer"
+    for out, expected in zip(outs, direct(monkeypatch, inputs, algorithm)):
+        assert torch.equal(out, expected)
+    assert_ns5_output(outs[-1], inputs[-1])  # and right, not merely equal
+
+
+def test_each_stream_gets_its_own_graph(gen, monkeypatch):
+    """Replays on two streams, interleaved without synchronizing, do not share buffers."""
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    shape = (2, 328, 456)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    inputs = [[randn(gen, *shape, device="cuda") for _ in range(3)] for _ in streams]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    before = cached_graphs()
+    outs = [[], []]
+    for call in range(3):
+        for s, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                outs[s].append(ns5(inputs[s][call]))
+    torch.cuda.synchronize()
+    assert cached_graphs() == before + 2
+    for s in range(2):
+        for out, expected in zip(outs[s], direct(monkeypatch, inputs[s], "standard")):
+            assert torch.equal(out, expected)
+
+
+def test_inside_a_callers_capture_the_op_launches_directly(gen, monkeypatch):
+    """With a graph of ours cached for the signature, a caller's own capture still records the
+    launches (a graph is never captured inside another) and its replays compute fresh inputs."""
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    shape = (296, 712)
+    static_in = randn(gen, *shape, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            ns5(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    before = cached_graphs()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ns5(static_in)
+    assert cached_graphs() == before
+    fresh = randn(gen, *shape, device="cuda")
+    static_in.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, direct(monkeypatch, [fresh], "standard")[0])
