@@ -49,7 +49,7 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
     iteration's X up to rounding; P R P keeps R symmetric better than P² R. After each step listed
     in `restarts` (1-based) the iteration starts over from X0 = Q X0. A tall X0 (m > n) uses the
     n×n Gram matrix X0ᵀ X0 and multiplies from the right (X0 Q) instead of transposing. The C++
-    kernels run the same ops (csrc/ns5_gram.cpp)."""
+    CPU kernel runs the same ops (csrc/ns5_gram.cpp); the CUDA kernel the same products on cuBLASLt."""
     wide = X0.size(-2) <= X0.size(-1)
     X = X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1))
 
