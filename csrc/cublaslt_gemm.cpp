@@ -87,10 +87,12 @@ cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan,
 
 // Plans (descriptors + candidate algorithms) are cached per shape: building one costs more than a
 // small GEMM. They are never freed; a process sees few distinct shapes.
+// Guards the plans and their timing: one lock per GEMM call.
+std::mutex plans_mutex;
+
+// Called under plans_mutex.
 GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspace) {
-  static std::mutex mutex;
   static std::unordered_map<GemmShape, GemmPlan, GemmShapeHash> plans;
-  std::lock_guard<std::mutex> lock(mutex);
   auto it = plans.find(s);
   if (it != plans.end()) return it->second;
   GemmPlan plan;
@@ -164,23 +166,23 @@ void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bf
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
-  GemmPlan& plan = gemm_plan(s, handle, workspace_size);
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t a, b, c;
   cublasLtMatmulAlgo_t algo;
   {
+    const std::lock_guard<std::mutex> lock(plans_mutex);
+    GemmPlan& plan = gemm_plan(s, handle, workspace_size);
     // The first call of a shape picks its algorithm by timing, except under stream capture (no
     // synchronizing there: a later call does it) and where a rerun would accumulate into D.
-    static std::mutex mutex;
-    const std::lock_guard<std::mutex> lock(mutex);
     if (!plan.timed && !timing_disabled() && (beta == 0.f || C != D) &&
         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
       plan.algo = fastest(handle, plan, &alpha, A, B, &beta, C, D, workspace, workspace_size, stream);
       plan.timed = true;
     }
-    algo = plan.algo;
+    desc = plan.desc, a = plan.a, b = plan.b, c = plan.c, algo = plan.algo;
   }
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, D, plan.c,
-                                       &algo, workspace, workspace_size, stream));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, desc, &alpha, A, a, B, b, &beta, C, c, D, c, &algo, workspace,
+                                       workspace_size, stream));
 }
-
 
 }  // namespace muonkern

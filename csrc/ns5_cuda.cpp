@@ -61,108 +61,111 @@ Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, d
   return p;
 }
 
-// The general path. Row-major X (R x C) is column-major X^T, so in cuBLAS terms (Xc = X^T, ld C):
-//   A  = X X^T        = Xc^T Xc           (T, N; R x R x C)
-//   B  = c A A + b A                       (N, N; R x R x R; C = A, beta = b)
-//   X' = B X + a X    ->  Xc' = Xc B + a Xc (N, N; C x R x R; C = Xc, beta = a; B is symmetric)
-void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
-  const int64_t R = p.short_side(), C = p.long_side();
-  const int64_t batch = p.batch, device = out.get_device();
-  auto bf16_options = out.options().dtype(at::kBFloat16);
-  at::Tensor work = at::empty({p.batch * (2 * R * C + 2 * R * R)}, bf16_options);
-  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
-  auto* base = reinterpret_cast<__nv_bfloat16*>(work.data_ptr());
-  __nv_bfloat16* X[2] = {base, base + p.batch * R * C};
-  __nv_bfloat16* A = base + 2 * p.batch * R * C;
-  __nv_bfloat16* B = A + p.batch * R * R;
-  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], scratch.data_ptr<float>(), stream));
+// The products of the general path and the Gram iteration. Row-major X (R x C) is column-major
+// X^T, so in cuBLAS terms (Xc = X^T, ld C):
+//   gram   X X^T = Xc^T Xc       (T, N; R x R x C)
+//   square M N of R x R matrices (N, N; R x R x R; symmetric and commuting in both uses, so the
+//          orientation does not matter)
+//   apply  M X   -> Xc M         (N, N; C x R x R; M symmetric)
+struct Ns5Products {
+  GemmShape gram, square, apply;
+  Ns5Products(int64_t R, int64_t C, int64_t batch, int64_t device)
+      : gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device},
+        square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device},
+        apply{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device} {}
+};
 
-  const GemmShape gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device};
-  const GemmShape square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device};
-  const GemmShape update{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device};
-  // bf16 results in the wide orientation need no finishing pass: the last product writes `out`.
-  const bool write_out_directly = !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
+// bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
+// p's input here) and `square_buffers` R x R ones, each holding the whole batch.
+struct Ns5Workspace {
+  at::Tensor memory;
+  __nv_bfloat16* X[2];
+  std::vector<__nv_bfloat16*> squares;
+};
+
+Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::Tensor& out, int square_buffers, cudaStream_t stream) {
+  const int64_t R = p.short_side(), C = p.long_side();
+  Ns5Workspace w;
+  w.memory = at::empty({p.batch * (2 * R * C + square_buffers * R * R)}, out.options().dtype(at::kBFloat16));
+  auto* base = reinterpret_cast<__nv_bfloat16*>(w.memory.data_ptr());
+  w.X[0] = base;
+  w.X[1] = base + p.batch * R * C;
+  for (int i = 0; i < square_buffers; ++i) w.squares.push_back(base + p.batch * (2 * R * C + i * R * R));
+  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_ns5_normalize(p, w.X[0], scratch.data_ptr<float>(), stream));
+  return w;
+}
+
+// The last product writes `out` itself where it is bf16 in the wide orientation; otherwise it lands in
+// a buffer that the finish kernel casts and transposes into `out`.
+bool last_product_writes_out(const Ns5Problem& p, const at::Tensor& out) {
+  return !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
+}
+
+// The general path, per step (polynomial in alpha/beta):
+//   A = X X^T (gram);  B = c A A + b A (square, C = A);  X' = B X + a X (apply, C = X).
+void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
+  Ns5Workspace w = normalized_workspace(p, out, 2, stream);
+  const Ns5Products products(p.short_side(), p.long_side(), p.batch, out.get_device());
+  __nv_bfloat16 *A = w.squares[0], *B = w.squares[1];
+  const bool writes_out = last_product_writes_out(p, out);
   int cur = 0;
   for (int s = 0; s < p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * s]), b = static_cast<float>(abc[3 * s + 1]),
                 c = static_cast<float>(abc[3 * s + 2]);
-    gemm(gram, 1.f, X[cur], X[cur], 0.f, A, A, stream);
-    gemm(square, c, A, A, b, A, B, stream);
-    __nv_bfloat16* next = (write_out_directly && s + 1 == p.steps)
-                              ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr())
-                              : X[1 - cur];
-    gemm(update, 1.f, X[cur], B, a, X[cur], next, stream);
+    gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, A, A, stream);
+    gemm(products.square, c, A, A, b, A, B, stream);
+    __nv_bfloat16* next =
+        (writes_out && s + 1 == p.steps) ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : w.X[1 - cur];
+    gemm(products.apply, 1.f, w.X[cur], B, a, w.X[cur], next, stream);
     cur = 1 - cur;
   }
-  if (!write_out_directly) C10_CUDA_CHECK(launch_ns5_finish(p, X[cur], stream));
+  if (!writes_out) C10_CUDA_CHECK(launch_ns5_finish(p, w.X[cur], stream));
 }
 
-// The Gram iteration (ns5_gram.cpp states it; the same products and roundings) on cuBLASLt, with
-// the general path's normalize and finish kernels, for `batch` wide R x C matrices X0:
+// The Gram iteration (ns5_gram.cpp states it; the same products and roundings):
 //   R = X0 X0^T;  per step P = a I + b R + c R R,  Q = P Q (Q = P at a stretch's first step),
 //   R = (P R) P;  at a restart X0 = Q X0, R = X0 X0^T;  out = Q X0.
-// P, Q and R are polynomials in one symmetric matrix, so they commute and are symmetric: products
-// among them are the same in row- and column-major terms (plain N, N GEMMs), and Q X0 is, in
-// cuBLAS's column-major terms, Xc Q, the general path's `update` shape.
+// At a stretch's first step P is written straight into Q's buffer; later steps multiply into the
+// other Q buffer.
 void ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
-  const int64_t R = p.short_side(), C = p.long_side();
-  const int64_t batch = p.batch, device = out.get_device();
-  at::Tensor work = at::empty({batch * (2 * R * C + 5 * R * R)}, out.options().dtype(at::kBFloat16));
-  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
-  auto* base = reinterpret_cast<__nv_bfloat16*>(work.data_ptr());
-  __nv_bfloat16* X[2] = {base, base + batch * R * C};
-  // Five R x R buffers: R, P, Q, and room for P R and a new Q while their inputs are still read.
-  std::vector<__nv_bfloat16*> spare;
-  for (int i = 4; i >= 0; --i) spare.push_back(base + 2 * batch * R * C + i * batch * R * R);
-  const auto take = [&spare] { __nv_bfloat16* b = spare.back(); spare.pop_back(); return b; };
-  const auto give = [&spare](__nv_bfloat16* b) { if (b != nullptr) spare.push_back(b); };
-  C10_CUDA_CHECK(launch_ns5_normalize(p, X[0], scratch.data_ptr<float>(), stream));
-
-  const GemmShape gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device};
-  const GemmShape square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device};
-  const GemmShape apply{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device};
+  Ns5Workspace w = normalized_workspace(p, out, 5, stream);
+  const Ns5Products products(p.short_side(), p.long_side(), p.batch, out.get_device());
+  __nv_bfloat16 *Rm = w.squares[0], *P_later = w.squares[1], *PR = w.squares[2];
+  __nv_bfloat16* Qs[2] = {w.squares[3], w.squares[4]};
   const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
-  const bool write_out_directly = !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
-  int cur = 0;
-  __nv_bfloat16* Rm = take();
-  __nv_bfloat16* Q = nullptr;
-  if (p.steps > 0) gemm(gram, 1.f, X[cur], X[cur], 0.f, Rm, Rm, stream);
+  const bool writes_out = last_product_writes_out(p, out);
+  int cur = 0, q = 0;
+  bool stretch_start = true;
+  if (p.steps > 0) gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, Rm, Rm, stream);
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
-    __nv_bfloat16* P = take();
-    gemm(square, c, Rm, Rm, b, Rm, P, stream);
-    C10_CUDA_CHECK(launch_add_diagonal(P, batch, R, a, stream));
-    if (Q == nullptr) {
-      Q = P;  // P lives on as Q
-    } else {
-      __nv_bfloat16* next = take();
-      gemm(square, 1.f, P, Q, 0.f, next, next, stream);
-      give(Q);
-      Q = next;
+    __nv_bfloat16* P = stretch_start ? Qs[q] : P_later;
+    gemm(products.square, c, Rm, Rm, b, Rm, P, stream);
+    C10_CUDA_CHECK(launch_add_diagonal(P, p.batch, p.short_side(), a, stream));
+    if (!stretch_start) {
+      gemm(products.square, 1.f, P, Qs[q], 0.f, Qs[1 - q], Qs[1 - q], stream);
+      q = 1 - q;
     }
+    stretch_start = false;
     if (s == p.steps) break;
     if (std::find(restarts.begin(), restarts.end(), s) != restarts.end()) {
-      gemm(apply, 1.f, X[cur], Q, 0.f, X[1 - cur], X[1 - cur], stream);
+      gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, w.X[1 - cur], w.X[1 - cur], stream);
       cur = 1 - cur;
-      gemm(gram, 1.f, X[cur], X[cur], 0.f, Rm, Rm, stream);
-      if (Q != P) give(P);
-      give(Q);
-      Q = nullptr;
+      gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, Rm, Rm, stream);
+      stretch_start = true;
       continue;
     }
-    __nv_bfloat16* PR = take();
-    gemm(square, 1.f, P, Rm, 0.f, PR, PR, stream);
-    gemm(square, 1.f, PR, P, 0.f, Rm, Rm, stream);
-    give(PR);
-    if (Q != P) give(P);
+    gemm(products.square, 1.f, P, Rm, 0.f, PR, PR, stream);
+    gemm(products.square, 1.f, PR, P, 0.f, Rm, Rm, stream);
   }
   if (p.steps > 0) {
-    __nv_bfloat16* result = write_out_directly ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : X[1 - cur];
-    gemm(apply, 1.f, X[cur], Q, 0.f, result, result, stream);
+    __nv_bfloat16* result = writes_out ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : w.X[1 - cur];
+    gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, result, result, stream);
     cur = 1 - cur;
   }
-  if (!write_out_directly) C10_CUDA_CHECK(launch_ns5_finish(p, X[cur], stream));
+  if (!writes_out) C10_CUDA_CHECK(launch_ns5_finish(p, w.X[cur], stream));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,6 +263,8 @@ at::Tensor ns5_run(const at::Tensor& G_in, int64_t steps, const std::vector<doub
 // half as long as the GPU's work: there the direct call waits on the host, and the graph's copies in
 // and out cost little beside that. The fused path is a single launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
+  // normalize and finish, then per step 3 GEMMs (general) or up to 4 GEMMs and the diagonal (gram,
+  // whose R, restarts and output add a few more)
   const double launches = gram ? 6 + 5 * shape.steps : 3 * shape.steps + 2;
   const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
   return launches * kLaunchSeconds >= 0.5 * gpu;

@@ -4,8 +4,9 @@
 //              result is deterministic | grid sync | scale, cast, transpose);
 //   finish:    out = X transposed back and cast to G's dtype.
 // Where no transpose is needed and each matrix is one row-major span, both stream it flat, 16
-// elements per thread in flight (the common wide, contiguous case: 2048x8192 fp32 went from 216 us
-// to the memory bound). Otherwise they walk 32x32 tiles of the m x n matrices and transpose through
+// elements per thread in flight (the common wide, contiguous case; `python bench/ns5_profile.py`:
+// normalize at 2048x8192 fp32 took 216 us with tiles, 105 us flat, still ~2x the memory bound).
+// Otherwise they walk 32x32 tiles of the m x n matrices and transpose through
 // shared memory, so global reads and writes stay coalesced in either orientation.
 #include <cooperative_groups.h>
 
