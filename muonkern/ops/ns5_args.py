@@ -39,8 +39,8 @@ GRAM_RESTART_INTERVAL = 2
 # that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 46%). The rule holds on CUDA too, where the
 # op replays launch-bound calls from CUDA graphs (csrc/ns5_graphs.h), so the Gram iteration's many
 # small products cost no more host time than the standard iteration's few large ones. Measured on an
-# H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.195 / 0.168, 1024×4096 0.302 /
-# 0.263, 4096×1024 0.308 / 0.267, 8×1024×4096 1.70 / 1.28, 2048×8192 1.44 / 1.06.
+# H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.152 / 0.139, 1024×4096 0.264 /
+# 0.223, 4096×1024 0.281 / 0.241, 8×1024×4096 1.55 / 1.14, 2048×8192 1.35 / 0.96.
 GRAM_MIN_SAVING = 0.25
 GRAM_MIN_SHORT_SIDE = 512
 
