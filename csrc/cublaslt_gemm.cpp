@@ -46,9 +46,10 @@ struct GemmPlan {
 // fastest for the square and skinny products of ns5 (a few percent to tens of percent).
 constexpr int kCandidates = 8;
 
-cublasLtMatrixLayout_t make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int batch) {
+cublasLtMatrixLayout_t make_layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
+                                   int batch) {
   cublasLtMatrixLayout_t layout;
-  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, rows, cols, ld));
+  MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
   MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
   MUONKERN_CUBLAS_CHECK(
       cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
@@ -102,9 +103,9 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
   const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
   const int batch = static_cast<int>(s.batch);
-  plan.a = make_layout(na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
-  plan.b = make_layout(nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
-  plan.c = make_layout(s.m, s.n, s.ldc, s.stride_c, batch);
+  plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
+  plan.b = make_layout(CUDA_R_16BF, nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
+  plan.c = make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_c, batch);
   cublasLtMatmulPreference_t pref;
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -115,7 +116,7 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
                                                        kCandidates, results, &found));
   cublasLtMatmulPreferenceDestroy(pref);
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
-                            "x" + std::to_string(s.k) + " bf16 GEMM");
+                            "x" + std::to_string(s.k) + " bf16 GEMM with output type " + std::to_string(s.out_type));
   plan.algo = with_split_k(handle, plan, results[0].algo, s, workspace);
   plan.candidates.push_back(plan.algo);
   for (int i = 0; i < found; ++i) plan.candidates.push_back(results[i].algo);
@@ -162,7 +163,7 @@ cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, cons
 }  // namespace
 
 void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
-          const __nv_bfloat16* C, __nv_bfloat16* D, cudaStream_t stream) {
+          const void* C, void* D, cudaStream_t stream) {
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();

@@ -1,6 +1,7 @@
 // cuBLASLt GEMMs of the ns5 CUDA paths: D = alpha * op(A) op(B) + beta * C, column-major, bf16
-// operands, fp32 accumulation, strided batches. C and D are separate buffers, which is what lets the
-// Newton-Schulz polynomials ride in alpha and beta. Plans are built once per shape and cached.
+// operands, fp32 accumulation, strided batches; C and D bf16 or fp32 (`out_type`, the same for both).
+// C and D are separate buffers, which is what lets the Newton-Schulz polynomials ride in alpha and
+// beta. Plans are built once per shape and cached.
 #pragma once
 
 #include <cublasLt.h>
@@ -17,11 +18,12 @@ struct GemmShape {
   int64_t ta, tb;  // cublasOperation_t: CUBLAS_OP_N or CUBLAS_OP_T
   int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
   int64_t batch, device;
+  int64_t out_type = CUDA_R_16BF;  // cudaDataType of C and D: CUDA_R_16BF or CUDA_R_32F
   bool operator==(const GemmShape& o) const { return std::memcmp(this, &o, sizeof(GemmShape)) == 0; }
 };
 
 // Runs on `stream` with torch's cuBLASLt handle and workspace for the current stream.
 void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
-          const __nv_bfloat16* C, __nv_bfloat16* D, cudaStream_t stream);
+          const void* C, void* D, cudaStream_t stream);
 
 }  // namespace muonkern

@@ -45,14 +45,15 @@ bool describe_batch(const at::Tensor& G, StridedMatrices& s) {
   return true;
 }
 
-Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, double eps) {
+// p.out stays null for the multi-launch paths: their ResultLaunch gets the output later.
+Ns5Problem describe(const at::Tensor& G, void* out, int64_t steps, double eps) {
   Ns5Problem p{};
   p.in.data = G.data_ptr();
   p.in.dtype = to_kernel_dtype(G.scalar_type(), "ns5");
   TORCH_INTERNAL_ASSERT(describe_batch(G, p.in));
   p.in.row_stride = G.stride(-2);
   p.in.col_stride = G.stride(-1);
-  p.out = out.data_ptr();
+  p.out = out;
   p.m = G.size(-2);
   p.n = G.size(-1);
   p.batch = G.numel() / (p.m * p.n);
@@ -67,13 +68,34 @@ Ns5Problem describe(const at::Tensor& G, const at::Tensor& out, int64_t steps, d
 //   square M N of R x R matrices (N, N; R x R x R; symmetric and commuting in both uses, so the
 //          orientation does not matter)
 //   apply  M X   -> Xc M         (N, N; C x R x R; M symmetric)
+// and the Gram iteration's last product Q X0 written straight into the output, in its dtype:
+//   result          as apply, D of the output's type          (wide: out is X's layout)
+//   result, tall    out = (Q X)^T, column-major R x C: Q Xc^T  (N, T; R x C x R)
 struct Ns5Products {
   GemmShape gram, square, apply;
   Ns5Products(int64_t R, int64_t C, int64_t batch, int64_t device)
       : gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device},
         square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device},
         apply{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device} {}
+  GemmShape result(bool transposed, cudaDataType out_type) const {
+    const int64_t R = square.m, C = apply.m;
+    GemmShape s = transposed ? GemmShape{CUBLAS_OP_N, CUBLAS_OP_T, R, C, R, R, C, R, R * R, R * C, R * C, apply.batch,
+                                         apply.device}
+                             : apply;
+    s.out_type = out_type;
+    return s;
+  }
 };
+
+// The cuBLASLt type of the output where the Gram iteration's last product can write it (bf16 or
+// fp32 outputs of cuBLASLt's bf16 GEMMs), nullopt otherwise (fp16 and fp64 outputs go through the
+// finish kernel).
+std::optional<cudaDataType> direct_result_type(const Ns5Problem& p, at::ScalarType out) {
+  if (p.steps == 0) return std::nullopt;
+  if (out == at::kBFloat16) return CUDA_R_16BF;
+  if (out == at::kFloat) return CUDA_R_32F;
+  return std::nullopt;
+}
 
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
 // p's input here) and `square_buffers` R x R ones, each holding the whole batch.
@@ -83,58 +105,72 @@ struct Ns5Workspace {
   std::vector<__nv_bfloat16*> squares;
 };
 
-Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::Tensor& out, int square_buffers, cudaStream_t stream) {
+Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::TensorOptions& device, int square_buffers,
+                                  cudaStream_t stream) {
   const int64_t R = p.short_side(), C = p.long_side();
   Ns5Workspace w;
-  w.memory = at::empty({p.batch * (2 * R * C + square_buffers * R * R)}, out.options().dtype(at::kBFloat16));
+  w.memory = at::empty({p.batch * (2 * R * C + square_buffers * R * R)}, device.dtype(at::kBFloat16));
   auto* base = reinterpret_cast<__nv_bfloat16*>(w.memory.data_ptr());
   w.X[0] = base;
   w.X[1] = base + p.batch * R * C;
   for (int i = 0; i < square_buffers; ++i) w.squares.push_back(base + p.batch * (2 * R * C + i * R * R));
-  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, out.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, device.dtype(at::kFloat));
   C10_CUDA_CHECK(launch_ns5_normalize(p, w.X[0], scratch.data_ptr<float>(), stream));
   return w;
 }
 
-// The last product writes `out` itself where it is bf16 in the wide orientation; otherwise it lands in
-// a buffer that the finish kernel casts and transposes into `out`.
-bool last_product_writes_out(const Ns5Problem& p, const at::Tensor& out) {
-  return !p.transpose() && out.scalar_type() == at::kBFloat16 && p.steps > 0;
+// The finish kernel as the result launch: `out` <- X, transposed back and cast.
+ResultLaunch finish_launch(const Ns5Problem& p, const Ns5Workspace& w, const __nv_bfloat16* X) {
+  return {w.memory, [p, X](const at::Tensor& out, cudaStream_t stream) {
+            Ns5Problem q = p;
+            q.out = out.data_ptr();
+            C10_CUDA_CHECK(launch_ns5_finish(q, X, stream));
+          }};
 }
 
 // The general path, per step (polynomial in alpha/beta):
 //   A = X X^T (gram);  B = c A A + b A (square, C = A);  X' = B X + a X (apply, C = X).
-void ns5_general(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, out, 2, stream);
-  const Ns5Products products(p.short_side(), p.long_side(), p.batch, out.get_device());
+// The last product is the result launch where the output is bf16 in the wide orientation (X's
+// layout); otherwise the finish kernel is.
+ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
+                         at::ScalarType out_dtype, cudaStream_t stream) {
+  Ns5Workspace w = normalized_workspace(p, device, 2, stream);
+  const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
   __nv_bfloat16 *A = w.squares[0], *B = w.squares[1];
-  const bool writes_out = last_product_writes_out(p, out);
+  const bool last_writes_out = !p.transpose() && out_dtype == at::kBFloat16;
   int cur = 0;
   for (int s = 0; s < p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * s]), b = static_cast<float>(abc[3 * s + 1]),
                 c = static_cast<float>(abc[3 * s + 2]);
     gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, A, A, stream);
     gemm(products.square, c, A, A, b, A, B, stream);
-    __nv_bfloat16* next =
-        (writes_out && s + 1 == p.steps) ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : w.X[1 - cur];
-    gemm(products.apply, 1.f, w.X[cur], B, a, w.X[cur], next, stream);
+    if (last_writes_out && s + 1 == p.steps) {
+      __nv_bfloat16* X = w.X[cur];
+      return {w.memory, [apply = products.apply, X, B, a](const at::Tensor& out, cudaStream_t stream) {
+                gemm(apply, 1.f, X, B, a, X, out.data_ptr(), stream);
+              }};
+    }
+    gemm(products.apply, 1.f, w.X[cur], B, a, w.X[cur], w.X[1 - cur], stream);
     cur = 1 - cur;
   }
-  if (!writes_out) C10_CUDA_CHECK(launch_ns5_finish(p, w.X[cur], stream));
+  return finish_launch(p, w, w.X[cur]);
 }
 
 // The Gram iteration (ns5_gram.cpp states it; the same products and roundings):
 //   R = X0 X0^T;  per step P = a I + b R + c R R,  Q = P Q (Q = P at a stretch's first step),
 //   R = (P R) P;  at a restart X0 = Q X0, R = X0 X0^T;  out = Q X0.
 // At a stretch's first step P is written straight into Q's buffer; later steps multiply into the
-// other Q buffer.
-void ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, at::Tensor& out, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, out, 5, stream);
-  const Ns5Products products(p.short_side(), p.long_side(), p.batch, out.get_device());
+// other Q buffer. The last product writes `out` itself, transposed where needed, for bf16 and fp32
+// outputs: an fp32 output is then the fp32 accumulator, not rounded to bf16 first (no finish
+// kernel: at 2048x8192 it cost 45 us of 956).
+ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
+                                at::ScalarType out_dtype, cudaStream_t stream) {
+  Ns5Workspace w = normalized_workspace(p, device, 5, stream);
+  const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
   __nv_bfloat16 *Rm = w.squares[0], *P_later = w.squares[1], *PR = w.squares[2];
   __nv_bfloat16* Qs[2] = {w.squares[3], w.squares[4]};
   const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
-  const bool writes_out = last_product_writes_out(p, out);
+  const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
   int cur = 0, q = 0;
   bool stretch_start = true;
   if (p.steps > 0) gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, Rm, Rm, stream);
@@ -160,12 +196,19 @@ void ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, at:
     gemm(products.square, 1.f, P, Rm, 0.f, PR, PR, stream);
     gemm(products.square, 1.f, PR, P, 0.f, Rm, Rm, stream);
   }
+  if (result_type) {
+    // out = Q X0: wide, D = Xc Q as `apply`; tall, D = Q Xc^T (A and B swap roles)
+    const bool tall = p.transpose();
+    const __nv_bfloat16 *A = tall ? Qs[q] : w.X[cur], *B = tall ? w.X[cur] : Qs[q];
+    return {w.memory, [shape = products.result(tall, *result_type), A, B](const at::Tensor& out, cudaStream_t stream) {
+              gemm(shape, 1.f, A, B, 0.f, out.data_ptr(), out.data_ptr(), stream);
+            }};
+  }
   if (p.steps > 0) {
-    __nv_bfloat16* result = writes_out ? reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) : w.X[1 - cur];
-    gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, result, result, stream);
+    gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, w.X[1 - cur], w.X[1 - cur], stream);
     cur = 1 - cur;
   }
-  if (!writes_out) C10_CUDA_CHECK(launch_ns5_finish(p, w.X[cur], stream));
+  return finish_launch(p, w, w.X[cur]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,30 +281,40 @@ std::optional<c10::OperatorHandle> symmetric_route(const at::Tensor& G, const st
   return op;
 }
 
-// One call on the fused path (`cluster` > 0), the general path, or the Gram iteration (`gram`).
-at::Tensor ns5_run(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, bool gram,
-                   int cluster) {
-  at::Tensor out = at::empty(G_in.sizes(), G_in.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+// G as the launches read it: itself, or a contiguous copy where more than kMaxBatchDims of its batch
+// dims cannot be merged.
+at::Tensor launch_layout(const at::Tensor& G) {
   StridedMatrices probe{};
-  const at::Tensor G = describe_batch(G_in, probe) ? G_in : G_in.contiguous();  // > 8 unmergeable batch dims
-  const Ns5Problem p = describe(G, out, steps, eps);
+  return describe_batch(G, probe) ? G : G.contiguous();
+}
+
+// The launches of a general-path or Gram call up to its output (ns5_graphs.h).
+ResultLaunch ns5_body(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, bool gram) {
+  const at::Tensor G = launch_layout(G_in);
+  const Ns5Problem p = describe(G, nullptr, steps, eps);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (gram) {
-    ns5_gram_iteration(p, abc, out, stream);
-  } else if (cluster > 0) {
-    std::vector<float> abc32(abc.begin(), abc.end());
-    C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), cluster, stream));
-  } else {
-    ns5_general(p, abc, out, stream);
-  }
+  return gram ? ns5_gram_iteration(p, abc, G.options(), G.scalar_type(), stream)
+              : ns5_general(p, abc, G.options(), G.scalar_type(), stream);
+}
+
+at::Tensor empty_output(const at::Tensor& G) {
+  return at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster) {
+  at::Tensor out = empty_output(G_in);
+  if (out.numel() == 0) return out;
+  const at::Tensor G = launch_layout(G_in);
+  const Ns5Problem p = describe(G, out.data_ptr(), steps, eps);
+  std::vector<float> abc32(abc.begin(), abc.end());
+  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), cluster, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs (ns5_graphs.cpp) for the multi-launch paths where the host's launches take at least
-// half as long as the GPU's work: there the direct call waits on the host, and the graph's copies in
-// and out cost little beside that. The fused path is a single launch already.
+// half as long as the GPU's work: there the direct call waits on the host. The fused path is a single
+// launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
   // normalize and finish, then per step 3 GEMMs (general) or up to 4 GEMMs and the diagonal (gram,
   // whose R, restarts and output add a few more)
@@ -305,13 +358,18 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
           G_in, steps, coefficients, eps);
     const int cluster = path == "general" ? 0 : fused_cluster(shape, prop);
     if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
-      return ns5_run(G_in, steps, abc, eps, false, cluster);
+      return ns5_fused(G_in, steps, abc, eps, cluster);
   }
-  const auto compute = [&](const at::Tensor& G) { return ns5_run(G, steps, abc, eps, gram, 0); };
-  if (G_in.numel() > 0 && launch_bound(shape, gram)) {
-    if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), compute)) return *out;
+  const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
+  // MUONKERN_NS5_GRAPH=all: every multi-launch call replays (measurement)
+  const char* graph_env = std::getenv("MUONKERN_NS5_GRAPH");
+  const bool graph_all = graph_env != nullptr && std::strcmp(graph_env, "all") == 0;
+  if (G_in.numel() > 0 && (graph_all || launch_bound(shape, gram))) {
+    if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body)) return *out;
   }
-  return compute(G_in);
+  at::Tensor out = empty_output(G_in);
+  if (out.numel() > 0) body(G_in).run(out, at::cuda::getCurrentCUDAStream());
+  return out;
 }
 
 }  // namespace

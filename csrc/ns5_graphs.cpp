@@ -1,7 +1,9 @@
 // CUDA-graph cache of muonkern::ns5 (ns5_graphs.h). One graph per (signature, device, stream): its
-// input and output buffers are static, so replays on one stream follow each other in stream order,
-// and an entry's lock keeps two threads from interleaving copy-in, replay and copy-out.
+// buffers are static, so replays on one stream follow each other in stream order, and an entry's
+// lock keeps two threads from interleaving input redirection, replay and result launch.
 #include "ns5_graphs.h"
+
+#include "kernels/ns5_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +20,7 @@
 #include <mutex>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace muonkern {
 namespace {
@@ -26,12 +29,23 @@ namespace {
 // sees many shapes.
 constexpr size_t kMaxGraphs = 64;
 
+// The captured normalize launch and its arguments, so that a replay can read the caller's G in
+// place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums)).
+struct InputNode {
+  cudaGraphNode_t node = nullptr;
+  cudaKernelNodeParams params{};
+  Ns5Problem problem{};
+  void* rest[3] = {};
+};
+
 struct CachedGraph {
   std::mutex mutex;
   bool failed = false;  // capture threw once: this signature runs directly from then on
   int calls = 0;
   std::unique_ptr<at::cuda::CUDAGraph> graph;
-  at::Tensor in, out;
+  at::Tensor in;
+  ResultLaunch result;
+  std::optional<InputNode> input;  // nullopt: the graph reads `in`, so replays copy G into it
 };
 
 std::mutex cache_mutex;
@@ -72,37 +86,85 @@ void copy_into(const at::Tensor& dst, const at::Tensor& src, cudaStream_t stream
   }
 }
 
-void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side,
-             const std::function<at::Tensor(const at::Tensor&)>& compute) {
+// The graph's normalize launch where it reads `in` itself (not a contiguous copy of it).
+std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in) {
+  size_t count = 0;
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type;
+    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeKernel) continue;
+    InputNode found;
+    C10_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &found.params));
+    if (!ns5_is_normalize_kernel(found.params.func)) continue;
+    found.node = node;
+    std::memcpy(&found.problem, found.params.kernelParams[0], sizeof(Ns5Problem));
+    for (int i = 0; i < 3; ++i) std::memcpy(&found.rest[i], found.params.kernelParams[i + 1], sizeof(void*));
+    if (found.problem.in.data != in.data_ptr()) return std::nullopt;
+    return found;
+  }
+  return std::nullopt;
+}
+
+void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side, const Ns5Body& body) {
   // G's own layout where it is dense (a transposed view, say), so the graph runs the launches a
   // direct call on G runs.
   entry.in = G.is_non_overlapping_and_dense()
                  ? at::empty_strided(G.sizes(), G.strides(), G.options())
                  : at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
-  auto graph = std::make_unique<at::cuda::CUDAGraph>();
+  auto graph = std::make_unique<at::cuda::CUDAGraph>(/*keep_graph=*/true);  // searched for the input node
   const c10::cuda::CUDAStreamGuard on_side(side);
   // Thread-local: other threads may keep calling CUDA while this one captures.
   graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
   try {
-    entry.out = compute(entry.in);
+    entry.result = body(entry.in);
   } catch (...) {
     try {
       graph->capture_end();
     } catch (...) {
     }
     entry.failed = true;
-    entry.in = entry.out = at::Tensor();
+    entry.in = at::Tensor();
+    entry.result = ResultLaunch();
     throw;
   }
   graph->capture_end();
+  entry.input = find_input_node(graph->raw_cuda_graph(), entry.in);
+  graph->instantiate();
   entry.graph = std::move(graph);
   ++captured;
 }
 
+// Sets the input the graph's normalize launch reads (replays keep the last one set).
+void point_input_at(CachedGraph& entry, const void* data) {
+  InputNode& input = *entry.input;
+  if (input.problem.in.data == data) return;
+  input.problem.in.data = data;
+  void* args[] = {&input.problem, &input.rest[0], &input.rest[1], &input.rest[2]};
+  cudaKernelNodeParams params = input.params;
+  params.kernelParams = args;
+  params.extra = nullptr;
+  C10_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(entry.graph->raw_cuda_graph_exec(), input.node, &params));
+}
+
+// The graph reads G in place where G has the captured layout and a 16-byte aligned start (the
+// kernel may read 16-byte vectors); otherwise it reads its own input, a copy of G.
+void redirect_input(CachedGraph& entry, const at::Tensor& G, cudaStream_t stream) {
+  const bool in_place = entry.input && G.strides() == entry.in.strides() &&
+                        reinterpret_cast<uintptr_t>(G.data_ptr()) % 16 == 0;
+  if (in_place) {
+    point_input_at(entry, G.data_ptr());
+    return;
+  }
+  if (entry.input) point_input_at(entry, entry.in.data_ptr());
+  copy_into(entry.in, G, stream);
+}
+
 }  // namespace
 
-std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature,
-                                           const std::function<at::Tensor(const at::Tensor&)>& compute) {
+std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body) {
   if (graphs_disabled() || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
     return std::nullopt;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(G.get_device());
@@ -123,12 +185,12 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   if (entry->failed) return std::nullopt;
   if (!entry->graph) {
     if (++entry->calls < 2) return std::nullopt;
-    capture(*entry, G, side, compute);
+    capture(*entry, G, side, body);
   }
-  copy_into(entry->in, G, stream.stream());
+  redirect_input(*entry, G, stream.stream());
   entry->graph->replay();
-  at::Tensor out = at::empty(entry->out.sizes(), entry->out.options());
-  copy_into(out, entry->out, stream.stream());
+  at::Tensor out = at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
+  entry->result.run(out, stream.stream());
   return out;
 }
 

@@ -1,9 +1,11 @@
 // Replays launch-bound muonkern::ns5 calls from cached CUDA graphs. A 768x768 call on the general
 // path enqueues 17 kernels whose host cost is about three times their GPU time; replayed from a
-// graph it costs three: copy G in, launch the graph, copy the result out.
+// graph it costs two launches: the graph, pointed at the caller's G, then the launch that writes
+// the fresh output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <cuda_runtime.h>
 
 #include <functional>
 #include <optional>
@@ -11,13 +13,25 @@
 
 namespace muonkern {
 
-// compute(G) replayed from a graph cached under `signature` (which must determine every launch that
-// compute makes, G's shape, strides and dtype included) on the current stream. nullopt where the caller runs
-// compute itself: the first call of a signature (it loads kernels and builds cuBLASLt plans
-// uncaptured), while the current stream is being captured (the caller's own graph records the
-// launches), with MUONKERN_NS5_GRAPH=0, or once the cache is full.
-std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature,
-                                           const std::function<at::Tensor(const at::Tensor&)>& compute);
+// The launch of a multi-launch ns5 call that writes its output (the last product or the finish
+// kernel), split off from the launches before it so that a graph of those can be replayed into a
+// fresh output tensor each time. `workspace` keeps alive the buffers `run` reads.
+struct ResultLaunch {
+  at::Tensor workspace;
+  std::function<void(const at::Tensor& out, cudaStream_t stream)> run;
+};
+
+// The call's launches up to its output: the normalize kernel reading G first, then the rest.
+using Ns5Body = std::function<ResultLaunch(const at::Tensor& G)>;
+
+// body(G) replayed from a graph cached under `signature` (which must determine every launch body
+// makes: G's shape, strides and dtype included) on the current stream, then the result launch into
+// a fresh contiguous tensor. The graph's normalize launch is pointed at G itself where G has the
+// captured layout and a 16-byte aligned start; otherwise G is copied into the graph's input first.
+// nullopt where the caller runs body itself: the first call of a signature (it loads kernels and
+// builds cuBLASLt plans uncaptured), while the current stream is being captured (the caller's own
+// graph records the launches), with MUONKERN_NS5_GRAPH=0, or once the cache is full.
+std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body);
 
 // How many graphs this process has captured (tests read it through muonkern._C.ns5_cached_graphs).
 int64_t ns5_cached_graphs();

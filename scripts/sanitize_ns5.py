@@ -21,8 +21,11 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("general", "0", "standard", (2, 70, 33), torch.float32),
     ("general", "0", "standard", (300, 20), torch.bfloat16),
     ("general", "0", "standard", (2, 33, 4100), torch.float16),  # flat normalize and finish, partial chunk
-    ("auto", "0", "gram", (3, 40, 130), torch.float32),
-    ("auto", "0", "gram", (200, 72), torch.bfloat16),
+    ("general", "0", "standard", (2, 32, 4100), torch.float32),  # the same in 16-byte vectors
+    ("auto", "0", "gram", (3, 40, 130), torch.float32),   # the last product writes fp32 out
+    ("auto", "0", "gram", (200, 72), torch.bfloat16),     # ... bf16 out, transposed
+    ("auto", "0", "gram", (2, 300, 64), torch.float32),   # ... fp32 out, transposed
+    ("auto", "0", "gram", (2, 48, 200), torch.float16),   # the finish kernel
 ]
 
 for path, cluster, algorithm, shape, dtype in CASES:

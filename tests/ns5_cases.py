@@ -47,6 +47,9 @@ def noncontiguous_views(gen: torch.Generator, device) -> dict[str, torch.Tensor]
         "expanded_batch": randn(gen, 1, 20, 36, device=device).expand(4, 20, 36),  # batch stride 0
         "permuted_batch": randn(gen, 20, 3, 36, device=device).permute(1, 0, 2),   # (3, 20, 36)
         "storage_offset": randn(gen, 3, 20, 36, device=device)[1:],
+        # row-major matrices that 16-byte vectors cannot read: a 4-byte offset, an odd batch stride
+        "unaligned_start": randn(gen, 2 * 20 * 36 + 1, device=device)[1:].view(2, 20, 36),
+        "odd_batch_stride": randn(gen, 3, 20 * 36 + 1, device=device)[:, :20 * 36].unflatten(1, (20, 36)),
         # 9 batch dims whose strides cannot be merged (every dim sliced with a step).
         "nine_batch_dims": base9[(slice(None, None, 2),) * 9],           # (2,)*9 + (8, 12)
     }

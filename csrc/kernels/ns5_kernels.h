@@ -53,6 +53,9 @@ cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster,
 // kernel; `scratch` holds ns5_normalize_scratch_floats(p) floats.
 int64_t ns5_normalize_scratch_floats(const Ns5Problem& p);
 cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* scratch, cudaStream_t stream);
+// Whether `func` is the normalize kernel (of any dtype); its arguments are (Ns5Problem, X, two float
+// pointers into the scratch). Graph replays redirect its input (csrc/ns5_graphs.cpp).
+bool ns5_is_normalize_kernel(const void* func);
 // out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
 

@@ -4,10 +4,12 @@
 //              result is deterministic | grid sync | scale, cast, transpose);
 //   finish:    out = X transposed back and cast to G's dtype.
 // Where no transpose is needed and each matrix is one row-major span, both stream it flat, 16
-// elements per thread in flight (the common wide, contiguous case; `python bench/ns5_profile.py`:
-// normalize at 2048x8192 fp32 took 216 us with tiles, 105 us flat, still ~2x the memory bound).
-// Otherwise they walk 32x32 tiles of the m x n matrices and transpose through
-// shared memory, so global reads and writes stay coalesced in either orientation.
+// elements per thread in flight, in 16-byte vectors where the addresses allow (the common wide,
+// contiguous case); normalize's scaling pass walks the matrices backwards, so it starts on what
+// the sum pass read last and L2 still holds. Otherwise they walk 32x32 tiles of the m x n
+// matrices and transpose through shared memory, so global reads and writes stay coalesced in
+// either orientation. `python bench/ns5_profile.py`, normalize at 2048x8192 fp32: 216 us with
+// tiles, 105 us flat with scalar loads.
 #include <cooperative_groups.h>
 
 #include "ns5_device.cuh"
@@ -31,6 +33,74 @@ __host__ __device__ inline bool rows_contiguous(const Ns5Problem& p) {
   return p.in.col_stride == 1 && p.in.row_stride == p.n;
 }
 
+// W consecutive elements, loaded or stored as one access (W * sizeof(T) <= 16 bytes).
+template <typename T, int W> struct alignas(sizeof(T) * W) Pack { T v[W]; };
+
+// Elements per access of the flat passes over T: a 16-byte vector of T, or of the bf16 side for
+// fp64 (so both sides of a conversion stay whole vectors).
+template <typename T> constexpr int kFlatWidth = 16 / sizeof(T) < 8 ? static_cast<int>(16 / sizeof(T)) : 8;
+
+// A flat work unit of kChunk elements starting at `base` of an n-element span: thread t owns
+// elements base + (j * kThreads + t) * W + e, j < kFlatPerThread / W, e < W (consecutive threads,
+// consecutive runs of W). kVector reads each run as one access (n % W == 0 and aligned spans: a run
+// is in range whole or not at all); otherwise element by element, in the same order, so the sums
+// are the same bit for bit whatever the input's address.
+template <int W> __device__ __forceinline__ int64_t flat_index(int64_t base, int j) {
+  return base + (static_cast<int64_t>(j) * kThreads + threadIdx.x) * W;
+}
+
+template <typename T, bool kVector> __device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n) {
+  constexpr int W = kFlatWidth<T>;
+  float partial = 0.f;
+#pragma unroll
+  for (int j = 0; j < kFlatPerThread / W; ++j) {
+    const int64_t i = flat_index<W>(base, j);
+    if (kVector) {
+      if (i < n) {
+        const Pack<T, W> v = *reinterpret_cast<const Pack<T, W>*>(g + i);
+#pragma unroll
+        for (int e = 0; e < W; ++e) partial += to_float(v.v[e]) * to_float(v.v[e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < W; ++e)
+        if (i + e < n) partial += to_float(g[i + e]) * to_float(g[i + e]);
+    }
+  }
+  return partial;
+}
+
+// dst[i] = (src[i] * scale) in dst's type over a flat work unit (W = kFlatWidth of the wider type).
+template <bool kVector, typename S, typename D>
+__device__ __forceinline__ void chunk_convert(const S* src, D* dst, int64_t base, int64_t n, float scale) {
+  constexpr int W = kFlatWidth<S> < kFlatWidth<D> ? kFlatWidth<S> : kFlatWidth<D>;
+#pragma unroll
+  for (int j = 0; j < kFlatPerThread / W; ++j) {
+    const int64_t i = flat_index<W>(base, j);
+    if (kVector) {
+      if (i < n) {
+        const Pack<S, W> v = *reinterpret_cast<const Pack<S, W>*>(src + i);
+        Pack<D, W> r;
+#pragma unroll
+        for (int e = 0; e < W; ++e) r.v[e] = from_float<D>(to_float(v.v[e]) * scale);
+        *reinterpret_cast<Pack<D, W>*>(dst + i) = r;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < W; ++e)
+        if (i + e < n) dst[i + e] = from_float<D>(to_float(src[i + e]) * scale);
+    }
+  }
+}
+
+// Whether every matrix span of `s` (n elements each) starts 16-byte aligned and holds whole runs.
+template <typename T> bool vectorizable(const StridedMatrices& s, int64_t n) {
+  constexpr int64_t bytes = sizeof(T);
+  bool ok = reinterpret_cast<uintptr_t>(s.data) % 16 == 0 && n % kFlatWidth<T> == 0;
+  for (int d = 0; d < s.batch_dims; ++d) ok = ok && (s.batch_strides[d] * bytes) % 16 == 0;
+  return ok;
+}
+
 struct TileGrid {
   int64_t tiles_m, tiles_n, per_matrix, total;
   __host__ __device__ explicit TileGrid(const Ns5Problem& p)
@@ -38,7 +108,8 @@ struct TileGrid {
         per_matrix(tiles_m * tiles_n), total(p.batch * per_matrix) {}
 };
 
-template <typename T>
+// kVector: the flat passes read whole runs as one access (where vectorizable()).
+template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
                                                                  float* warp_sumsq, float* sumsq) {
   __shared__ float tile[kTile][kTile + 1];
@@ -54,16 +125,7 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   const int64_t units = flat ? chunks : tg.per_matrix;  // per matrix
   for (int64_t t = blockIdx.x; flat && t < p.batch * chunks; t += gridDim.x) {
     const int64_t b = t / chunks, base = (t % chunks) * kChunk;
-    const T* g = G + batch_offset(p.in, b);
-    float partial = 0.f;
-#pragma unroll
-    for (int k = 0; k < kFlatPerThread; ++k) {
-      const int64_t i = base + k * kThreads + threadIdx.x;
-      if (i < mn) {
-        const float v = to_float(g[i]);
-        partial += v * v;
-      }
-    }
+    float partial = chunk_sumsq<T, kVector>(G + batch_offset(p.in, b), base, mn);
     for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
     if (tx == 0) warp_sumsq[t * kRowsPerPass + ty] = partial;
   }
@@ -102,15 +164,9 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   const int64_t R = p.short_side(), C = p.long_side();
   const bool transpose = p.transpose();
   for (int64_t t = blockIdx.x; flat && !transpose && t < p.batch * chunks; t += gridDim.x) {
-    const int64_t b = t / chunks, base = (t % chunks) * kChunk;
-    const T* g = G + batch_offset(p.in, b);
-    bf16* x = X + b * mn;
-    const float scale = 1.f / (sqrtf(sumsq[b]) + p.eps);
-#pragma unroll
-    for (int k = 0; k < kFlatPerThread; ++k) {
-      const int64_t i = base + k * kThreads + threadIdx.x;
-      if (i < mn) x[i] = __float2bfloat16_rn(to_float(g[i]) * scale);
-    }
+    const int64_t unit = p.batch * chunks - 1 - t;  // backwards: the sum pass's last reads are in L2
+    const int64_t b = unit / chunks, base = (unit % chunks) * kChunk;
+    chunk_convert<kVector>(G + batch_offset(p.in, b), X + b * mn, base, mn, 1.f / (sqrtf(sumsq[b]) + p.eps));
   }
   for (int64_t t = blockIdx.x; !(flat && !transpose) && t < tg.total; t += gridDim.x) {
     const int64_t b = t / tg.per_matrix, rt = (t % tg.per_matrix) / tg.tiles_n, ct = t % tg.tiles_n;
@@ -137,7 +193,8 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   }
 }
 
-template <typename T>
+// kVector: the flat pass reads and writes whole runs as one access (where the sizes allow).
+template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) ns5_finish_kernel(const __grid_constant__ Ns5Problem p, const bf16* X) {
   __shared__ float tile[kTile][kTile + 1];
   const TileGrid tg(p);
@@ -146,14 +203,8 @@ __global__ void __launch_bounds__(kThreads) ns5_finish_kernel(const __grid_const
   const bool transpose = p.transpose();
   if (!transpose) {  // X and out are the same contiguous (batch, m, n) layout: one flat pass
     const int64_t total = p.batch * p.m * p.n;
-    T* out = static_cast<T*>(p.out);
-    for (int64_t base = blockIdx.x * kChunk; base < total; base += gridDim.x * kChunk) {
-#pragma unroll
-      for (int k = 0; k < kFlatPerThread; ++k) {
-        const int64_t i = base + k * kThreads + threadIdx.x;
-        if (i < total) out[i] = from_float<T>(__bfloat162float(X[i]));
-      }
-    }
+    for (int64_t base = blockIdx.x * kChunk; base < total; base += gridDim.x * kChunk)
+      chunk_convert<kVector>(X, static_cast<T*>(p.out), base, total, 1.f);
     return;
   }
   for (int64_t t = blockIdx.x; t < tg.total; t += gridDim.x) {
@@ -197,8 +248,9 @@ int64_t ns5_normalize_scratch_floats(const Ns5Problem& p) { return TileGrid(p).t
 cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, cudaStream_t stream) {
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto* kernel = vectorizable<T>(p.in, p.m * p.n) ? ns5_normalize_kernel<T, true> : ns5_normalize_kernel<T, false>;
     int per_sm = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ns5_normalize_kernel<T>, kThreads, 0);
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
     if (err != cudaSuccess) return err;
     // Cooperative launches need every block resident at once.
     const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
@@ -209,8 +261,21 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, c
     float* warp_sumsq = scratch;
     float* sumsq = scratch + tiles * kRowsPerPass;
     void* args[] = {&problem, &X, &warp_sumsq, &sumsq};
-    return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ns5_normalize_kernel<T>), grid, block, args, 0, stream);
+    return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, 0, stream);
   });
+}
+
+bool ns5_is_normalize_kernel(const void* func) {
+  bool found = false;
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16, DType::Float64}) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      found = found || func == reinterpret_cast<const void*>(ns5_normalize_kernel<T, false>) ||
+              func == reinterpret_cast<const void*>(ns5_normalize_kernel<T, true>);
+      return cudaSuccess;
+    });
+  }
+  return found;
 }
 
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const bf16* X, cudaStream_t stream) {
@@ -218,7 +283,9 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const bf16* X, cudaStream_t s
     using T = decltype(tag);
     const int64_t units = p.transpose() ? TileGrid(p).total : (p.batch * p.m * p.n + kChunk - 1) / kChunk;
     const int64_t cap = static_cast<int64_t>(sm_count()) * 16;
-    ns5_finish_kernel<T><<<static_cast<unsigned>(units < cap ? units : cap), kThreads, 0, stream>>>(p, X);
+    // X and out are fresh allocations (aligned); whole vectors need the element count to divide
+    auto* kernel = (p.batch * p.m * p.n) % kFlatWidth<T> == 0 ? ns5_finish_kernel<T, true> : ns5_finish_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(units < cap ? units : cap), kThreads, 0, stream>>>(p, X);
     return cudaGetLastError();
   });
 }
