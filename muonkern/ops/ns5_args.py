@@ -39,8 +39,8 @@ GRAM_RESTART_INTERVAL = 2
 # that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 46%). The rule holds on CUDA too, where the
 # op replays launch-bound calls from CUDA graphs (csrc/ns5_graphs.h), so the Gram iteration's many
 # small products cost no more host time than the standard iteration's few large ones. Measured on an
-# H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.152 / 0.139, 1024×4096 0.264 /
-# 0.223, 4096×1024 0.281 / 0.241, 8×1024×4096 1.55 / 1.14, 2048×8192 1.35 / 0.96.
+# H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.136 / 0.125, 1024×4096 0.242 /
+# 0.197, 4096×1024 0.264 / 0.214, 8×1024×4096 1.48 / 1.01, 2048×8192 1.28 / 0.87.
 GRAM_MIN_SAVING = 0.25
 GRAM_MIN_SHORT_SIDE = 512
 
