@@ -361,10 +361,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
       return ns5_fused(G_in, steps, abc, eps, cluster);
   }
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
-  // MUONKERN_NS5_GRAPH=all: every multi-launch call replays (measurement)
-  const char* graph_env = std::getenv("MUONKERN_NS5_GRAPH");
-  const bool graph_all = graph_env != nullptr && std::strcmp(graph_env, "all") == 0;
-  if (G_in.numel() > 0 && (graph_all || launch_bound(shape, gram))) {
+  if (G_in.numel() > 0 && ns5_graph_wanted(launch_bound(shape, gram))) {
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body)) return *out;
   }
   at::Tensor out = empty_output(G_in);

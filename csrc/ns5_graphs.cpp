@@ -72,11 +72,6 @@ c10::cuda::CUDAStream capture_stream(const c10::cuda::CUDAStream& replay) {
   return c10::cuda::getStreamFromExternal(it->second, replay.device_index());
 }
 
-bool graphs_disabled() {
-  const char* value = std::getenv("MUONKERN_NS5_GRAPH");
-  return value != nullptr && std::strcmp(value, "0") == 0;
-}
-
 // A dense src with dst's strides is one span of memory: one memcpy instead of a copy kernel.
 void copy_into(const at::Tensor& dst, const at::Tensor& src, cudaStream_t stream) {
   if (src.is_non_overlapping_and_dense() && src.strides() == dst.strides()) {
@@ -165,8 +160,7 @@ void redirect_input(CachedGraph& entry, const at::Tensor& G, cudaStream_t stream
 }  // namespace
 
 std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body) {
-  if (graphs_disabled() || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
-    return std::nullopt;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return std::nullopt;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(G.get_device());
   const std::string key = signature + "|dev" + std::to_string(G.get_device()) + "|stream" + std::to_string(stream.id());
   CachedGraph* entry = nullptr;
@@ -192,6 +186,12 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   at::Tensor out = at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
   entry->result.run(out, stream.stream());
   return out;
+}
+
+bool ns5_graph_wanted(bool launch_bound) {
+  const char* value = std::getenv("MUONKERN_NS5_GRAPH");
+  if (value != nullptr && std::strcmp(value, "0") == 0) return false;
+  return launch_bound || (value != nullptr && std::strcmp(value, "all") == 0);
 }
 
 int64_t ns5_cached_graphs() { return captured.load(); }

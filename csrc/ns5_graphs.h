@@ -30,8 +30,12 @@ using Ns5Body = std::function<ResultLaunch(const at::Tensor& G)>;
 // captured layout and a 16-byte aligned start; otherwise G is copied into the graph's input first.
 // nullopt where the caller runs body itself: the first call of a signature (it loads kernels and
 // builds cuBLASLt plans uncaptured), while the current stream is being captured (the caller's own
-// graph records the launches), with MUONKERN_NS5_GRAPH=0, or once the cache is full.
+// graph records the launches), or once the cache is full.
 std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body);
+
+// Whether a call goes through ns5_graph_replay, by MUONKERN_NS5_GRAPH (read at every call): "0"
+// never, "all" every multi-launch call (for measurement), otherwise where `launch_bound`.
+bool ns5_graph_wanted(bool launch_bound);
 
 // How many graphs this process has captured (tests read it through muonkern._C.ns5_cached_graphs).
 int64_t ns5_cached_graphs();

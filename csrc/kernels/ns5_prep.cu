@@ -50,23 +50,43 @@ template <int W> __device__ __forceinline__ int64_t flat_index(int64_t base, int
   return base + (static_cast<int64_t>(j) * kThreads + threadIdx.x) * W;
 }
 
+// Run j of this thread: the W elements at i as floats (past n: 0, which adds nothing to a sum).
+template <int W, bool kVector, typename T>
+__device__ __forceinline__ void load_run(const T* src, int64_t i, int64_t n, float (&v)[W]) {
+  if (kVector) {
+    const Pack<T, W> p = i < n ? *reinterpret_cast<const Pack<T, W>*>(src + i) : Pack<T, W>{};
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = to_float(p.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = i + e < n ? to_float(src[i + e]) : 0.f;
+  }
+}
+
+template <int W, bool kVector, typename T>
+__device__ __forceinline__ void store_run(T* dst, int64_t i, int64_t n, const float (&v)[W]) {
+  if (kVector) {
+    if (i >= n) return;
+    Pack<T, W> p;
+#pragma unroll
+    for (int e = 0; e < W; ++e) p.v[e] = from_float<T>(v[e]);
+    *reinterpret_cast<Pack<T, W>*>(dst + i) = p;
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e)
+      if (i + e < n) dst[i + e] = from_float<T>(v[e]);
+  }
+}
+
 template <typename T, bool kVector> __device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n) {
   constexpr int W = kFlatWidth<T>;
   float partial = 0.f;
 #pragma unroll
   for (int j = 0; j < kFlatPerThread / W; ++j) {
-    const int64_t i = flat_index<W>(base, j);
-    if (kVector) {
-      if (i < n) {
-        const Pack<T, W> v = *reinterpret_cast<const Pack<T, W>*>(g + i);
+    float v[W];
+    load_run<W, kVector>(g, flat_index<W>(base, j), n, v);
 #pragma unroll
-        for (int e = 0; e < W; ++e) partial += to_float(v.v[e]) * to_float(v.v[e]);
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < W; ++e)
-        if (i + e < n) partial += to_float(g[i + e]) * to_float(g[i + e]);
-    }
+    for (int e = 0; e < W; ++e) partial += v[e] * v[e];
   }
   return partial;
 }
@@ -78,19 +98,11 @@ __device__ __forceinline__ void chunk_convert(const S* src, D* dst, int64_t base
 #pragma unroll
   for (int j = 0; j < kFlatPerThread / W; ++j) {
     const int64_t i = flat_index<W>(base, j);
-    if (kVector) {
-      if (i < n) {
-        const Pack<S, W> v = *reinterpret_cast<const Pack<S, W>*>(src + i);
-        Pack<D, W> r;
+    float v[W];
+    load_run<W, kVector>(src, i, n, v);
 #pragma unroll
-        for (int e = 0; e < W; ++e) r.v[e] = from_float<D>(to_float(v.v[e]) * scale);
-        *reinterpret_cast<Pack<D, W>*>(dst + i) = r;
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < W; ++e)
-        if (i + e < n) dst[i + e] = from_float<D>(to_float(src[i + e]) * scale);
-    }
+    for (int e = 0; e < W; ++e) v[e] *= scale;
+    store_run<W, kVector>(dst, i, n, v);
   }
 }
 
