@@ -16,7 +16,12 @@ GPU (the baseline shapes, fp32 inputs):
                       >= 512. The op itself takes this route on Hopper from a short side of 4096
                       (csrc/ns5_cuda.cpp), so there the "muonkern" row times the same computation;
                       MUONKERN_NS5_PATH=general times the cuBLAS path instead
-X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt vs torch.matmul(X, X.mT), its own table
+  muonkern triton-gram muonkern.ops.triton_gram.ns5_gram_symmetric: the Gram iteration with every
+                      symmetric product on the Triton stream-K kernel (one program per SM), the two
+                      products that touch X on cuBLAS; timed on the Gram shapes. The op does not take
+                      it yet: these rows decide where it should
+X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt and the stream-K
+muonkern.ops.triton_gram.symmetric_product vs torch.matmul(X, X.mT), its own table
 (xxt_bench.md/.json) with reference-equivalent TFLOP/s: the dense product's 2m²n FLOPs / the time.
 CPU (runs when no GPU is present, or with MUONKERN_BENCH_CPU=1): muonkern (and its algorithms on
 CPU_GRAM_SHAPES) vs reference.
@@ -31,7 +36,7 @@ import pytest
 import torch
 from measure import environment, markdown, rotating_inputs, shape_str, time_rotating, write_report
 
-from muonkern.ops import triton_symmetric
+from muonkern.ops import triton_gram, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
 
@@ -42,7 +47,7 @@ GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
               (48, 128, 128), (12, 64, 768), (8, 1024, 4096), (2048, 8192), (4096, 1024)]
 CPU_SHAPES = [(4, 64, 256), (256, 256), *CPU_GRAM_SHAPES]
 GPU_IMPLS = ["reference", "muonkern", "muonkern direct", "muonkern standard", "muonkern gram",
-             "reference_compiled", "torch_optim_muon", "muonkern triton-sym"]
+             "reference_compiled", "torch_optim_muon", "muonkern triton-sym", "muonkern triton-gram"]
 # Launch-bound shapes, where the op replays CUDA graphs (csrc/ns5_cuda.cpp, launch_bound).
 GRAPH_SHAPES = [(768, 768), (768, 3072), (1024, 4096)]
 TRITON_SYM_MIN_SHORT_SIDE = 512
@@ -80,8 +85,13 @@ def _triton_sym(G):
     return triton_symmetric.ns5_symmetric(G, 5, None, 1e-7)
 
 
+def _triton_gram(G):
+    return triton_gram.ns5_gram_symmetric(G, 5, None, 1e-7)
+
+
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
          "torch_optim_muon": _torch_optim_muon, "muonkern triton-sym": _triton_sym,
+         "muonkern triton-gram": _triton_gram,
          **{impl: (lambda G, a=algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, a))
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
@@ -117,6 +127,11 @@ def test_ns5_cuda(time_ns5, monkeypatch, shape, impl):
             pytest.skip("this torch has no torch.optim._muon")
         if len(shape) != 2:
             pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
+    if impl == "muonkern triton-gram":
+        if not triton_symmetric.available():
+            pytest.skip("triton is not installed")
+        if tuple(shape) not in GRAM_SHAPES:
+            pytest.skip("the Gram iteration is timed on the Gram shapes only")
     if impl == "muonkern triton-sym":
         if not triton_symmetric.available():
             pytest.skip("triton is not installed")
@@ -157,9 +172,10 @@ def test_ns5_grouped_gpt2_small(time_probe, impl, reference, fn):
 
 # ---- X Xᵀ alone: the Triton symmetric kernel against cuBLAS's dense product --------------------
 
-XXT_SHAPES = [(4096, 4096), (8192, 8192), (1024, 4096), (2048, 8192)]
+XXT_SHAPES = [(4096, 4096), (8192, 8192), (1024, 4096), (2048, 8192), (2048, 2048), (1024, 1024)]
 XXT_IMPLS = {"torch.matmul": lambda X: torch.matmul(X, X.mT),
-             "muonkern triton xxt": lambda X: triton_symmetric.xxt(X)}
+             "muonkern triton xxt": lambda X: triton_symmetric.xxt(X),
+             "muonkern stream-K xxt": lambda X: triton_gram.symmetric_product(X, X.mT)}
 _XXT_RESULTS: list[dict] = []
 
 
@@ -176,7 +192,7 @@ class _XxtTable:
         cells = [[r["shape"], r["impl"], f"{r['median_ms']:.4f}",
                   "—" if r["ratio_vs_matmul"] is None else f"{r['ratio_vs_matmul']:.2f}x",
                   f"{r['tflops']:.1f}"] for r in rows]
-        text = markdown("X Xᵀ benchmark: Triton symmetric kernel vs torch.matmul (bf16)", env,
+        text = markdown("X Xᵀ benchmark: Triton symmetric kernels vs torch.matmul (bf16)", env,
                         "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul "
                         "time / this impl's time (> 1 is faster); TFLOP/s counted as the dense product's "
                         "2m^2n for both (reference-equivalent: the symmetric kernel does about half of that "

@@ -267,16 +267,20 @@ double general_seconds(const Ns5Problem& p) {
 // bench/test_bench_ns5.py (triton-sym rows; the cuBLAS path's with MUONKERN_NS5_PATH=general): 4096^2
 // 2.68 ms against 3.32 (cuBLAS path), 8192^2 18.8 against 24.9;
 // a short side of 2048 (2048x8192) ties and 1024 loses, where the triangle has too few large tiles.
-// MUONKERN_NS5_PATH=symmetric takes it at any size (tests), fused|general never.
+// MUONKERN_NS5_PATH=symmetric takes it at any size (tests), fused|general never; for a call that
+// runs the Gram algorithm it takes muonkern::ns5_gram_symmetric (muonkern/ops/triton_gram.py: the Gram
+// iteration with every symmetric product on a stream-K Triton kernel), which "auto" does not take yet.
 constexpr int64_t kSymmetricMinShortSide = 4096;
 
 std::optional<c10::OperatorHandle> symmetric_route(const at::Tensor& G, const std::string& path,
-                                                   const cudaDeviceProp& prop) {
+                                                   const cudaDeviceProp& prop, bool gram) {
   const int64_t short_side = std::min(G.size(-2), G.size(-1));
-  const bool wanted = path == "symmetric" || (path == "auto" && prop.major == 9 && short_side >= kSymmetricMinShortSide);
+  const bool wanted = path == "symmetric" ||
+                      (!gram && path == "auto" && prop.major == 9 && short_side >= kSymmetricMinShortSide);
   if (!wanted || G.numel() == 0) return std::nullopt;
-  // looked up per call: Python registers the op when muonkern is imported, after this library loads
-  auto op = c10::Dispatcher::singleton().findOp({"muonkern::ns5_symmetric", ""});
+  // looked up per call: Python registers the ops when muonkern is imported, after this library loads
+  auto op = c10::Dispatcher::singleton().findOp(
+      {gram ? "muonkern::ns5_gram_symmetric" : "muonkern::ns5_symmetric", ""});
   if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
   return op;
 }
@@ -352,10 +356,10 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   const char* forced = std::getenv("MUONKERN_NS5_PATH");
   const std::string path = forced != nullptr ? forced : "auto";
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  if (auto op = symmetric_route(G_in, path, prop, gram))
+    return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
+        G_in, steps, coefficients, eps);
   if (!gram) {
-    if (auto op = symmetric_route(G_in, path, prop))
-      return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
-          G_in, steps, coefficients, eps);
     const int cluster = path == "general" ? 0 : fused_cluster(shape, prop);
     if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
       return ns5_fused(G_in, steps, abc, eps, cluster);

@@ -1,13 +1,16 @@
-"""Runs the Triton symmetric-product kernels of ns5 once per case, for compute-sanitizer:
+"""Runs the Triton symmetric-product kernels of ns5 (muonkern.ops.triton_symmetric, and the stream-K
+kernel of muonkern.ops.triton_gram) once per case, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_ns5_triton.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_ns5_triton.py
 
 Cases: each tile configuration, sizes that are not tile multiples, a batch, a transposed view,
-outputs poisoned with NaN; each result checked against float64 torch (bf16 operands, 1e-2).
+outputs poisoned with NaN; the stream-K kernel also with one program per SM and with 7 programs
+(tiles split across programs); each result checked against float64 torch (bf16 operands, 1e-2).
 """
 import torch
 
+from muonkern.ops import triton_gram
 from muonkern.ops.triton_symmetric import CONFIGS, ns5_symmetric, symmetric_polynomial, xxt
 
 
@@ -28,10 +31,26 @@ def main():
             out = torch.full_like(A, float("nan"))
             want = -4.775 * A.double() + 2.0315 * A.double() @ A.double()
             close(symmetric_polynomial(A, -4.775, 2.0315, out=out, config=config), want, ("poly", config))
+    for config in triton_gram.CONFIGS:
+        for programs in (None, 7):
+            for shape, transpose in (((2, 200, 300), False), ((130, 70), True)):
+                X = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+                X = X.mT if transpose else X
+                out = torch.full((*X.shape[:-1], X.shape[-2]), float("nan"), device="cuda", dtype=X.dtype)
+                got = triton_gram.symmetric_product(X, X.mT, out=out, config=config, programs=programs)
+                close(got, X.double() @ X.double().mT, ("stream-K X Xᵀ", config, programs, shape))
+                A = (X @ X.mT / X.shape[-1]).contiguous()
+                out = torch.full_like(A, float("nan"))
+                want = 2.0315 * A.double() @ A.double() - 4.775 * A.double() + 3.4445 * torch.eye(
+                    A.shape[-1], dtype=torch.float64, device="cuda")
+                got = triton_gram.symmetric_product(A, A, 2.0315, A, -4.775, 3.4445, out=out, config=config,
+                                                    programs=programs)
+                close(got, want, ("stream-K polynomial", config, programs))
     G = torch.randn(300, 500, generator=gen).cuda()
     assert torch.isfinite(ns5_symmetric(G, config=CONFIGS[0])).all()
+    assert torch.isfinite(triton_gram.ns5_gram_symmetric(G, config=triton_gram.CONFIGS[0])).all()
     torch.cuda.synchronize()
-    print(f"sanitize_ns5_triton: {len(CONFIGS)} configs ran and matched float64")
+    print(f"sanitize_ns5_triton: {len(CONFIGS)} + {len(triton_gram.CONFIGS)} configs ran and matched float64")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ the import without triton.
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
@@ -23,48 +21,14 @@ from muonkern.ops import triton_symmetric as ts
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
 from ns5_cases import polar_distance, relative_difference, shape_id
+from sm90_compile import run_compile_script
+from symmetric_products import assert_symmetric_product, poisoned
 from reference import (CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, NORMALIZE_RTOL, POLAR_EXPRESS, POLAR_RTOL,
                        assert_ns5_output, randn)
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ts.available()),
                                reason="needs a CUDA GPU and triton")
 needs_triton = pytest.mark.skipif(not ts.available(), reason="needs triton")
-
-
-# ---- bounds of a symmetric product against float64 -------------------------------------------
-# The operands are bf16 values, held exactly in float64 for the reference, so only the kernel's own
-# arithmetic differs: products of two bf16 numbers are exact in fp32, the K-long fp32 sum is off by
-# at most about K·2^-24·Σ|x_ik x_jk| <= K·2^-24·‖x_i‖‖x_j‖ (4x slack below for the tensor cores'
-# accumulation order), and the one rounding of the result to bf16 adds at most 2^-8 relative per
-# element. In Frobenius norm the rounding is about 2^-8/√3 ≈ 2.3e-3 (uniform), at most 2^-8 ≈ 3.9e-3;
-# the budget 1e-2 leaves 2.5x over the worst case. A wrong, missing or misplaced tile is off by
-# O(1) relative and fails both checks.
-BF16_OUT_RTOL = 2.0 ** -8
-FROBENIUS_RTOL = 1e-2
-ACC_SLACK = 4.0 * 2.0 ** -24
-
-
-def assert_symmetric_product(C: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, K: int,
-                             out_rtol: float = BF16_OUT_RTOL, terms: torch.Tensor | None = None) -> None:
-    """C (…, m, m) from the kernel against the float64 ``ref``; ``rows`` (…, m, K) are the
-    operands whose row norms bound the accumulation error; ``terms`` (…, m, m), if given, the
-    magnitudes an fp32 epilogue adds up (one fp32 rounding each, 2^-23 with slack)."""
-    C = C.double().cpu()
-    ref = ref.double().cpu()
-    assert not torch.isnan(C).any(), "NaN left in the output: a tile was not written"
-    assert torch.equal(C, C.mT), "the output is not exactly symmetric"
-    norms = torch.linalg.vector_norm(rows.double().cpu(), dim=-1)
-    bound = out_rtol * ref.abs() + K * ACC_SLACK * norms[..., :, None] * norms[..., None, :] + 1e-30
-    if terms is not None:
-        bound = bound + 2.0 ** -23 * terms.double().cpu()
-    excess = ((C - ref).abs() / bound).max().item()
-    assert excess <= 1.0, f"an element is {excess:.3g}x beyond its bound"
-    frob = (torch.linalg.vector_norm(C - ref, dim=(-2, -1)) / torch.linalg.vector_norm(ref, dim=(-2, -1)))
-    assert frob.max().item() <= FROBENIUS_RTOL, f"relative Frobenius error {frob.max().item():.3g}"
-
-
-def poisoned(shape, dtype=torch.bfloat16, device="cuda") -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
@@ -313,17 +277,14 @@ def test_kernels_under_interpreter(gen):
 
 
 _COMPILE_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 from muonkern.ops import triton_symmetric as ts
+from sm90_compile import compile_sm90
 
 cfg = ts.CONFIGS[0]
 results = []
 for has_linear, k_major in [(False, True), (False, False), (True, True)]:
-    # X row-major (stride along K is 1) or a transposed view (stride along M is 1); pointers,
-    # sizes and the other strides divisible by 16, as the launcher specializes them on a GPU
+    # X row-major (stride along K is 1) or a transposed view (stride along M is 1)
     unit = "stride_xk" if k_major else "stride_xm"
     signature = {"X": "*bf16", "C": "*bf16", "M": "i32", "K": "i32", "BATCH": "i32", "stride_xb": "i64",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_cb": "i64", "stride_cm": "i32",
@@ -332,17 +293,9 @@ for has_linear, k_major in [(False, True), (False, False), (True, True)]:
     signature[unit] = "constexpr"
     constexprs = {unit: 1, "stride_cn": 1, "HAS_LINEAR": has_linear, "BLOCK": cfg.block,
                   "BLOCK_K": cfg.block_k, "GROUP": cfg.group, "DOT_PRECISION": "tf32"}
-    names = list(signature)
     divisible = ["X", "C", "M", "K", "stride_xb", "stride_xk" if unit == "stride_xm" else "stride_xm",
                  "stride_cb", "stride_cm"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    try:
-        src = ASTSource(ts._syrk_kernel, signature, constexprs=constexprs, attrs=attrs)
-    except TypeError as e:
-        print(json.dumps({"api": str(e)}))
-        sys.exit(0)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    kernel = compile_sm90(ts._syrk_kernel, signature, constexprs, divisible, cfg.num_warps, cfg.num_stages)
     ptx = kernel.asm["ptx"]
     results.append({"case": [has_linear, k_major], "wgmma": ts.wgmma_in_ptx(kernel),
                     "mma_sync": "mma.sync" in ptx, "cp_async": "cp.async" in ptx})
@@ -352,17 +305,10 @@ print(json.dumps({"results": results}))
 
 @needs_triton
 def test_compiles_to_wgmma_for_sm90():
-    """Compile only (no GPU needed: Triton ships ptxas): for sm_90 the kernel's PTX issues
+    """Compile only (no GPU needed, tests/sm90_compile.py): for sm_90 the kernel's PTX issues
     wgmma.mma_async and pipelines its loads with cp.async, for a row-major X, a transposed view
-    and the polynomial's epilogue. Uses triton.compile(ASTSource(...), target=...) as triton 3.8
-    spells it; a triton whose ASTSource takes other arguments skips (the GPU test covers it)."""
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TRITON_INTERPRET="0"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "api" in report:
-        pytest.skip(f"this triton's ASTSource takes other arguments: {report['api']}")
-    for row in report["results"]:
+    and the polynomial's epilogue."""
+    for row in run_compile_script(_COMPILE_SCRIPT):
         assert row["wgmma"] and not row["mma_sync"] and row["cp_async"], row
 
 

@@ -28,6 +28,7 @@ ARGS = ["--set", "steps=8", "--set", "eval_every=2", "--set", "probe_every=4", "
         "--set", "quad_steps=2", "--set", "quad_instances=1", "--set", "quad_m=4", "--set", "quad_n=4",
         "--set", "quad_groups=2", "--set", "quad_group_size=2"]
 FIELDS = ("gain", "curvature", "norm_sq", "nds", "within", "cross", "within_kind", "cross_kind", "actual_delta")
+SPLIT_FIELDS = ("within", "cross", "within_kind", "cross_kind")
 
 
 def _close(a: float, b: float, rel: float, scale: float, absolute: float = 0.0) -> bool:
@@ -60,5 +61,9 @@ def test_two_processes_match_one(tmp_path):
             for s in p1.keys() & p2.keys():
                 # the loss change is a difference of two float32 losses: good to a few ulps of the loss
                 absolute = 1e-5 * p1[s]["probe_loss"] if field == "actual_delta" else 0.0
-                assert _close(p1[s][field], p2[s][field], rel, scale, absolute), (optimizer, s, field, p1[s][field],
-                                                                                  p2[s][field])
+                # the parts of the curvature (within + cross, by layer or by kind) add up to it, so a
+                # part near zero is good to a fraction of the whole, not of itself (Muon, step 4:
+                # cross_kind 4.9e-5 vs 8.0e-5 of a curvature of 9.4e-4, 3% of it)
+                whole = abs(p1[s]["curvature"]) if field in SPLIT_FIELDS else 0.0
+                assert _close(p1[s][field], p2[s][field], rel, max(scale, whole), absolute), (
+                    optimizer, s, field, p1[s][field], p2[s][field])

@@ -10,7 +10,7 @@ ops in the same order; the CUDA standard path runs its own kernels.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -40,8 +40,35 @@ def ns5_reference(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float]
     return X.to(G.dtype).contiguous()
 
 
+class GramProducts(NamedTuple):
+    """The products of the Gram iteration, on (batch, ·, ·) tensors: `dense_gram_products` are the
+    reference's (torch.bmm); muonkern.ops.triton_gram computes the symmetric ones on one triangle."""
+
+    gram: Callable         # Y -> Y Yᵀ (wide) or Yᵀ Y (tall)
+    polynomial: Callable   # (R, a, b, c) -> a I + b R + c R R
+    accumulate: Callable   # (P, Q) -> P Q (wide) or Q P (tall): the new Q
+    conjugate: Callable    # (P, R) -> P R P
+    apply: Callable        # (Q, Y) -> Q Y (wide) or Y Q (tall)
+
+
+def dense_gram_products(wide: bool) -> GramProducts:
+    def gram(Y):
+        return torch.bmm(Y, Y.mT) if wide else torch.bmm(Y.mT, Y)
+
+    def polynomial(R, a, b, c):
+        # baddbmm with alpha = 0 ignores beta for bf16 on CPU (torch 2.14): c = 0 takes b R alone
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0 else R * b
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        return P
+
+    def apply(Q, Y):
+        return torch.bmm(Q, Y) if wide else torch.bmm(Y, Q)
+
+    return GramProducts(gram, polynomial, apply, lambda P, R: torch.bmm(torch.bmm(P, R), P), apply)
+
+
 def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
-                   restarts: Sequence[int]) -> torch.Tensor:
+                   restarts: Sequence[int], products: Optional[GramProducts] = None) -> torch.Tensor:
     """The Newton-Schulz polynomial of the normalized X0 (..., m, n) computed on its Gram matrix, in
     X0's dtype: R = X0 X0ᵀ, Q = I; per step P = a I + b R + c R², R = P R P, Q = P Q; returns Q X0.
 
@@ -49,30 +76,23 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
     iteration's X up to rounding; P R P keeps R symmetric better than P² R. After each step listed
     in `restarts` (1-based) the iteration starts over from X0 = Q X0. A tall X0 (m > n) uses the
     n×n Gram matrix X0ᵀ X0 and multiplies from the right (X0 Q) instead of transposing. The C++
-    CPU kernel runs the same ops (csrc/ns5_gram.cpp); the CUDA kernel the same products on cuBLASLt."""
+    CPU kernel runs the same ops (csrc/ns5_gram.cpp); the CUDA kernel the same products on cuBLASLt.
+    `products` (default: `dense_gram_products`) computes them."""
     wide = X0.size(-2) <= X0.size(-1)
+    products = products or dense_gram_products(wide)
     X = X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1))
-
-    def gram(Y):
-        return torch.bmm(Y, Y.mT) if wide else torch.bmm(Y.mT, Y)
-
-    def apply(Q, Y):  # Q Y (wide) or Y Q (tall)
-        return torch.bmm(Q, Y) if wide else torch.bmm(Y, Q)
-
-    R, Q = gram(X), None  # Q None: the identity
+    R, Q = products.gram(X), None  # Q None: the identity
     for s, (a, b, c) in enumerate(triples, start=1):
-        # baddbmm with alpha = 0 ignores beta for bf16 on CPU (torch 2.14): c = 0 takes b R alone
-        P = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0 else R * b
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = P if Q is None else apply(P, Q)
+        P = products.polynomial(R, a, b, c)
+        Q = P if Q is None else products.accumulate(P, Q)
         if s == len(triples):
             break
         if s in restarts:
-            X, Q = apply(Q, X), None
-            R = gram(X)
+            X, Q = products.apply(Q, X), None
+            R = products.gram(X)
         else:
-            R = torch.bmm(torch.bmm(P, R), P)
-    out = X if Q is None else apply(Q, X)
+            R = products.conjugate(P, R)
+    out = X if Q is None else products.apply(Q, X)
     return out.reshape(X0.shape)
 
 

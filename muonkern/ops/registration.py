@@ -75,9 +75,12 @@ _composites = None
 
 # The iteration with X Xᵀ and b·A + c·A·A by Triton kernels on one triangle of tiles
 # (muonkern.ops.triton_symmetric): the CUDA kernel of ns5 routes large matrices on Hopper to it
-# (csrc/ns5_cuda.cpp, symmetric_route). Defined where triton is installed.
+# (csrc/ns5_cuda.cpp, symmetric_route). The Gram iteration with every symmetric product on the
+# stream-K Triton kernel (muonkern.ops.triton_gram): ns5 takes it under MUONKERN_NS5_PATH=symmetric
+# where it runs the Gram algorithm. Defined where triton is installed.
 NS5_SYMMETRIC_SCHEMA = ("ns5_symmetric(Tensor G, int steps=5, float[]? coefficients=None, "
                         "float eps=1e-07) -> Tensor")
+NS5_GRAM_SYMMETRIC_SCHEMA = NS5_SYMMETRIC_SCHEMA.replace("ns5_symmetric", "ns5_gram_symmetric")
 
 
 def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
@@ -87,17 +90,24 @@ def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
     return ns5_symmetric(G.reshape(-1, *G.shape[-2:]), steps, coefficients, eps).reshape(G.shape)
 
 
+def _ns5_gram_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
+    from .triton_gram import ns5_gram_symmetric   # any batch dims; checks the arguments
+    return ns5_gram_symmetric(G, steps, coefficients, eps)
+
+
 def _register_composites() -> None:
     """Ops written in terms of the others or in Triton (Python on every backend): ns5_grouped,
-    and ns5_symmetric where triton is installed."""
+    and ns5_symmetric and ns5_gram_symmetric where triton is installed."""
     global _composites
     _composites = torch.library.Library("muonkern", "FRAGMENT")
     _composites.define(NS5_GROUPED_SCHEMA)
     _composites.impl("ns5_grouped", ns5_grouped_kernel, "CompositeExplicitAutograd")
     torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)
     if importlib.util.find_spec("triton") is not None:
-        _composites.define(NS5_SYMMETRIC_SCHEMA)
-        for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
-            _composites.impl("ns5_symmetric", _ns5_symmetric_kernel, key)
-        torch.library.register_fake("muonkern::ns5_symmetric", _ns5_fake,
-                                    lib=_composites)
+        for schema, kernel in ((NS5_SYMMETRIC_SCHEMA, _ns5_symmetric_kernel),
+                               (NS5_GRAM_SYMMETRIC_SCHEMA, _ns5_gram_symmetric_kernel)):
+            name = schema[:schema.index("(")]
+            _composites.define(schema)
+            for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
+                _composites.impl(name, kernel, key)
+            torch.library.register_fake(f"muonkern::{name}", _ns5_fake, lib=_composites)

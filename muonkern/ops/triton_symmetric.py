@@ -129,52 +129,71 @@ if triton is not None:
         X += batch.to(tl.int64) * stride_xb
         C += batch.to(tl.int64) * stride_cb
 
+        # X[m-block, k] · X[n-block, k]ᵀ over all of K
+        acc = _tile_partial(X, X, stride_xm, stride_xk, stride_xk, stride_xm, M, K, tile_m, tile_n,
+                            0, tl.cdiv(K, BLOCK_K), BLOCK, BLOCK_K, DOT_PRECISION)
         offs_m = tile_m * BLOCK + tl.arange(0, BLOCK)
         offs_n = tile_n * BLOCK + tl.arange(0, BLOCK)
-        offs_k = tl.arange(0, BLOCK_K)
-        # Rows past M wrap around to valid rows, so the loads need no row mask; their results
-        # land in rows and columns that are never stored.
-        rows_m = offs_m % M
-        rows_n = offs_n % M
-        a_ptrs = X + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk   # X[m-block, k]
-        b_ptrs = X + offs_k[:, None] * stride_xk + rows_n[None, :] * stride_xm   # X[n-block, k]ᵀ
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_xk
-            b_ptrs += BLOCK_K * stride_xk
-
         in_m = offs_m < M
         in_n = offs_n < M
         if HAS_LINEAR:  # the polynomial's linear term, in fp32 before the one rounding to C
             lin_ptrs = X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk
             lin = tl.load(lin_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
             acc = alpha * acc + beta * lin.to(tl.float32)
-        out = acc.to(C.dtype.element_ty)
+        _store_symmetric(C, acc.to(C.dtype.element_ty), tile_m, tile_n, M, stride_cm, stride_cn, BLOCK)
 
-        # A diagonal tile keeps its upper half (row <= col) and takes its mirror below, so C is
-        # exactly symmetric; it is stored once. Any other tile is stored as it is and mirrored.
-        # Only boundary masks: a triangle mask on the stores splits them into 2-byte writes.
-        c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    @triton.jit
+    def _tile_partial(A, B, s_am, s_ak, s_bk, s_bn, M, K, tile_m, tile_n, k_first, k_stop,
+                      BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Σ over inner-dimension blocks k_first .. k_stop-1 of A[tile_m rows, k] · B[k, tile_n cols],
+        fp32 (BLOCK, BLOCK). Rows past M wrap to valid rows (never stored), so loads need only the
+        K mask."""
+        offs = tl.arange(0, BLOCK)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = (tile_m * BLOCK + offs) % M
+        cols = (tile_n * BLOCK + offs) % M
+        k0 = k_first * BLOCK_K
+        a_ptrs = A + rows[:, None] * s_am + (k0 + offs_k)[None, :] * s_ak
+        b_ptrs = B + (k0 + offs_k)[:, None] * s_bk + cols[None, :] * s_bn
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(k_first, k_stop):
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+        return acc
+
+    @triton.jit
+    def _store_symmetric(C, out, tile_m, tile_n, M, stride_cm, stride_cn, BLOCK: tl.constexpr):
+        """Stores tile (tile_m, tile_n), tile_m <= tile_n, of a symmetric C and its mirror. A
+        diagonal tile keeps its upper half (row <= col) and takes its mirror below, so C is exactly
+        symmetric; it is stored once. Any other tile is stored as it is and mirrored. Only boundary
+        masks: a triangle mask on the stores splits them into 2-byte writes."""
+        offs_m = tile_m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tile_n * BLOCK + tl.arange(0, BLOCK)
+        in_m = offs_m < M
+        in_n = offs_n < M
         if tile_m == tile_n:
             out = tl.where(offs_m[:, None] <= offs_n[None, :], out, tl.trans(out))
-        tl.store(c_ptrs, out, mask=in_m[:, None] & in_n[None, :])
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out,
+                 mask=in_m[:, None] & in_n[None, :])
         if tile_m != tile_n:
             tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
                      mask=in_n[:, None] & in_m[None, :])
 
-    def _triton_configs():
-        return [triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group},
-                              num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
+    def autotuned(kernel, configs: Sequence[SyrkConfig]):
+        """`kernel` autotuned over `configs`, once per (M, K, batch, kind) and dtype: a first call
+        pays for timing each config (a few hundred ms); later calls with the same key reuse the
+        choice. The batch is part of the key because many small matrices want other tiles than
+        one large one."""
+        return triton.autotune(
+            configs=[triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group},
+                                   num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            key=["M", "K", "BATCH", "HAS_LINEAR"])(kernel)
 
-    # Autotuned once per (M, K, batch, kind) and dtype: a first call pays for timing each config
-    # (a few hundred ms); later calls with the same key reuse the choice. The batch is part of the
-    # key because many small matrices want other tiles than one large one.
-    _syrk_autotuned = triton.autotune(configs=_triton_configs(),
-                                      key=["M", "K", "BATCH", "HAS_LINEAR"])(_syrk_kernel)
+    _syrk_autotuned = autotuned(_syrk_kernel, CONFIGS)
 
 
 def _interpreting() -> bool:
@@ -263,6 +282,18 @@ def symmetric_polynomial(A: torch.Tensor, b: float, c: float, out: Optional[torc
     return C3 if A.dim() == 3 else C3[0]
 
 
+def normalized_operand(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
+                       eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Checks the arguments of an ns5 entry point and returns X0 = G / (‖G‖_F + eps) in ``dtype``:
+    the reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
+    check_ns5_args(G, steps, coefficients, eps)
+    _require_triton(name, G)
+    if dtype not in _DTYPES:
+        raise TypeError(f"{name}: dtype must be bfloat16, float16 or float32, got {dtype}")
+    X = G.to(dtype)
+    return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
+
+
 def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
                   eps: float = 1e-7, config: Optional[SyrkConfig] = None,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -272,15 +303,9 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     the reference (float32 serves exactness tests under the interpreter). Each product rounds once,
     in its epilogue, where the reference rounds after every elementwise op as well. Returns G's
     dtype and shape, contiguous."""
-    check_ns5_args(G, steps, coefficients, eps)
-    _require_triton("ns5_symmetric", G)
     if G.dim() not in (2, 3):
         raise ValueError(f"ns5_symmetric: expected a 2-D or 3-D tensor, got shape {tuple(G.shape)}")
-    if dtype not in _DTYPES:
-        raise TypeError(f"ns5_symmetric: dtype must be bfloat16, float16 or float32, got {dtype}")
-    # The reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)
-    X = G.to(dtype)
-    X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
+    X = normalized_operand("ns5_symmetric", G, steps, coefficients, eps, dtype)
     if X.numel() == 0 or steps == 0:
         return X.to(G.dtype).contiguous()
     X = X.unsqueeze(0) if G.dim() == 2 else X

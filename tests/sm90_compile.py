@@ -1,0 +1,46 @@
+"""Compile-only checks of Triton kernels for sm_90 (Hopper) on a machine without a GPU: Triton
+ships ptxas. A check is a script that calls `compile_sm90` and prints one JSON line
+{"results": [...]} last; `run_compile_script` runs it in a subprocess (TRITON_INTERPRET=0 whatever
+the caller's environment, the tests folder importable) and returns the results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict, divisible, num_warps: int, num_stages: int):
+    """triton.compile of `kernel` for sm_90, with the arguments named in `divisible` specialized
+    as divisible by 16 (as the launcher specializes aligned pointers, sizes and strides on a GPU).
+    Uses ASTSource(fn, signature, constexprs=, attrs=) as triton 3.8 spells it; a triton that takes
+    other arguments makes the script print {"api": ...} and exit (the check then skips)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    try:
+        src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    except TypeError as e:
+        print(json.dumps({"api": str(e)}))
+        sys.exit(0)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def run_compile_script(script: str) -> list[dict]:
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "api" in report:
+        pytest.skip(f"this triton's ASTSource takes other arguments: {report['api']}")
+    return report["results"]

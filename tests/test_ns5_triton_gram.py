@@ -1,0 +1,300 @@
+"""The stream-K symmetric products and the Gram iteration on them (muonkern.ops.triton_gram).
+
+GPU tests (skipped without CUDA or triton) hold ``symmetric_product`` against float64 products of
+the same bf16 operands with NaN-poisoned outputs (a tile nobody finishes shows up), with one
+program per SM and with a few programs (each then crosses many tiles), check that every flag is
+zero again after a launch (a flag left raised would let the next launch read a stale partial sum)
+and that repeated calls agree bitwise, and hold ``ns5_gram_symmetric`` against the float64
+iteration, the bf16 reference Gram iteration and the exact polar factor. CPU tests run under
+Triton's interpreter (float32 operands, as in tests/test_ns5_triton.py), where programs run one
+after another: the split of tiles across programs is exercised in every way (a tile over 2..4
+programs, programs with empty ranges, a program over several tiles), and a compile-only check
+shows sm_90 code with wgmma and the acquire/release flag atomics.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muonkern.ops import triton_gram as tg
+from muonkern.ops.fallback import ns5_reference
+from interpreter import run_interpreter
+from ns5_cases import ill_conditioned, polar_distance, relative_difference, shape_id
+from sm90_compile import run_compile_script
+from reference import CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, POLAR_EXPRESS, POLAR_RTOL, assert_ns5_output, randn
+from symmetric_products import assert_symmetric_product, poisoned
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and tg.triton is not None),
+                               reason="needs a CUDA GPU and triton")
+needs_triton = pytest.mark.skipif(tg.triton is None, reason="needs triton")
+
+
+def flags_raised() -> int:
+    """Flags left raised in every cached workspace (0 after complete launches)."""
+    return sum(int(flags.count_nonzero()) for _, flags in tg._workspaces.values())
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+# Multiples of the tiles (64, 128) and not, tall views, batched, large enough for many 128-tiles.
+XXT_SHAPES = [(64, 64), (200, 300), (384, 96), (3, 130, 257), (2, 512, 1024), (1000, 1000), (1, 1)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("programs", [None, 7], ids=["one-per-SM", "7-programs"])
+@pytest.mark.parametrize("orientation", ["X·Xᵀ", "X·Xᵀ of a view", "Xᵀ·X"])
+@pytest.mark.parametrize("shape", XXT_SHAPES, ids=shape_id)
+def test_gram_product_matches_float64(gen, shape, orientation, programs):
+    if orientation == "X·Xᵀ of a view":   # X is the transpose of a contiguous tensor: read in place
+        X = randn(gen, *shape[:-2], shape[-1], shape[-2], dtype=torch.bfloat16, device="cuda").mT
+    else:
+        X = randn(gen, *shape, dtype=torch.bfloat16, device="cuda")
+    A, B = (X.mT, X) if orientation == "Xᵀ·X" else (X, X.mT)
+    out = poisoned((*A.shape[:-1], A.size(-2)))
+    C = tg.symmetric_product(A, B, out=out, programs=programs)
+    assert C.data_ptr() == out.data_ptr()
+    A64 = A.double()
+    assert_symmetric_product(C, A64 @ A64.mT, A64, A.size(-1))
+    assert flags_raised() == 0
+    assert torch.equal(tg.symmetric_product(A, B, programs=programs), C), "two calls differ"
+
+
+def commuting_pair(gen, batch: int, m: int):
+    """(R, P, Q): R = X Xᵀ of a normalized X (m×2m), P = b·R + c·R² + a·I and Q = P², rounded to
+    bf16 (symmetric, commuting up to that rounding), as the Gram iteration sees them."""
+    X = randn(gen, batch, m, 2 * m, dtype=torch.float64)
+    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    R = X @ X.mT
+    P = -4.775 * R + 2.0315 * R @ R + 3.4445 * torch.eye(m, dtype=torch.float64)
+    return tuple(t.to(torch.bfloat16).cuda() for t in (R, P, P @ P))
+
+
+@needs_gpu
+@pytest.mark.parametrize("programs", [None, 5], ids=["one-per-SM", "5-programs"])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 130), (2, 512), (1, 1000)], ids=lambda s: f"{s[0]}x{s[1]}²")
+def test_commuting_products_and_polynomial_match_float64(gen, shape, programs):
+    R, P, Q = commuting_pair(gen, *shape)
+    m = shape[-1]
+    # P·Q: of two commuting symmetric matrices, the upper triangle of tiles stands for the whole
+    C = tg.symmetric_product(P, Q, out=poisoned(P.shape), programs=programs)
+    P64, Q64 = P.double(), Q.double()
+    ref = P64 @ Q64
+    # the rounded operands commute only up to their rounding: the kernel's upper triangle of P·Q is
+    # off the symmetric part of P·Q by half of P·Q - Q·P, which the bound takes in (terms are
+    # scaled by 2^-23 there, hence the 2^23)
+    assert_symmetric_product(C, (ref + ref.mT) / 2, P64, m, cols=Q64.mT,
+                             terms=(P64 @ Q64 - Q64 @ P64).abs() * 2 ** 23)
+    # c·R·R + b·R + a·I in one epilogue
+    a, b, c = 3.4445, -4.7750, 2.0315
+    C = tg.symmetric_product(R, R, c, R, b, a, out=poisoned(R.shape), programs=programs)
+    R64 = R.double()
+    eye = torch.eye(m, dtype=torch.float64)
+    assert_symmetric_product(C, c * R64 @ R64 + b * R64 + a * eye, abs(c) ** 0.5 * R64, m,
+                             terms=abs(b) * R64.abs() + abs(c) * (R64.abs() @ R64.abs()) + a * eye)
+    assert flags_raised() == 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 130, 300), (512, 2048), (640, 160), (3, 256, 1024), (2, 2, 96, 384)],
+                         ids=shape_id)
+def test_ns5_gram_symmetric_matches_reference(gen, shape, dtype):
+    G = randn(gen, *shape, dtype=dtype, device="cuda")
+    out = tg.ns5_gram_symmetric(G)
+    assert_ns5_output(out, G)   # the float64 iteration, within the bf16 budget (tests/reference.py)
+    ref = ns5_reference(G, algorithm="gram")
+    assert relative_difference(out, ref) <= CROSS_DEVICE_RTOL
+    excess = (polar_distance(out.cpu(), G.cpu()) - polar_distance(ref.cpu(), G.cpu())).max().item()
+    assert excess <= GRAM_POLAR_MARGIN, f"{excess:.4f} farther from the polar factor than the reference"
+    assert flags_raised() == 0
+
+
+@needs_gpu
+def test_ns5_gram_symmetric_ill_conditioned_and_polar_express(gen):
+    G = ill_conditioned(gen, 2, 256, 1024).float().cuda()
+    out, ref = tg.ns5_gram_symmetric(G), ns5_reference(G, algorithm="gram")
+    excess = (polar_distance(out.cpu(), G.cpu()) - polar_distance(ref.cpu(), G.cpu())).max().item()
+    assert excess <= GRAM_POLAR_MARGIN, f"{excess:.4f} farther from the polar factor than the reference"
+    G = randn(gen, 4, 128, 512, device="cuda")
+    assert_ns5_output(tg.ns5_gram_symmetric(G, 5, POLAR_EXPRESS), G, 5, POLAR_EXPRESS, rtol=POLAR_RTOL)
+
+
+@needs_gpu
+def test_ns5_op_routes_forced_symmetric_gram_calls(gen, monkeypatch):
+    """Under MUONKERN_NS5_PATH=symmetric the op hands a call that runs the Gram algorithm to
+    muonkern::ns5_gram_symmetric (bitwise: the stream-K kernel sums partials in a fixed order), a
+    standard one to muonkern::ns5_symmetric; "auto" does not take the stream-K route."""
+    G = randn(gen, 2, 3, 96, 384, device="cuda")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "symmetric")
+    routed = torch.ops.muonkern.ns5(G, algorithm="gram")
+    assert torch.equal(routed, torch.ops.muonkern.ns5_gram_symmetric(G))
+    assert torch.equal(torch.ops.muonkern.ns5(G, algorithm="standard"), torch.ops.muonkern.ns5_symmetric(G))
+    assert_ns5_output(routed, G)
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "auto")
+    assert not torch.equal(torch.ops.muonkern.ns5(G, algorithm="gram"), routed)
+
+
+@needs_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="wgmma is Hopper's (sm_90)")
+def test_wgmma_on_sm90(gen):
+    from muonkern.ops.triton_symmetric import wgmma_in_ptx
+    X = randn(gen, 1, 512, 1024, dtype=torch.bfloat16, device="cuda")
+    C = torch.empty(1, 512, 512, dtype=torch.bfloat16, device="cuda")
+    compiled = tg._launch(X, X.mT, C, 1.0, None, 0.0, 0.0, tg.CONFIGS[0], None)
+    assert wgmma_in_ptx(compiled)
+
+
+# ---- CPU: Triton's interpreter -----------------------------------------------------------------
+
+_INTERPRETER_SCRIPT = r"""
+import json, sys
+import torch
+from muonkern.ops import triton_gram as tg
+from reference import ns5_float64, POLAR_EXPRESS
+
+gen = torch.Generator().manual_seed(int(sys.argv[1]))
+report = {}
+
+def max_rel(C, ref):
+    return float(((C.double() - ref).abs().max() / ref.abs().max()).item())
+
+# 1. X Xᵀ and Xᵀ X on 16-tiles, into NaN-poisoned outputs. Programs: 1 (all tiles in one range),
+#    2 and 5 (tiles split across programs), 40 (more programs than iterations: empty ranges, a tile
+#    over up to 4 programs).
+products = []
+for shape, tall in [((37, 50), False), ((3, 20, 70), False), ((64, 16), False), ((50, 33), True),
+                    ((1, 1), False)]:
+    X = torch.randn(*shape, generator=gen)
+    A, B = (X.mT, X) if tall else (X, X.mT)
+    ref = A.double() @ B.double()
+    for programs in (1, 2, 5, 40):
+        out = torch.full(ref.shape, float("nan"))
+        C = tg.symmetric_product(A, B, out=out, programs=programs)
+        products.append({"case": [list(shape), tall, programs], "nan": bool(C.isnan().any()),
+                         "symmetric": bool(torch.equal(C, C.mT)), "same_out": C.data_ptr() == out.data_ptr(),
+                         "err": max_rel(C, ref)})
+# 2. c·R·R + b·R + a·I and P·Q for commuting symmetric P, Q (polynomials in one R), bf16 out too
+for m, programs in [(45, 3), (2, 1), (33, 7)]:
+    X = torch.randn(2, m, 2 * m, generator=gen, dtype=torch.float64)
+    R = X @ X.mT / (2 * m)
+    P = 2.0 * R @ R - 4.0 * R + 3.0 * torch.eye(m, dtype=torch.float64)
+    Q = P @ P
+    cases = [("poly", (R.float(), R.float(), 2.0, R.float(), -4.0, 3.0), P),
+             ("P·Q", (P.float(), Q.float()), P @ Q)]
+    for name, args, ref in cases:
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = torch.full(ref.shape, float("nan"), dtype=out_dtype)
+            C = tg.symmetric_product(*args, out=out, programs=programs)
+            products.append({"case": [name, m, programs, str(out_dtype)], "bf16": out_dtype == torch.bfloat16,
+                             "nan": bool(C.isnan().any()), "symmetric": bool(torch.equal(C, C.mT)),
+                             "same_out": True, "err": max_rel(C, ref)})
+report["products"] = products
+
+# 3. The Gram iteration with float32 operands against the float64 iteration: wide, tall, 4-D,
+#    Polar Express, 7 steps (two restarts), steps = 0 and 1, square
+ns5 = []
+for shape, coefficients, steps, programs in [((2, 24, 40), None, 5, 3), ((40, 24), None, 5, None),
+                                             ((3, 20, 36), POLAR_EXPRESS, 5, 6), ((2, 2, 20, 50), None, 7, 4),
+                                             ((2, 24, 40), None, 0, None), ((24, 40), None, 1, 2),
+                                             ((20, 20), None, 3, None)]:
+    G = torch.randn(*shape, generator=gen)
+    out = tg.ns5_gram_symmetric(G, steps, coefficients, dtype=torch.float32, programs=programs)
+    ref = ns5_float64(G, steps, coefficients)
+    ns5.append({"case": [list(shape), steps, programs], "same_shape": list(out.shape) == list(shape),
+                "contiguous": out.is_contiguous(), "err": float(((out.double() - ref).norm() / ref.norm()).item())})
+report["ns5"] = ns5
+report["flags_raised"] = sum(int(f.count_nonzero()) for _, f in tg._workspaces.values())
+
+# 4. Clear errors on bad arguments
+errors = []
+for args, kwargs in [((torch.ones(4, 5), torch.ones(4, 5)), {}),
+                     ((torch.ones(4, 5), torch.ones(5, 4)), {"out": torch.ones(4, 5)}),
+                     ((torch.ones(4, 4), torch.ones(4, 4)), {"D": torch.ones(3, 3)}),
+                     ((torch.ones(4, 4, dtype=torch.float64), torch.ones(4, 4)), {}),
+                     ((torch.ones(4, 5), torch.ones(5, 4)), {"programs": 0})]:
+    try:
+        tg.symmetric_product(*args, **kwargs)
+        errors.append(None)
+    except (ValueError, TypeError) as e:
+        errors.append(str(e))
+A = torch.ones(4, 4)
+try:
+    tg.symmetric_product(A, A, out=A)
+    errors.append(None)
+except ValueError as e:
+    errors.append(str(e))
+report["errors"] = errors
+print(json.dumps(report))
+"""
+
+
+@needs_triton
+def test_kernel_and_iteration_under_interpreter(gen):
+    """Triton's CPU interpreter on 16×16 tiles (TRITON_INTERPRET=1 must be set before triton is
+    imported, hence a subprocess). About half a minute."""
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    report = run_interpreter(_INTERPRETER_SCRIPT, str(seed))
+    for row in report["products"]:
+        assert not row["nan"] and row["symmetric"] and row["same_out"], row
+        # float32 out: exact-input products summed in fp32 (a few ulps of the largest entry, 1e-5
+        # leaves room for K = 70); bf16 out: one conversion, which the interpreter truncates (2^-7)
+        assert row["err"] <= (2.0 ** -7 if row.get("bf16") else 1e-5), row
+    for row in report["ns5"]:
+        # float32 operands: each step's rounding (~1e-7) grows by the polynomial's gain of ~10 per
+        # step; measured ~1e-6 (Polar Express ~7e-6), budget 1e-4 (a wrong step or restart is off by > 0.07)
+        assert row["same_shape"] and row["contiguous"] and row["err"] <= 1e-4, row
+    assert report["flags_raised"] == 0, "a launch left flags raised"
+    messages = report["errors"]
+    assert all(messages), f"a bad argument was accepted: {messages}"
+    for message, expected in zip(messages, ["B must have shape", "out must have shape", "D must have shape",
+                                            "bfloat16, float16 or float32", "programs must be >= 1",
+                                            "share memory"]):
+        assert expected in message, (expected, message)
+
+
+_COMPILE_SCRIPT = r"""
+import json, re
+from muonkern.ops import triton_gram as tg
+from sm90_compile import compile_sm90
+
+results = []
+for cfg in tg.CONFIGS:
+    for has_linear, k_major in [(False, True), (False, False), (True, True)]:
+        # A row-major (stride along K is 1) or a transposed view (stride along M is 1), B = Aᵀ as a
+        # view of the same memory
+        units = ["s_ak", "s_bk"] if k_major else ["s_am", "s_bn"]
+        units += ["s_dn", "s_cn"]
+        signature = {"A": "*bf16", "B": "*bf16", "D": "*bf16", "C": "*bf16", "WS": "*fp32", "FLAGS": "*i32",
+                     "M": "i32", "K": "i32", "BATCH": "i32"}
+        for name in ["s_ab", "s_am", "s_ak", "s_bb", "s_bk", "s_bn", "s_db", "s_dm", "s_dn", "s_cb", "s_cm", "s_cn"]:
+            signature[name] = "constexpr" if name in units else ("i64" if name.endswith("b") else "i32")
+        signature.update(alpha="fp32", beta="fp32", gamma="fp32")
+        meta = {"HAS_LINEAR": has_linear, "HAS_DIAGONAL": has_linear, "BLOCK": cfg.block,
+                "BLOCK_K": cfg.block_k, "GROUP": cfg.group, "DOT_PRECISION": "tf32"}
+        signature.update({k: "constexpr" for k in meta})
+        divisible = [n for n in ["A", "B", "D", "C", "WS", "FLAGS", "M", "K", "s_ab", "s_am", "s_ak", "s_bb",
+                                 "s_bk", "s_bn", "s_db", "s_dm", "s_cb", "s_cm"] if n not in units]
+        kernel = compile_sm90(tg._streamk_kernel, signature, {**{u: 1 for u in units}, **meta}, divisible,
+                              cfg.num_warps, cfg.num_stages)
+        ptx = kernel.asm["ptx"]
+        results.append({"case": [cfg.block, cfg.block_k, has_linear, k_major],
+                        "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
+                        "atomics": sorted(set(re.findall(r"atom\.[a-z0-9.]+", ptx))),
+                        "partials_bypass_l1": "ld.global.cg" in ptx,
+                        "shared_bytes": kernel.metadata.shared})
+print(json.dumps({"results": results}))
+"""
+
+
+@needs_triton
+def test_compiles_to_wgmma_for_sm90():
+    """Compile only (no GPU needed, tests/sm90_compile.py): for sm_90 every configuration issues
+    wgmma.mma_async (no mma.sync), raises flags with release and reads them with acquire semantics
+    at GPU scope, reads partial sums past L1, and fits one program per SM in shared memory
+    (at most 227 KB)."""
+    for row in run_compile_script(_COMPILE_SCRIPT):
+        assert row["wgmma"] and not row["mma_sync"] and row["partials_bypass_l1"], row
+        assert any("gpu" in a and "acq" in a for a in row["atomics"]), row
+        assert any("gpu" in a and "release" in a for a in row["atomics"]), row
+        assert row["shared_bytes"] <= 227 * 1024, row
