@@ -3,6 +3,8 @@ kernels of a call, and the call's time when the host cannot hold the GPU back.
 
     python bench/ns5_profile.py                      # the Gram shapes, algorithm="gram"
     python bench/ns5_profile.py --algorithm standard --shape 768x3072 --shape 1024x4096
+    python bench/ns5_profile.py --impl triton-gram --shape 2048x8192   # muonkern.ops.triton_gram
+    python bench/ns5_profile.py --impl triton-small --shape 48x128x128 # muonkern.ops.triton_small
 
 Per shape, after 3 warm-up calls (so plans, graphs and algorithm timing are done):
   - the profiler's table over 5 calls: each kernel's total and average CUDA time;
@@ -64,12 +66,28 @@ def per_call_ms(run, calls: int, preload: bool) -> float:
     return start.elapsed_time(stop) / calls
 
 
+def _triton_gram(G, algorithm):
+    from muonkern.ops.triton_gram import ns5_gram_symmetric
+    return ns5_gram_symmetric(G, 5, None, 1e-7)
+
+
+def _triton_small(G, algorithm):
+    from muonkern.ops.triton_small import ns5_small
+    return ns5_small(G, 5, None, 1e-7)
+
+
+IMPLS = {"op": lambda G, algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, algorithm),
+         "triton-gram": _triton_gram, "triton-small": _triton_small}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", type=parse_shape,
                         help="e.g. 2048x8192 or 8x1024x4096 (repeatable)")
     parser.add_argument("--algorithm", default="gram", choices=["auto", "standard", "gram"])
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--impl", default="op", choices=list(IMPLS),
+                        help="op: torch.ops.muonkern.ns5 with --algorithm; the others: the Triton routes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ns5_profile: needs a CUDA GPU")
@@ -77,7 +95,7 @@ def main() -> None:
         G = torch.randn(*shape, device="cuda")
 
         def run():
-            return torch.ops.muonkern.ns5(G, 5, None, 1e-7, args.algorithm)
+            return IMPLS[args.impl](G, args.algorithm)
 
         for _ in range(3):
             run()
@@ -86,7 +104,8 @@ def main() -> None:
             for _ in range(args.calls):
                 run()
             torch.cuda.synchronize()
-        print(f"{'x'.join(map(str, shape))}, algorithm={args.algorithm}, {args.calls} calls")
+        what = f"algorithm={args.algorithm}" if args.impl == "op" else args.impl
+        print(f"{'x'.join(map(str, shape))}, {what}, {args.calls} calls")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
         print(gpu_timeline(prof, args.calls))
         issued, queued = per_call_ms(run, 20, preload=False), per_call_ms(run, 20, preload=True)

@@ -20,6 +20,9 @@ GPU (the baseline shapes, fp32 inputs):
                       symmetric product on the Triton stream-K kernel (one program per SM), the two
                       products that touch X on cuBLAS; timed on the Gram shapes. The op does not take
                       it yet: these rows decide where it should
+  muonkern triton-small muonkern.ops.triton_small.ns5_small: one Triton program per matrix, all steps in
+                      one launch (wgmma on Hopper), on the shapes with a short side <= 128, beside the
+                      op's CUDA fused kernel (mma.sync); the op does not take it yet
 X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt and the stream-K
 muonkern.ops.triton_gram.symmetric_product vs torch.matmul(X, X.mT), its own table
 (xxt_bench.md/.json) with reference-equivalent TFLOP/s: the dense product's 2m²n FLOPs / the time.
@@ -36,7 +39,7 @@ import pytest
 import torch
 from measure import environment, markdown, rotating_inputs, shape_str, time_rotating, write_report
 
-from muonkern.ops import triton_gram, triton_symmetric
+from muonkern.ops import triton_gram, triton_small, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
 
@@ -47,7 +50,8 @@ GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),
               (48, 128, 128), (12, 64, 768), (8, 1024, 4096), (2048, 8192), (4096, 1024)]
 CPU_SHAPES = [(4, 64, 256), (256, 256), *CPU_GRAM_SHAPES]
 GPU_IMPLS = ["reference", "muonkern", "muonkern direct", "muonkern standard", "muonkern gram",
-             "reference_compiled", "torch_optim_muon", "muonkern triton-sym", "muonkern triton-gram"]
+             "reference_compiled", "torch_optim_muon", "muonkern triton-sym", "muonkern triton-gram",
+             "muonkern triton-small"]
 # Launch-bound shapes, where the op replays CUDA graphs (csrc/ns5_cuda.cpp, launch_bound).
 GRAPH_SHAPES = [(768, 768), (768, 3072), (1024, 4096)]
 TRITON_SYM_MIN_SHORT_SIDE = 512
@@ -92,6 +96,7 @@ def _triton_gram(G):
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
          "torch_optim_muon": _torch_optim_muon, "muonkern triton-sym": _triton_sym,
          "muonkern triton-gram": _triton_gram,
+         "muonkern triton-small": lambda G: triton_small.ns5_small(G, 5, None, 1e-7),
          **{impl: (lambda G, a=algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, a))
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
@@ -127,6 +132,11 @@ def test_ns5_cuda(time_ns5, monkeypatch, shape, impl):
             pytest.skip("this torch has no torch.optim._muon")
         if len(shape) != 2:
             pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
+    if impl == "muonkern triton-small":
+        if not triton_symmetric.available():
+            pytest.skip("triton is not installed")
+        if min(shape[-2:]) > triton_small.MAX_SHORT_SIDE:
+            pytest.skip(f"one program per matrix takes a short side of at most {triton_small.MAX_SHORT_SIDE}")
     if impl == "muonkern triton-gram":
         if not triton_symmetric.available():
             pytest.skip("triton is not installed")

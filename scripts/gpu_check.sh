@@ -27,7 +27,7 @@ else
 fi
 if [[ "$phase" == all || "$phase" == tests ]]; then
   step gpu_tests python -m pytest -q -rs -s tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py \
-    tests/test_ns5_triton.py tests/test_ns5_triton_gram.py tests/test_dirquad.py tests/test_curvature_cuda.py tests/test_taylor_cuda.py \
+    tests/test_ns5_triton.py tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py tests/test_dirquad.py tests/test_curvature_cuda.py tests/test_taylor_cuda.py \
     tests/test_taylor_layers.py
   for script in sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor \
       sanitize_taylor_layers; do

@@ -6,11 +6,12 @@ kernel of muonkern.ops.triton_gram) once per case, for compute-sanitizer:
 
 Cases: each tile configuration, sizes that are not tile multiples, a batch, a transposed view,
 outputs poisoned with NaN; the stream-K kernel also with one program per SM and with 7 programs
-(tiles split across programs); each result checked against float64 torch (bf16 operands, 1e-2).
+(tiles split across programs); each result checked against float64 torch (bf16 operands, 1e-2);
+and ns5_small (muonkern.ops.triton_small) once per configuration, wide and tall, finite.
 """
 import torch
 
-from muonkern.ops import triton_gram
+from muonkern.ops import triton_gram, triton_small
 from muonkern.ops.triton_symmetric import CONFIGS, ns5_symmetric, symmetric_polynomial, xxt
 
 
@@ -46,6 +47,11 @@ def main():
                 got = triton_gram.symmetric_product(A, A, 2.0315, A, -4.775, 3.4445, out=out, config=config,
                                                     programs=programs)
                 close(got, want, ("stream-K polynomial", config, programs))
+    for config in triton_small.CONFIGS:
+        for shape in ((3, 64, 200), (2, 100, 40)):
+            G = torch.randn(shape, generator=gen).cuda()
+            if triton_small._fits(config, triton_small._block_m(min(shape[-2:]))):
+                assert torch.isfinite(triton_small.ns5_small(G, config=config)).all(), ("ns5_small", config, shape)
     G = torch.randn(300, 500, generator=gen).cuda()
     assert torch.isfinite(ns5_symmetric(G, config=CONFIGS[0])).all()
     assert torch.isfinite(triton_gram.ns5_gram_symmetric(G, config=triton_gram.CONFIGS[0])).all()

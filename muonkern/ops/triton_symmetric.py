@@ -282,14 +282,21 @@ def symmetric_polynomial(A: torch.Tensor, b: float, c: float, out: Optional[torc
     return C3 if A.dim() == 3 else C3[0]
 
 
-def normalized_operand(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
-                       eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Checks the arguments of an ns5 entry point and returns X0 = G / (‖G‖_F + eps) in ``dtype``:
-    the reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
+def check_triton_ns5_args(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
+                          eps: float, dtype: torch.dtype) -> None:
+    """The checks of the op's arguments, plus: triton present, G on a GPU (or interpreted), and an
+    operand dtype the kernels take."""
     check_ns5_args(G, steps, coefficients, eps)
     _require_triton(name, G)
     if dtype not in _DTYPES:
         raise TypeError(f"{name}: dtype must be bfloat16, float16 or float32, got {dtype}")
+
+
+def normalized_operand(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
+                       eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Checks the arguments of an ns5 entry point and returns X0 = G / (‖G‖_F + eps) in ``dtype``:
+    the reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
+    check_triton_ns5_args(name, G, steps, coefficients, eps, dtype)
     X = G.to(dtype)
     return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
 
