@@ -20,6 +20,7 @@ import torch
 
 import muonkern
 from muonkern.ops.ns5_args import POLAR_EXPRESS_COEFFICIENTS
+from muonkern.orthogonality import ill_conditioned, polar_distance, polar_factor, singular_value_error
 
 SHAPES = ((512, 512), (256, 1024))
 STEPS = {"jordan": range(1, 9), "polar_express": range(1, len(POLAR_EXPRESS_COEFFICIENTS) + 1)}
@@ -28,12 +29,7 @@ ALGORITHMS = ("standard", "gram")
 
 def test_matrix(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
     """float64 input: Gaussian, or U diag(σ) Vᵀ with σ log-spaced from 1 to 1e-4 (random U, V)."""
-    G = torch.randn(shape, generator=gen, dtype=torch.float64)
-    if kind == "gaussian":
-        return G
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    sigma = torch.logspace(0, -4, min(shape), dtype=torch.float64)
-    return U @ torch.diag(sigma) @ Vh
+    return torch.randn(shape, generator=gen, dtype=torch.float64) if kind == "gaussian" else ill_conditioned(shape, gen)
 
 
 def schedule(name: str, steps: int):
@@ -42,17 +38,10 @@ def schedule(name: str, steps: int):
     return [c for triple in POLAR_EXPRESS_COEFFICIENTS[:steps] for c in triple]
 
 
-def polar_factor(G: torch.Tensor) -> torch.Tensor:
-    """U Vᵀ of G's thin SVD, in G's dtype (float64 here)."""
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    return U @ Vh
-
-
 def errors(polar: torch.Tensor, X: torch.Tensor):
     """(max |σ(X) − 1|, ‖X − polar‖_F / ‖polar‖_F), in float64; polar = polar_factor(G)."""
     X = X.double().cpu()
-    sigma = torch.linalg.svdvals(X)
-    return float((sigma - 1).abs().max()), float(torch.linalg.norm(X - polar) / torch.linalg.norm(polar))
+    return float(singular_value_error(X)), float(polar_distance(X, polar))
 
 
 def measure(device: str = "cpu", shapes=SHAPES, seed: int = 0, algorithms=ALGORITHMS):

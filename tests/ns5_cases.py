@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from muonkern import orthogonality
 from reference import assert_ns5_output, randn, rel_err
 
 
@@ -128,14 +129,12 @@ def check_error(case, device) -> None:
 
 def ill_conditioned(gen: torch.Generator, *shape: int) -> torch.Tensor:
     """float64 U diag(σ) Vᵀ on the CPU with σ log-spaced from 1 to 1e-4 (random U, V)."""
-    U, _, Vh = torch.linalg.svd(torch.randn(*shape, generator=gen, dtype=torch.float64), full_matrices=False)
-    return U @ torch.diag_embed(torch.logspace(0, -4, min(shape[-2:]), dtype=torch.float64)) @ Vh
+    return orthogonality.ill_conditioned(shape, gen)
 
 
 def polar_distance(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Per matrix ‖X − U Vᵀ‖_F / ‖U Vᵀ‖_F with U Vᵀ the polar factor of G (float64 SVD)."""
-    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-    return rel_err(X, U @ Vh)
+    """Per matrix ‖X − U Vᵀ‖_F / ‖U Vᵀ‖_F with U Vᵀ the polar factor of G (float64 SVD), on the CPU."""
+    return orthogonality.polar_distance(X.cpu(), orthogonality.polar_factor(G.cpu()))
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

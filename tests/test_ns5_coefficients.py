@@ -29,6 +29,16 @@ def test_error_measures(gen):
     assert abs(sigma_err - 0.5) < 1e-12 and abs(polar_err - 0.5) < 1e-12
 
 
+def test_error_measures_per_matrix(gen):
+    """muonkern.orthogonality's measures give one value per matrix of a batch."""
+    from muonkern.orthogonality import polar_distance, polar_factor, singular_value_error
+    G = torch.randn(3, 12, 20, generator=gen, dtype=torch.float64)
+    polar = polar_factor(G)
+    X = polar * torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)[:, None, None]
+    assert torch.allclose(polar_distance(X, polar), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(singular_value_error(X), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), atol=1e-12)
+
+
 def test_ill_conditioned_input_spectrum(gen):
     G = coef.test_matrix("ill-conditioned", (16, 48), gen)
     s = torch.linalg.svdvals(G)
