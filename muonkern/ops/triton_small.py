@@ -137,7 +137,7 @@ if triton is not None:
 def _block_m(m: int) -> int:
     """The short side rounded up to a power of two, at least 64: a wgmma warp group's rows (with
     16 rows, tl.dot's least, sm_90 code falls back to mma.sync)."""
-    return max(64, triton.next_power_of_2(m))
+    return max(64, 1 << (m - 1).bit_length())   # plain ints: triton's helpers cost µs per call
 
 
 def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
@@ -165,7 +165,7 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     batch, M, N = G3.shape
     block_m = _block_m(M)
     # the scratch is padded to whole chunks of the widest candidate
-    scratch = torch.empty((batch, block_m, triton.cdiv(N, 128) * 128), dtype=dtype, device=G.device)
+    scratch = torch.empty((batch, block_m, -(-N // 128) * 128), dtype=dtype, device=G.device)
     args = (G3, O3, scratch, _coefficients(steps, coefficients, G.device), M, N, steps, float(eps),
             *G3.stride(), *O3.stride(), scratch.stride(0), scratch.stride(1))
     precision = "ieee" if dtype == torch.float32 else "tf32"
