@@ -20,9 +20,12 @@ iteration adds the partial sums of the programs before it, in program order (det
 runs the epilogue. Each program computes its published part first, then its finished tiles, so it
 only waits on programs with smaller ids that published before doing anything else: on a GPU these
 are resident and done within one segment's time, and Triton's interpreter (which runs programs one
-after another, in order) never waits at all. The consumer resets each flag, so the workspace is
-ready for the next launch (and for CUDA graph replays) without a memset. A workspace is cached per
-device and stream: launches on one stream never overlap.
+after another, in order) never waits at all; the interpreter does not exercise the waiting or
+the memory ordering, which the GPU tests and the sm_90 compile check do). Progress rests on the GPU
+dispatching programs in id order, which it does for a 1-D grid (the same assumption as decoupled
+look-back scans). The consumer resets each flag, so the workspace is ready for the next launch
+(and for CUDA graph replays) without a memset; one workspace is cached per device and stream
+(``_workspace`` says what that means for graphs).
 
 Operands bf16 (fp16 works) with fp32 accumulation and fp32 epilogues; float32 operands run
 exact-input ("ieee") products, which the interpreter runs and the tests use. Any strides: X Xᵀ
@@ -47,10 +50,10 @@ __all__ = ["CONFIGS", "ns5_gram_symmetric", "symmetric_gram_products", "symmetri
 # H100 candidates (autotuned per problem size): 128² tiles for wgmma throughput, 64² tiles for short
 # sides of 1024 and below, where 128² tiles split a tile's few iterations across many programs.
 # Shared memory per stage 2·BLOCK·BLOCK_K·2 bytes: at most 128 KB here.
+# (128×32 tiles with 4 warps need more than 255 registers and spill: left out.)
 CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=16),
     SyrkConfig(128, 64, num_warps=8, num_stages=3, group=16),
-    SyrkConfig(128, 32, num_warps=4, num_stages=4, group=16),
     SyrkConfig(64, 64, num_warps=4, num_stages=4, group=8),
 )
 _MAX_BLOCK = max(c.block for c in CONFIGS)
@@ -127,7 +130,7 @@ if triton is not None:
                             flag = tl.atomic_add(FLAGS + q, 0, sem="acquire")
                         tl.debug_barrier()   # the flag seen before any thread reads the slot
                         acc += tl.load(WS + q * BLOCK * BLOCK + slot, cache_modifier=".cg")
-                        tl.atomic_xchg(FLAGS + q, 0)   # consumed: zero for the next launch
+                        tl.atomic_xchg(FLAGS + q, 0, sem="relaxed")   # consumed: zero for the next launch
             offs_m = tile_m * BLOCK + offs
             offs_n = tile_n * BLOCK + offs
             in_m = offs_m < M
@@ -146,14 +149,22 @@ if triton is not None:
 
 
 _workspaces: dict = {}
+_retired: list = []   # workspaces replaced by larger ones: a captured CUDA graph may still use them
 
 
 def _workspace(device: torch.device, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial-sum slots, flags) for `programs` programs on the current stream of `device`."""
+    """(partial-sum slots, flags) for `programs` programs on the current stream of `device`.
+
+    Launches on one stream never overlap, so they can share one. A graph captured on a stream keeps
+    using that stream's workspace wherever it is replayed: replays of graphs captured on the same
+    stream must not run concurrently. Created during a capture, the flags' zeroing is part of the
+    graph (it runs at every replay, before the products)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     ws = _workspaces.get(key)
     if ws is None or ws[1].numel() < programs:
+        if ws is not None:
+            _retired.append(ws)
         ws = (torch.empty(programs * _MAX_BLOCK * _MAX_BLOCK, dtype=torch.float32, device=device),
               torch.zeros(programs, dtype=torch.int32, device=device))
         _workspaces[key] = ws
@@ -201,6 +212,13 @@ def _dense(A, B, alpha, D, beta, gamma) -> torch.Tensor:
     return C + gamma * torch.eye(C.size(-1), device=C.device)
 
 
+def _check_launch_options(name: str, config: Optional[SyrkConfig], programs: Optional[int]) -> None:
+    if programs is not None and programs < 1:
+        raise ValueError(f"{name}: programs must be >= 1, got {programs}")
+    if config is not None and config.block > _MAX_BLOCK:
+        raise ValueError(f"{name}: config.block must be at most {_MAX_BLOCK} (the workspace's slots), got {config.block}")
+
+
 def symmetric_product(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, D: Optional[torch.Tensor] = None,
                       beta: float = 0.0, gamma: float = 0.0, out: Optional[torch.Tensor] = None,
                       config: Optional[SyrkConfig] = None, programs: Optional[int] = None) -> torch.Tensor:
@@ -217,9 +235,9 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, D: O
         raise ValueError(f"symmetric_product: B must have shape {(*A.shape[:-2], k, m)} for A of shape "
                          f"{tuple(A.shape)}, got {tuple(B.shape)}")
     for t in (A, B) if D is None else (A, B, D):
-        if t.dtype not in _DTYPES or t.device != A.device:
-            raise TypeError(f"symmetric_product: operands must be bfloat16, float16 or float32 on one "
-                            f"device, got {t.dtype} on {t.device}")
+        if t.dtype not in _DTYPES or t.dtype != A.dtype or t.device != A.device:
+            raise TypeError(f"symmetric_product: operands must share one dtype (bfloat16, float16 or float32) "
+                            f"and device, got {A.dtype} on {A.device} and {t.dtype} on {t.device}")
     shape = (*A.shape[:-1], m)
     if D is not None and tuple(D.shape) != shape:
         raise ValueError(f"symmetric_product: D must have shape {shape}, got {tuple(D.shape)}")
@@ -231,8 +249,7 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, D: O
     elif any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
              for t in (A, B, D) if t is not None):
         raise ValueError("symmetric_product: out must not share memory with an input (tiles read what others write)")
-    if programs is not None and programs < 1:
-        raise ValueError(f"symmetric_product: programs must be >= 1, got {programs}")
+    _check_launch_options("symmetric_product", config, programs)
 
     def batched(t):
         return None if t is None else (t if t.dim() == 3 else t.unsqueeze(0))
@@ -250,6 +267,7 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     from the right, read in place. Operands in ``dtype`` (bf16 as the op; float32 serves exactness
     tests under the interpreter). P = c·R·R + b·R + a·I rounds once, in the kernel's epilogue.
     Returns G's dtype and shape, contiguous."""
+    _check_launch_options("ns5_gram_symmetric", config, programs)
     X = normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
     if X.numel() == 0 or steps == 0:
         return X.to(G.dtype).contiguous()

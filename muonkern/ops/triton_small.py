@@ -7,7 +7,8 @@ One program holds the m×m Gram matrix of its (wide-oriented) iterate X (m <= n,
 64 rows, a wgmma warp group's) in registers and streams X through in chunks of CHUNK columns, kept
 in a bf16 scratch buffer that stays in L2:
 
-    normalize:  sum of squares of G (pass 1); X = G / (‖G‖_F + eps) to scratch, A = Σ X_c X_cᵀ (pass 2)
+    normalize:  sum of squares of G (pass 1); X = G / (‖G‖_F + eps) to scratch, A = Σ X_c X_cᵀ (pass 2;
+                the reference's roundings: bf16 G, bf16 norm, bf16 quotient, correctly rounded)
     each step:  B = b·A + c·A·A (registers); per chunk Y_c = a·X_c + B·X_c, stored in place of X_c,
                 and A' = Σ Y_c Y_cᵀ for the next step, so every step reads and writes X once.
 
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ns5_args import step_coefficients
-from .triton_symmetric import _interpreting, check_triton_ns5_args, normalized_operand, triton
+from .triton_symmetric import _interpreting, check_triton_ns5_args, triton
 
 if triton is not None:
     import triton.language as tl
@@ -62,17 +63,23 @@ if triton is not None:
             g = tl.load(G + rows[:, None] * s_gm + (c0 + cols)[None, :] * s_gn, mask=mask, other=0.0)
             g = g.to(dtype).to(tl.float32)
             sumsq += g * g
-        norm = tl.sqrt(tl.sum(tl.sum(sumsq, axis=1), axis=0)).to(dtype).to(tl.float32)
+        # correctly rounded sqrt and division, as torch's (Triton's defaults are approximate)
+        norm = tl.sqrt_rn(tl.sum(tl.sum(sumsq, axis=1), axis=0)).to(dtype).to(tl.float32)
         denom = (norm + eps).to(dtype).to(tl.float32)
 
-        # pass 2: X to scratch (padding rows and columns hold zeros), A = X Xᵀ of the stored X
+        # pass 2: X to scratch (padding rows and columns hold zeros), A = X Xᵀ of the stored X;
+        # with no steps, X is the output
         A = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
         for c0 in range(0, N, CHUNK):
             mask = in_rows[:, None] & ((c0 + cols) < N)[None, :]
             g = tl.load(G + rows[:, None] * s_gm + (c0 + cols)[None, :] * s_gn, mask=mask, other=0.0)
-            x = (g.to(dtype).to(tl.float32) / denom).to(dtype)
-            tl.store(SCRATCH + rows[:, None] * s_sm + (c0 + cols)[None, :], x)
-            A = tl.dot(x, tl.trans(x), A, input_precision=DOT_PRECISION)
+            x = tl.div_rn(g.to(dtype).to(tl.float32), denom).to(dtype)
+            if steps == 0:
+                tl.store(OUT + rows[:, None] * s_om + (c0 + cols)[None, :] * s_on, x.to(OUT.dtype.element_ty),
+                         mask=mask)
+            else:
+                tl.store(SCRATCH + rows[:, None] * s_sm + (c0 + cols)[None, :], x)
+                A = tl.dot(x, tl.trans(x), A, input_precision=DOT_PRECISION)
         tl.debug_barrier()   # the scratch complete before any thread reads another's chunk
 
         for s in range(steps):
@@ -154,8 +161,8 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     if config is not None and config[0] not in (16, 32, 64, 128):
         raise ValueError(f"ns5_small: config's chunk must be 16, 32, 64 or 128 (a divisor of the scratch's "
                          f"128-column padding), got {config[0]}")
-    if G.numel() == 0 or steps == 0:
-        return normalized_operand("ns5_small", G, steps, coefficients, eps, dtype).to(G.dtype).contiguous()
+    if G.numel() == 0:
+        return torch.empty(G.shape, dtype=G.dtype, device=G.device)
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
     G3 = G.reshape(-1, m, n)
     O3 = out.view(-1, m, n)
