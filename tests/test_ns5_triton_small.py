@@ -140,7 +140,8 @@ for block_m in (128, 64):
     for chunk, warps in tsm.CONFIGS:
         if not tsm._fits((chunk, warps), block_m):
             continue
-        for tall in (False, True):
+        # wide and tall; at 64 rows also one-row matrices
+        for tall, one_row in [(False, False), (True, False)] + ([(False, True), (True, True)] if block_m == 64 else []):
             units = ["s_gm", "s_om"] if tall else ["s_gn", "s_on"]
             signature = {"G": "*fp32", "OUT": "*fp32", "SCRATCH": "*bf16", "COEF": "*fp32", "M": "i32", "N": "i32",
                          "steps": "i32", "eps": "fp32", "s_gb": "i64", "s_gm": "i32", "s_gn": "i32", "s_ob": "i64",
@@ -150,14 +151,14 @@ for block_m in (128, 64):
             for u in units:
                 signature[u] = "constexpr"
                 constexprs[u] = 1
-            if block_m == 64 and tall:   # with one-row matrices: M specialized to 1, as the launcher does
+            if one_row:   # M specialized to the constant 1, as the launcher does for one-row matrices
                 signature["M"] = "constexpr"
                 constexprs["M"] = 1
             divisible = [n for n in ["G", "OUT", "SCRATCH", "COEF", "N", "s_gb", "s_gm", "s_gn", "s_ob", "s_om",
                                      "s_on", "s_sb", "s_sm"] if n not in units]
             kernel = compile_sm90(tsm._ns5_small_kernel, signature, constexprs, divisible, warps, 2)
             ptx = kernel.asm["ptx"]
-            results.append({"case": [block_m, chunk, warps, tall], "wgmma": "wgmma.mma_async" in ptx,
+            results.append({"case": [block_m, chunk, warps, tall, one_row], "wgmma": "wgmma.mma_async" in ptx,
                             "mma_sync": "mma.sync" in ptx, "shared_bytes": kernel.metadata.shared})
 print(json.dumps({"results": results}))
 """
@@ -169,5 +170,6 @@ def test_compiles_to_wgmma_for_sm90():
     pick, wide and tall (and one-row matrices), issues wgmma.mma_async (no mma.sync) for sm_90."""
     results = run_compile_script(_COMPILE_SCRIPT)
     assert {tuple(r["case"][:3]) for r in results} >= {(128, 32, 8), (64, 64, 4), (64, 128, 4)}
+    assert any(r["case"][4] for r in results)
     for row in results:
         assert row["wgmma"] and not row["mma_sync"] and row["shared_bytes"] <= 227 * 1024, row
