@@ -269,18 +269,26 @@ double general_seconds(const Ns5Problem& p) {
 // a short side of 2048 (2048x8192) ties and 1024 loses, where the triangle has too few large tiles.
 // MUONKERN_NS5_PATH=symmetric takes it at any size (tests), fused|general never; for a call that
 // runs the Gram algorithm it takes muonkern::ns5_gram_symmetric (muonkern/ops/triton_gram.py: the Gram
-// iteration with every symmetric product on a stream-K Triton kernel), which "auto" does not take yet.
+// iteration with every symmetric product on a stream-K Triton kernel). MUONKERN_NS5_PATH=small hands
+// standard calls with a short side of at most 128 to muonkern::ns5_small (muonkern/ops/triton_small.py:
+// one Triton program per matrix, wgmma on Hopper). "auto" takes neither of these two yet.
 constexpr int64_t kSymmetricMinShortSide = 4096;
+constexpr int64_t kSmallMaxShortSide = 128;
 
-std::optional<c10::OperatorHandle> symmetric_route(const at::Tensor& G, const std::string& path,
-                                                   const cudaDeviceProp& prop, bool gram) {
+// The Python-registered Triton op that serves this call, if any.
+std::optional<c10::OperatorHandle> triton_route(const at::Tensor& G, const std::string& path,
+                                                const cudaDeviceProp& prop, bool gram) {
   const int64_t short_side = std::min(G.size(-2), G.size(-1));
-  const bool wanted = path == "symmetric" ||
-                      (!gram && path == "auto" && prop.major == 9 && short_side >= kSymmetricMinShortSide);
-  if (!wanted || G.numel() == 0) return std::nullopt;
+  const char* name = nullptr;
+  if (path == "symmetric")
+    name = gram ? "muonkern::ns5_gram_symmetric" : "muonkern::ns5_symmetric";
+  else if (path == "small" && !gram && short_side <= kSmallMaxShortSide)
+    name = "muonkern::ns5_small";
+  else if (path == "auto" && !gram && prop.major == 9 && short_side >= kSymmetricMinShortSide)
+    name = "muonkern::ns5_symmetric";
+  if (name == nullptr || G.numel() == 0) return std::nullopt;
   // looked up per call: Python registers the ops when muonkern is imported, after this library loads
-  auto op = c10::Dispatcher::singleton().findOp(
-      {gram ? "muonkern::ns5_gram_symmetric" : "muonkern::ns5_symmetric", ""});
+  auto op = c10::Dispatcher::singleton().findOp({name, ""});
   if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
   return op;
 }
@@ -356,7 +364,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   const char* forced = std::getenv("MUONKERN_NS5_PATH");
   const std::string path = forced != nullptr ? forced : "auto";
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  if (auto op = symmetric_route(G_in, path, prop, gram))
+  if (auto op = triton_route(G_in, path, prop, gram))
     return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
         G_in, steps, coefficients, eps);
   if (!gram) {

@@ -79,6 +79,29 @@ def test_schedules_edges_and_errors(gen):
         tsm.ns5_small(G, config=(256, 4))
 
 
+@needs_gpu
+def test_ns5_op_routes_forced_small_calls(gen, monkeypatch):
+    """Under MUONKERN_NS5_PATH=small the op hands standard calls with a short side <= 128 to
+    muonkern::ns5_small (bitwise: one program per matrix, a fixed order of operations); a longer
+    short side, or "auto", runs the op's own kernels (bitwise the fused or the general path's)."""
+    G = randn(gen, 2, 6, 64, 200, device="cuda")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "small")
+    routed = torch.ops.muonkern.ns5(G, algorithm="standard")
+    assert torch.equal(routed, torch.ops.muonkern.ns5_small(G))
+    assert_ns5_output(routed, G)
+    wide = randn(gen, 2, 160, 200, device="cuda")
+    not_routed = torch.ops.muonkern.ns5(wide, algorithm="standard")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "auto")
+    assert torch.equal(not_routed, torch.ops.muonkern.ns5(wide, algorithm="standard"))
+    auto = torch.ops.muonkern.ns5(G, algorithm="standard")
+    own = []
+    for path in ("fused", "general"):
+        monkeypatch.setenv("MUONKERN_NS5_PATH", path)
+        own.append(torch.ops.muonkern.ns5(G, algorithm="standard"))
+    assert any(torch.equal(auto, out) for out in own), "auto took neither of the op's own paths"
+    assert not torch.equal(auto, routed)
+
+
 # ---- CPU: Triton's interpreter -----------------------------------------------------------------
 
 _INTERPRETER_SCRIPT = r"""

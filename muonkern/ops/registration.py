@@ -73,14 +73,18 @@ def register() -> str:
 
 _composites = None
 
-# The iteration with X Xᵀ and b·A + c·A·A by Triton kernels on one triangle of tiles
-# (muonkern.ops.triton_symmetric): the CUDA kernel of ns5 routes large matrices on Hopper to it
-# (csrc/ns5_cuda.cpp, symmetric_route). The Gram iteration with every symmetric product on the
-# stream-K Triton kernel (muonkern.ops.triton_gram): ns5 takes it under MUONKERN_NS5_PATH=symmetric
-# where it runs the Gram algorithm. Defined where triton is installed.
+# Triton routes of ns5, defined where triton is installed; the CUDA kernel of ns5 hands calls to them
+# (csrc/ns5_cuda.cpp, triton_route):
+#   ns5_symmetric       X Xᵀ and b·A + c·A·A on one triangle of tiles (muonkern.ops.triton_symmetric):
+#                       large matrices on Hopper, and MUONKERN_NS5_PATH=symmetric
+#   ns5_gram_symmetric  the Gram iteration with every symmetric product on the stream-K kernel
+#                       (muonkern.ops.triton_gram): MUONKERN_NS5_PATH=symmetric for Gram calls
+#   ns5_small           one program per matrix, short side <= 128 (muonkern.ops.triton_small):
+#                       MUONKERN_NS5_PATH=small
 NS5_SYMMETRIC_SCHEMA = ("ns5_symmetric(Tensor G, int steps=5, float[]? coefficients=None, "
                         "float eps=1e-07) -> Tensor")
 NS5_GRAM_SYMMETRIC_SCHEMA = NS5_SYMMETRIC_SCHEMA.replace("ns5_symmetric", "ns5_gram_symmetric")
+NS5_SMALL_SCHEMA = NS5_SYMMETRIC_SCHEMA.replace("ns5_symmetric", "ns5_small")
 
 
 def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
@@ -95,9 +99,14 @@ def _ns5_gram_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
     return ns5_gram_symmetric(G, steps, coefficients, eps)
 
 
+def _ns5_small_kernel(G, steps=5, coefficients=None, eps=1e-7):
+    from .triton_small import ns5_small   # any batch dims; checks the arguments
+    return ns5_small(G, steps, coefficients, eps)
+
+
 def _register_composites() -> None:
     """Ops written in terms of the others or in Triton (Python on every backend): ns5_grouped,
-    and ns5_symmetric and ns5_gram_symmetric where triton is installed."""
+    and the Triton routes (ns5_symmetric, ns5_gram_symmetric, ns5_small) where triton is installed."""
     global _composites
     _composites = torch.library.Library("muonkern", "FRAGMENT")
     _composites.define(NS5_GROUPED_SCHEMA)
@@ -105,7 +114,8 @@ def _register_composites() -> None:
     torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)
     if importlib.util.find_spec("triton") is not None:
         for schema, kernel in ((NS5_SYMMETRIC_SCHEMA, _ns5_symmetric_kernel),
-                               (NS5_GRAM_SYMMETRIC_SCHEMA, _ns5_gram_symmetric_kernel)):
+                               (NS5_GRAM_SYMMETRIC_SCHEMA, _ns5_gram_symmetric_kernel),
+                               (NS5_SMALL_SCHEMA, _ns5_small_kernel)):
             name = schema[:schema.index("(")]
             _composites.define(schema)
             for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
