@@ -2,14 +2,16 @@
 # On a GPU machine: rebuild the extension, run the GPU tests, compute-sanitizer on every kernel
 # family, and the benchmarks. Logs and tables go to OUT (default gpu_check) and, after every
 # step, to OUT.tar (or $GPU_CHECK_TAR), so a run cut short still leaves what it did.
-#   bash scripts/gpu_check.sh [OUT] [all|tests|bench]     (all: every step; tests, bench: its halves)
-# tests = build + GPU tests + sanitizers; bench = build + benchmarks. The study's small preset
-# is timed apart: time python -m muonkern.study --preset small --out runs/study-small
+#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5]  (all: every step; tests, bench: its halves)
+# tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build + the ns5 GPU tests,
+# the ns5 sanitizers and the ns5 benchmark with profiles of the shapes still short of their targets
+# (one call of a device session: about 8 minutes). The study's small preset is timed apart:
+# time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)"
 phase="${2:-all}"
-[[ "$phase" == all || "$phase" == tests || "$phase" == bench ]] || { echo "phase must be all, tests or bench, got '$phase'"; exit 2; }
+[[ "$phase" =~ ^(all|tests|bench|ns5)$ ]] || { echo "phase must be all, tests, bench or ns5, got '$phase'"; exit 2; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MUONKERN_BENCH_OUT="$out" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME COMMAND...: runs, logs to NAME.log, records a failure without stopping
@@ -36,6 +38,17 @@ if [[ "$phase" == all || "$phase" == tests ]]; then
         python "scripts/$script.py"
     done
   done
+fi
+if [[ "$phase" == ns5 ]]; then
+  step gpu_tests_ns5 python -m pytest -q -rs tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py \
+    tests/test_ns5_triton.py tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py
+  for tool in memcheck racecheck; do
+    step "sanitize_ns5_triton_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python scripts/sanitize_ns5_triton.py
+  done
+  step bench_ns5 python -m pytest -q bench/test_bench_ns5.py -k "not compiled and not optim and not cpu"
+  step profile_gram python bench/ns5_profile.py --impl triton-gram --shape 2048x8192 --shape 1024x4096
+  step profile_small python bench/ns5_profile.py --impl triton-small --shape 48x128x128 --shape 12x64x768
+  step profile_fused python bench/ns5_profile.py --algorithm standard --shape 48x128x128 --shape 12x64x768
 fi
 if [[ "$phase" == all || "$phase" == bench ]]; then
   # torch.compile of the reference per shape takes minutes; the full table: python -m pytest bench -q
