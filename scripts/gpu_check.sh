@@ -2,16 +2,17 @@
 # On a GPU machine: rebuild the extension, run the GPU tests, compute-sanitizer on every kernel
 # family, and the benchmarks. Logs and tables go to OUT (default gpu_check) and, after every
 # step, to OUT.tar (or $GPU_CHECK_TAR), so a run cut short still leaves what it did.
-#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5]  (all: every step; tests, bench: its halves)
-# tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build + the ns5 GPU tests,
-# the ns5 sanitizers and the ns5 benchmark with profiles of the shapes still short of their targets
-# (one call of a device session: about 8 minutes). The study's small preset is timed apart:
+#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5|ns5-bench]
+# all: every step; tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build +
+# the ns5 GPU tests + the Triton sanitizer cases; ns5-bench = build + the ns5 benchmark + profiles of
+# the Triton routes beside the op (ns5 and ns5-bench each fit one 10-minute call of a device
+# session). The study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)"
 phase="${2:-all}"
-[[ "$phase" =~ ^(all|tests|bench|ns5)$ ]] || { echo "phase must be all, tests, bench or ns5, got '$phase'"; exit 2; }
+[[ "$phase" =~ ^(all|tests|bench|ns5|ns5-bench)$ ]] || { echo "phase must be all, tests, bench, ns5 or ns5-bench, got '$phase'"; exit 2; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MUONKERN_BENCH_OUT="$out" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME COMMAND...: runs, logs to NAME.log, records a failure without stopping
@@ -45,6 +46,8 @@ if [[ "$phase" == ns5 ]]; then
   for tool in memcheck racecheck; do
     step "sanitize_ns5_triton_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python scripts/sanitize_ns5_triton.py
   done
+fi
+if [[ "$phase" == ns5-bench ]]; then
   step bench_ns5 python -m pytest -q bench/test_bench_ns5.py -k "not compiled and not optim and not cpu"
   step profile_gram python bench/ns5_profile.py --impl triton-gram --shape 2048x8192 --shape 1024x4096
   step profile_small python bench/ns5_profile.py --impl triton-small --shape 48x128x128 --shape 12x64x768
