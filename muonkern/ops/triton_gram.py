@@ -18,14 +18,12 @@ equal range per program. A program whose range ends inside a tile publishes its 
 that tile in a workspace slot of its own and raises a flag; the program that owns the tile's last
 iteration adds the partial sums of the programs before it, in program order (deterministic), and
 runs the epilogue. Each program computes its published part first, then its finished tiles, so it
-only waits on programs with smaller ids that published before doing anything else: on a GPU these
-are resident and done within one segment's time, and Triton's interpreter (which runs programs one
-after another, in order) never waits at all; the interpreter does not exercise the waiting or
-the memory ordering, which the GPU tests and the sm_90 compile check do). Progress rests on the GPU
-dispatching programs in id order, which it does for a 1-D grid (the same assumption as decoupled
-look-back scans). The consumer resets each flag, so the workspace is ready for the next launch
-(and for CUDA graph replays) without a memset; one workspace is cached per device and stream
-(``_workspace`` says what that means for graphs).
+only waits on programs with smaller ids, which publish before they wait on anything. Progress rests
+on the GPU dispatching programs in id order, as it does for a 1-D grid. Triton's interpreter runs programs one after another, in order, so it
+never waits: it checks the arithmetic and the split, not the waiting or the memory ordering (the GPU
+tests and the sm_90 compile check cover those). The consumer resets each flag, so the workspace is
+ready for the next launch (and for CUDA graph replays) without a memset; one workspace is cached
+per device and stream (``_workspace`` says what that means for graphs).
 
 Operands bf16 (fp16 works) with fp32 accumulation and fp32 epilogues; float32 operands run
 exact-input ("ieee") products, which the interpreter runs and the tests use. Any strides: X Xᵀ
