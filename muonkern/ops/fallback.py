@@ -49,6 +49,7 @@ class GramProducts(NamedTuple):
     accumulate: Callable   # (P, Q) -> P Q (wide) or Q P (tall): the new Q
     conjugate: Callable    # (P, R) -> P R P
     apply: Callable        # (Q, Y) -> Q Y (wide) or Y Q (tall)
+    output: Callable       # (Q, X) -> the result, apply's product (in the result's dtype where it can)
 
 
 def dense_gram_products(wide: bool) -> GramProducts:
@@ -64,7 +65,7 @@ def dense_gram_products(wide: bool) -> GramProducts:
     def apply(Q, Y):
         return torch.bmm(Q, Y) if wide else torch.bmm(Y, Q)
 
-    return GramProducts(gram, polynomial, apply, lambda P, R: torch.bmm(torch.bmm(P, R), P), apply)
+    return GramProducts(gram, polynomial, apply, lambda P, R: torch.bmm(torch.bmm(P, R), P), apply, apply)
 
 
 def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
@@ -92,7 +93,7 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
             R = products.gram(X)
         else:
             R = products.conjugate(P, R)
-    out = X if Q is None else products.apply(Q, X)
+    out = X if Q is None else products.output(Q, X)
     return out.reshape(X0.shape)
 
 

@@ -269,16 +269,19 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     X = normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
     if X.numel() == 0 or steps == 0:
         return X.to(G.dtype).contiguous()
+    products = symmetric_gram_products(G.size(-2) <= G.size(-1), config, programs, G.dtype)
     return gram_iteration(X, step_coefficients(steps, coefficients), gram_restart_steps(steps),
-                          symmetric_gram_products(G.size(-2) <= G.size(-1), config, programs)).to(G.dtype).contiguous()
+                          products).to(G.dtype).contiguous()
 
 
-def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None,
-                            programs: Optional[int] = None) -> GramProducts:
+def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, programs: Optional[int] = None,
+                            out_dtype: Optional[torch.dtype] = None) -> GramProducts:
     """The Gram iteration's products with every symmetric one on the stream-K kernel: X Xᵀ (or
     Xᵀ X), c·R·R + b·R + a·I in one epilogue, P·Q and P·R·P as upper triangles (the factors are
-    polynomials in one matrix, so they commute); Q·X (or X·Q) stays dense. Operands valid by
-    construction: straight to the launch, without symmetric_product's checks."""
+    polynomials in one matrix, so they commute); Q·X (or X·Q) stays dense, and the last one writes
+    float32 straight from its accumulator where ``out_dtype`` is float32 and cuBLAS can (CUDA,
+    ``torch.bmm(..., out_dtype=)``): no bf16 result to convert. Operands valid by construction:
+    straight to the launch, without symmetric_product's checks."""
 
     def product(A, B, alpha=1.0, D=None, beta=0.0, gamma=0.0):
         C = torch.empty((A.size(0), A.size(1), A.size(1)), dtype=A.dtype, device=A.device)
@@ -288,7 +291,12 @@ def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None,
     def polynomial(R, a, b, c):   # c = 0: no product, as the reference computes it
         return product(R, R, c, R, b, a) if c != 0 else dense.polynomial(R, a, b, c)
 
+    def output(Q, Y):
+        if out_dtype != torch.float32 or Q.device.type != "cuda" or not hasattr(torch.ops.aten.bmm, "dtype"):
+            return dense.apply(Q, Y)
+        return torch.bmm(Q, Y, out_dtype=out_dtype) if wide else torch.bmm(Y, Q, out_dtype=out_dtype)
+
     dense = dense_gram_products(wide)
     return GramProducts(gram=(lambda Y: product(Y, Y.mT)) if wide else (lambda Y: product(Y.mT, Y)),
                         polynomial=polynomial, accumulate=product,
-                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply)
+                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply, output=output)
