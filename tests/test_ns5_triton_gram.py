@@ -120,6 +120,23 @@ def test_ns5_gram_symmetric_ill_conditioned_and_polar_express(gen):
 
 
 @needs_gpu
+def test_graph_replays_match_eager_calls(gen, monkeypatch):
+    """Replays (the products captured once per input layout, the normalization and the output
+    product outside the graph) are bitwise the eager calls, for new inputs on every call, wide and
+    tall, and after the cache evicted a graph."""
+    monkeypatch.setattr(tg, "GRAPH_CACHE_SIZE", 1)
+    monkeypatch.setattr(tg, "_graphs", type(tg._graphs)())
+    for shape in [(2, 256, 1024), (640, 160), (2, 256, 1024)]:
+        for _ in range(2):
+            G = randn(gen, *shape, device="cuda")
+            replayed = tg.ns5_gram_symmetric(G, graph=True)
+            assert torch.equal(replayed, tg.ns5_gram_symmetric(G, graph=False))
+            assert_ns5_output(replayed, G)
+    assert len(tg._graphs) == 1 and flags_raised() == 0
+    assert tg.graph_pays(1, 1024, 4096, 5) and not tg.graph_pays(1, 2048, 8192, 5)
+
+
+@needs_gpu
 def test_ns5_op_routes_forced_symmetric_gram_calls(gen, monkeypatch):
     """Under MUONKERN_NS5_PATH=symmetric the op hands a call that runs the Gram algorithm to
     muonkern::ns5_gram_symmetric (bitwise: the stream-K kernel sums partials in a fixed order), a
@@ -203,7 +220,7 @@ for shape, coefficients, steps, programs in [((2, 24, 40), None, 5, 3), ((40, 24
                                              ((2, 24, 40), None, 0, None), ((24, 40), None, 1, 2),
                                              ((20, 20), None, 3, None)]:
     G = torch.randn(*shape, generator=gen)
-    out = tg.ns5_gram_symmetric(G, steps, coefficients, dtype=torch.float32, programs=programs)
+    out = tg.ns5_gram_symmetric(G, steps, coefficients, dtype=torch.float32, programs=programs, graph=True)
     ref = ns5_float64(G, steps, coefficients)
     ns5.append({"case": [list(shape), steps, programs], "same_shape": list(out.shape) == list(shape),
                 "contiguous": out.is_contiguous(), "err": float(((out.double() - ref).norm() / ref.norm()).item())})

@@ -81,8 +81,16 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
     `products` (default: `dense_gram_products`) computes them."""
     wide = X0.size(-2) <= X0.size(-1)
     products = products or dense_gram_products(wide)
-    X = X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1))
-    R, Q = products.gram(X), None  # Q None: the identity
+    Q, X = gram_factors(X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1)), triples, restarts, products)
+    out = X if Q is None else products.output(Q, X)
+    return out.reshape(X0.shape)
+
+
+def gram_factors(X: torch.Tensor, triples: Sequence[tuple[float, float, float]], restarts: Sequence[int],
+                 products: GramProducts) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """gram_iteration up to its last product: (Q, X) with Q the accumulated polynomial (None: the
+    identity) and X the iterate it applies to (X0, or Q·X0 of the last restart); X (batch, m, n)."""
+    R, Q = products.gram(X), None
     for s, (a, b, c) in enumerate(triples, start=1):
         P = products.polynomial(R, a, b, c)
         Q = P if Q is None else products.accumulate(P, Q)
@@ -93,8 +101,7 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
             R = products.gram(X)
         else:
             R = products.conjugate(P, R)
-    out = X if Q is None else products.output(Q, X)
-    return out.reshape(X0.shape)
+    return Q, X
 
 
 def dirquad_reference(grads: List[torch.Tensor], directions: List[torch.Tensor],
