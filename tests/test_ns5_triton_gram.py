@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from muonkern.ops import triton_gram as tg
+from muonkern.ops import triton_graphs as tgr
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
 from ns5_cases import ill_conditioned, polar_distance, relative_difference, shape_id
@@ -121,19 +122,34 @@ def test_ns5_gram_symmetric_ill_conditioned_and_polar_express(gen):
 
 @needs_gpu
 def test_graph_replays_match_eager_calls(gen, monkeypatch):
-    """Replays (the products captured once per input layout, the normalization and the output
-    product outside the graph) are bitwise the eager calls, for new inputs on every call, wide and
-    tall, and after the cache evicted a graph."""
-    monkeypatch.setattr(tg, "GRAPH_CACHE_SIZE", 1)
-    monkeypatch.setattr(tg, "_graphs", type(tg._graphs)())
-    for shape in [(2, 256, 1024), (640, 160), (2, 256, 1024)]:
-        for _ in range(2):
-            G = randn(gen, *shape, device="cuda")
-            replayed = tg.ns5_gram_symmetric(G, graph=True)
-            assert torch.equal(replayed, tg.ns5_gram_symmetric(G, graph=False))
-            assert_ns5_output(replayed, G)
-    assert len(tg._graphs) == 1 and flags_raised() == 0
-    assert tg.graph_pays(1, 1024, 4096, 5) and not tg.graph_pays(1, 2048, 8192, 5)
+    """A layout runs eagerly when first seen, is captured on its second call and replayed after;
+    with the cache full a new layout runs eagerly. Replays (normalization and output product outside
+    the graph) are bitwise the eager calls for contiguous inputs (new values on every call: wide and
+    tall, fp32, bf16, fp16 and 4-D, Polar Express, a set number of programs), and close for a strided view
+    (cuBLAS may take another algorithm for the strided eager operand)."""
+    monkeypatch.setattr(tgr, "GRAPH_CACHE_SIZE", 6)
+    for name in ("_graphs", "_seen", "_failed"):
+        monkeypatch.setattr(tgr, name, type(getattr(tgr, name))())
+    cases = [((2, 256, 1024), torch.float32, {}), ((640, 160), torch.float32, {}),
+             ((2, 2, 96, 384), torch.bfloat16, {}), ((256, 1024), torch.float32, {"coefficients": POLAR_EXPRESS}),
+             ((256, 1024), torch.float32, {"programs": 7}), ((3, 200, 700), torch.float16, {})]
+    for i, (shape, dtype, kwargs) in enumerate(cases):
+        steps = 5
+        for call in range(3):
+            G = randn(gen, *shape, dtype=dtype, device="cuda")
+            replayed = tg.ns5_gram_symmetric(G, steps, graph=True, **kwargs)
+            assert torch.equal(replayed, tg.ns5_gram_symmetric(G, steps, graph=False, **kwargs)), (shape, call)
+            assert len(tgr._graphs) == i + (call > 0), "captured on the second call"
+        assert_ns5_output(replayed, G, steps, kwargs.get("coefficients"),
+                          rtol=POLAR_RTOL if "coefficients" in kwargs else None)
+    extra = randn(gen, 3, 128, 512, device="cuda")   # the cache is full: eager, never captured
+    for _ in range(3):
+        assert torch.equal(tg.ns5_gram_symmetric(extra, graph=True), tg.ns5_gram_symmetric(extra, graph=False))
+    assert len(tgr._graphs) == len(cases) and flags_raised() == 0
+    view = randn(gen, 2, 1024, 256, device="cuda").mT
+    for _ in range(3):
+        assert relative_difference(tg.ns5_gram_symmetric(view, graph=True), tg.ns5_gram_symmetric(view, graph=False)) <= 1e-2
+    assert tgr.graph_pays(1, 1024, 4096, 5) and not tgr.graph_pays(1, 2048, 8192, 5)
 
 
 @needs_gpu
@@ -172,6 +188,7 @@ _INTERPRETER_SCRIPT = r"""
 import json, sys
 import torch
 from muonkern.ops import triton_gram as tg
+from muonkern.ops import triton_graphs as tgr
 from reference import ns5_float64, POLAR_EXPRESS
 
 gen = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -279,6 +296,7 @@ def test_kernel_and_iteration_under_interpreter(gen):
 _COMPILE_SCRIPT = r"""
 import json, re
 from muonkern.ops import triton_gram as tg
+from muonkern.ops import triton_graphs as tgr
 from sm90_compile import compile_sm90
 
 results = []

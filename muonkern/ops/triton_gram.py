@@ -31,13 +31,13 @@ and Xᵀ X read X in place.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 
-from .fallback import GramProducts, dense_gram_products, gram_factors, gram_iteration
-from .ns5_args import gram_restart_steps, ns5_flops, step_coefficients
+from .fallback import GramProducts, dense_gram_products, gram_iteration
+from .ns5_args import gram_restart_steps, step_coefficients
+from .triton_graphs import graph_pays, graphed_factors
 from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, check_triton_ns5_args,
                                normalized_operand, triton)
 
@@ -45,7 +45,7 @@ if triton is not None:
     import triton.language as tl
     from .triton_symmetric import _store_symmetric, _tile_partial, _upper_tile, autotuned
 
-__all__ = ["CONFIGS", "graph_pays", "ns5_gram_symmetric", "symmetric_gram_products", "symmetric_product"]
+__all__ = ["CONFIGS", "ns5_gram_symmetric", "symmetric_gram_products", "symmetric_product"]
 
 # H100 candidates (autotuned per problem size): 128² tiles for wgmma throughput, 64² tiles for short
 # sides of 1024 and below, where 128² tiles split a tile's few iterations across many programs.
@@ -266,8 +266,9 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     the output Q·X0) run on cuBLAS. G (…, m, n), any batch dims; a tall G uses Xᵀ·X and products
     from the right, read in place. Operands in ``dtype`` (bf16 as the op; float32 serves exactness
     tests under the interpreter). P = c·R·R + b·R + a·I rounds once, in the kernel's epilogue.
-    ``graph``: replay the products from a CUDA graph (`_GraphedFactors`); default where the call
-    is launch-bound (`graph_pays`). Returns G's dtype and shape, contiguous."""
+    ``graph``: replay the products from a CUDA graph where one can be used (muonkern.ops.triton_graphs:
+    a GPU, outside a capture of the caller's, from a layout's second call on); default where the
+    call is launch-bound (`graph_pays`). Returns G's dtype and shape, contiguous."""
     _check_launch_options("ns5_gram_symmetric", config, programs)
     check_triton_ns5_args("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
     if G.numel() == 0 or steps == 0:
@@ -277,78 +278,22 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     triples, restarts = step_coefficients(steps, coefficients), gram_restart_steps(steps)
     products = symmetric_gram_products(m <= n, config, programs, G.dtype)
     if graph is None:
-        graph = graph_pays(batch, m, n, steps)
-    if not graph or G.device.type != "cuda" or _interpreting() or torch.cuda.is_current_stream_capturing():
-        X = normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
-        return gram_iteration(X, triples, restarts, products).to(G.dtype).contiguous()
-    key = ((batch, m, n), dtype, G.device, tuple(triples), config, programs)
-    factors = _graphs.pop(key, None)
-    if factors is None:
-        factors = _GraphedFactors((batch, m, n), dtype, G.device)
-    # the reference's normalization, into the graph's input buffer
-    X = G.to(dtype)
-    torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps, out=factors.X0.view(G.shape))
-    Q, X = factors(triples, restarts, products)
-    _graphs[key] = factors   # most recently used last
-    while len(_graphs) > GRAPH_CACHE_SIZE:
-        _graphs.pop(next(iter(_graphs)))
-    return products.output(Q, X).reshape(G.shape).to(G.dtype).contiguous()
-
-
-# When graph replay pays: the host time of a call's launches (Python and Triton's launcher, about
-# GRAPH_HOST_SECONDS per launch) against its GPU time (the Gram iteration's dense FLOPs at
-# GRAPH_FLOPS); estimates, to be fitted to H100 timings (bench/ns5_profile.py --impl triton-gram).
-# A graph holds its input buffer and intermediates (about 4·batch·m·n + 8·batch·r² bytes in bf16)
-# while cached: at most GRAPH_CACHE_SIZE of them, least recently used evicted.
-GRAPH_HOST_SECONDS = 15e-6
-GRAPH_FLOPS = 400e12
-GRAPH_CACHE_SIZE = 8
-_graphs: "OrderedDict[tuple, _GraphedFactors]" = OrderedDict()
-
-
-def graph_pays(batch: int, m: int, n: int, steps: int) -> bool:
-    restarts = len(gram_restart_steps(steps))
-    # normalize (3), the Gram products (1 + restarts), the polynomial per step, P·Q and P·R·P
-    # (4·steps - 3·(restarts + 1) - steps of them), X = Q·X0 per restart, the output
-    launches = 3 + (1 + restarts) + steps + (4 * steps - 3 * (restarts + 1) - steps) + restarts + 1
-    return launches * GRAPH_HOST_SECONDS > batch * ns5_flops(m, n, steps, "gram") / GRAPH_FLOPS
-
-
-_side_streams: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One warm-up stream per device (a stream of its own would cost a stream-K workspace each)."""
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
-
-
-class _GraphedFactors:
-    """gram_factors for one input layout, captured in a CUDA graph on first use: the caller writes
-    the normalized input into X0, a call replays the products and returns the graph's (Q, X), which
-    the next call overwrites (the output product runs outside the graph, into a fresh tensor).
-    Replays use the stream-K workspace of the capture stream: graphs of this cache must not be
-    replayed concurrently on several streams."""
-
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
-        self.X0 = torch.empty(shape, dtype=dtype, device=device)
-        self.graph = None
-
-    def __call__(self, triples, restarts, products):
-        if self.graph is None:
-            # compile and autotune every kernel outside the capture (on a side stream, as
-            # torch.cuda.graph asks), then capture from the input the caller wrote
-            side = _side_stream(self.X0.device)
-            side.wait_stream(torch.cuda.current_stream(self.X0.device))
-            with torch.cuda.stream(side):
-                gram_factors(self.X0, triples, restarts, products)
-            torch.cuda.current_stream(self.X0.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.factors = gram_factors(self.X0, triples, restarts, products)
-        self.graph.replay()
-        return self.factors
+        graph = graph_pays(batch, m, n, steps, G.dtype != dtype)
+    if graph and G.device.type == "cuda" and not _interpreting() and not torch.cuda.is_current_stream_capturing():
+        with torch.cuda.device(G.device), torch.no_grad():
+            stream = torch.cuda.current_stream()
+            key = ((batch, m, n), dtype, G.device, stream.cuda_stream, tuple(triples), config, programs)
+            factors = graphed_factors(key, (batch, m, n), dtype, G.device)
+            if factors is not None:
+                # the reference's normalization, into the graph's input buffer
+                X = G.to(dtype)
+                torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps,
+                          out=factors.X0.view(G.shape))
+                replayed = factors.replay(triples, restarts, products, stream)
+                if replayed is not None:
+                    return products.output(*replayed).reshape(G.shape).to(G.dtype).contiguous()
+    X = normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
+    return gram_iteration(X, triples, restarts, products).to(G.dtype).contiguous()
 
 
 def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, programs: Optional[int] = None,
