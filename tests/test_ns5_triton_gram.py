@@ -78,7 +78,7 @@ def test_commuting_products_and_polynomial_match_float64(gen, shape, programs):
     m = shape[-1]
     # P·Q: of two commuting symmetric matrices, the upper triangle of tiles stands for the whole
     C = tg.symmetric_product(P, Q, out=poisoned(P.shape), programs=programs)
-    P64, Q64 = P.double(), Q.double()
+    P64, Q64 = P.double().cpu(), Q.double().cpu()
     ref = P64 @ Q64
     # the rounded operands commute only up to their rounding: the kernel's upper triangle of P·Q is
     # off the symmetric part of P·Q by half of P·Q - Q·P, which the bound takes in (terms are
@@ -88,7 +88,7 @@ def test_commuting_products_and_polynomial_match_float64(gen, shape, programs):
     # c·R·R + b·R + a·I in one epilogue
     a, b, c = 3.4445, -4.7750, 2.0315
     C = tg.symmetric_product(R, R, c, R, b, a, out=poisoned(R.shape), programs=programs)
-    R64 = R.double()
+    R64 = R.double().cpu()
     eye = torch.eye(m, dtype=torch.float64)
     assert_symmetric_product(C, c * R64 @ R64 + b * R64 + a * eye, abs(c) ** 0.5 * R64, m,
                              terms=abs(b) * R64.abs() + abs(c) * (R64.abs() @ R64.abs()) + a * eye)

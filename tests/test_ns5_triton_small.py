@@ -179,7 +179,7 @@ for block_m in (128, 64):
                 constexprs["M"] = 1
             divisible = [n for n in ["G", "OUT", "SCRATCH", "COEF", "N", "s_gb", "s_gm", "s_gn", "s_ob", "s_om",
                                      "s_on", "s_sb", "s_sm"] if n not in units]
-            kernel = compile_sm90(tsm._ns5_small_kernel, signature, constexprs, divisible, warps, 2)
+            kernel = compile_sm90(tsm._ns5_small_kernel, signature, constexprs, divisible, warps, tsm.NUM_STAGES)
             ptx = kernel.asm["ptx"]
             results.append({"case": [block_m, chunk, warps, tall, one_row], "wgmma": "wgmma.mma_async" in ptx,
                             "mma_sync": "mma.sync" in ptx, "shared_bytes": kernel.metadata.shared})

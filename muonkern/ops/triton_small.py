@@ -123,6 +123,9 @@ def _coefficients(steps: int, coefficients: Optional[Sequence[float]], device: t
 # within 255 registers (CHUNK 32: 248 registers, no spills; 64: 255 and a few spills; 16 warps spill
 # heavily); BLOCK_M <= 64 fits one warp group (CHUNK 64: 160 registers; 128: 254).
 CONFIGS = ((32, 8), (64, 8), (64, 4), (128, 4))
+# No software pipelining (num_stages=1): triton 3.6's pipeliner fails on this kernel's loops
+# (TritonGPUPipeline, sm_90); the chunks come from L2 anyway.
+NUM_STAGES = 1
 INTERPRETER_CHUNK = 16   # several chunks per row block on the tests' small shapes
 
 
@@ -137,7 +140,7 @@ if triton is not None:
         return [c for c in configs if _fits((c.kwargs["CHUNK"], c.num_warps), block_m)]
 
     _ns5_small_autotuned = triton.autotune(
-        configs=[triton.Config({"CHUNK": chunk}, num_warps=warps, num_stages=2) for chunk, warps in CONFIGS],
+        configs=[triton.Config({"CHUNK": chunk}, num_warps=warps, num_stages=NUM_STAGES) for chunk, warps in CONFIGS],
         key=["M", "N"], prune_configs_by={"early_config_prune": _prune})(_ns5_small_kernel)
 
 
@@ -181,5 +184,5 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     else:
         chunk, warps = config or (INTERPRETER_CHUNK, 4)
         _ns5_small_kernel[(batch,)](*args, BLOCK_M=block_m, CHUNK=chunk, DOT_PRECISION=precision,
-                                    num_warps=warps, num_stages=2)
+                                    num_warps=warps, num_stages=NUM_STAGES)
     return out
