@@ -132,19 +132,13 @@ def test_ns5_cuda(time_ns5, monkeypatch, shape, impl):
             pytest.skip("this torch has no torch.optim._muon")
         if len(shape) != 2:
             pytest.skip("torch.optim.Muon's Newton-Schulz takes 2-D matrices only")
-    if impl == "muonkern triton-small":
-        if not triton_symmetric.available():
-            pytest.skip("triton is not installed")
-        if min(shape[-2:]) > triton_small.MAX_SHORT_SIDE:
-            pytest.skip(f"one program per matrix takes a short side of at most {triton_small.MAX_SHORT_SIDE}")
-    if impl == "muonkern triton-gram":
-        if not triton_symmetric.available():
-            pytest.skip("triton is not installed")
-        if tuple(shape) not in GRAM_SHAPES:
-            pytest.skip("the Gram iteration is timed on the Gram shapes only")
+    if impl.startswith("muonkern triton-") and not triton_symmetric.available():
+        pytest.skip("triton is not installed")
+    if impl == "muonkern triton-small" and min(shape[-2:]) > triton_small.MAX_SHORT_SIDE:
+        pytest.skip(f"one program per matrix takes a short side of at most {triton_small.MAX_SHORT_SIDE}")
+    if impl == "muonkern triton-gram" and tuple(shape) not in GRAM_SHAPES:
+        pytest.skip("the Gram iteration is timed on the Gram shapes only")
     if impl == "muonkern triton-sym":
-        if not triton_symmetric.available():
-            pytest.skip("triton is not installed")
         if min(shape[-2:]) < TRITON_SYM_MIN_SHORT_SIDE:
             pytest.skip(f"symmetric tiles pay off from a short side of {TRITON_SYM_MIN_SHORT_SIDE}")
     _time_impl(time_ns5, shape, impl, "cuda", GRAM_SHAPES)

@@ -35,6 +35,26 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, divisible, num_warps
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def resource_usage(kernel) -> dict:
+    """{"registers": n, "spill_bytes": stack + local bytes} of a compiled kernel's sm_90 cubin, read
+    with the cuobjdump Triton ships; {} where it ships none."""
+    import re
+    import tempfile
+
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", text)
+    if not found:
+        return {}
+    return {"registers": int(found[1]), "spill_bytes": int(found[2]) + int(found[3])}
+
+
 def run_compile_script(script: str) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH")))))

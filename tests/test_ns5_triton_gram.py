@@ -297,7 +297,7 @@ _COMPILE_SCRIPT = r"""
 import json, re
 from muonkern.ops import triton_gram as tg
 from muonkern.ops import triton_graphs as tgr
-from sm90_compile import compile_sm90
+from sm90_compile import compile_sm90, resource_usage
 
 results = []
 for cfg in tg.CONFIGS:
@@ -323,7 +323,7 @@ for cfg in tg.CONFIGS:
                         "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
                         "atomics": sorted(set(re.findall(r"(?:atom|ld|st)\.global\.[a-z0-9._]+", ptx))),
                         "partials_bypass_l1": "ld.global.cg" in ptx,
-                        "shared_bytes": kernel.metadata.shared})
+                        "shared_bytes": kernel.metadata.shared, **resource_usage(kernel)})
 print(json.dumps({"results": results}))
 """
 
@@ -332,11 +332,12 @@ print(json.dumps({"results": results}))
 def test_compiles_to_wgmma_for_sm90():
     """Compile only (no GPU needed, tests/sm90_compile.py): for sm_90 every configuration issues
     wgmma.mma_async (no mma.sync), raises flags with a release exchange and spins on them with
-    acquire loads at GPU scope, reads partial sums past L1, and fits one program per SM in shared
-    memory (at most 227 KB)."""
+    acquire loads at GPU scope, reads partial sums past L1, fits one program per SM in shared
+    memory (at most 227 KB) and spills no registers (cuobjdump's resource usage)."""
     for row in run_compile_script(_COMPILE_SCRIPT):
         assert row["wgmma"] and not row["mma_sync"] and row["partials_bypass_l1"], row
         assert any(a.startswith("ld.global.gpu.acquire") or (a.startswith("atom.") and ".gpu.acquire" in a)
                    for a in row["atomics"]), row
         assert any(a.startswith("atom.global.gpu.release") for a in row["atomics"]), row
         assert row["shared_bytes"] <= 227 * 1024, row
+        assert row["spill_bytes"] == 0, row   # 202-242 registers at 128² tiles, 128-142 at 64²

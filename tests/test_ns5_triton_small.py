@@ -156,7 +156,7 @@ def test_kernel_under_interpreter(gen):
 _COMPILE_SCRIPT = r"""
 import json
 from muonkern.ops import triton_small as tsm
-from sm90_compile import compile_sm90
+from sm90_compile import compile_sm90, resource_usage
 
 results = []
 for block_m in (128, 64):
@@ -182,7 +182,7 @@ for block_m in (128, 64):
             kernel = compile_sm90(tsm._ns5_small_kernel, signature, constexprs, divisible, warps, tsm.NUM_STAGES)
             ptx = kernel.asm["ptx"]
             results.append({"case": [block_m, chunk, warps, tall, one_row], "wgmma": "wgmma.mma_async" in ptx,
-                            "mma_sync": "mma.sync" in ptx, "shared_bytes": kernel.metadata.shared})
+                            "mma_sync": "mma.sync" in ptx, "shared_bytes": kernel.metadata.shared, **resource_usage(kernel)})
 print(json.dumps({"results": results}))
 """
 
@@ -190,9 +190,11 @@ print(json.dumps({"results": results}))
 @needs_triton
 def test_compiles_to_wgmma_for_sm90():
     """Compile only (no GPU needed, tests/sm90_compile.py): every configuration the launcher may
-    pick, wide and tall (and one-row matrices), issues wgmma.mma_async (no mma.sync) for sm_90."""
+    pick, wide and tall (and one-row matrices), issues wgmma.mma_async (no mma.sync) for sm_90 and
+    spills no registers."""
     results = run_compile_script(_COMPILE_SCRIPT)
     assert {tuple(r["case"][:3]) for r in results} >= {(128, 32, 8), (64, 64, 4), (64, 128, 4)}
     assert any(r["case"][4] for r in results)
     for row in results:
         assert row["wgmma"] and not row["mma_sync"] and row["shared_bytes"] <= 227 * 1024, row
+        assert row["spill_bytes"] == 0, row

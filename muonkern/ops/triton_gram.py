@@ -39,7 +39,7 @@ from .fallback import GramProducts, dense_gram_products, gram_iteration
 from .ns5_args import gram_restart_steps, step_coefficients
 from .triton_graphs import graph_pays, graphed_factors
 from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, check_triton_ns5_args,
-                               normalized_operand, triton)
+                               normalize, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -272,7 +272,7 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     _check_launch_options("ns5_gram_symmetric", config, programs)
     check_triton_ns5_args("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
     if G.numel() == 0 or steps == 0:
-        return normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype).to(G.dtype).contiguous()
+        return normalize(G, dtype, eps).to(G.dtype).contiguous()
     m, n = G.shape[-2:]
     batch = G.numel() // (m * n)
     triples, restarts = step_coefficients(steps, coefficients), gram_restart_steps(steps)
@@ -285,15 +285,11 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
             key = ((batch, m, n), dtype, G.device, stream.cuda_stream, tuple(triples), config, programs)
             factors = graphed_factors(key, (batch, m, n), dtype, G.device)
             if factors is not None:
-                # the reference's normalization, into the graph's input buffer
-                X = G.to(dtype)
-                torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps,
-                          out=factors.X0.view(G.shape))
+                normalize(G, dtype, eps, out=factors.X0.view(G.shape))   # into the graph's input
                 replayed = factors.replay(triples, restarts, products, stream)
                 if replayed is not None:
                     return products.output(*replayed).reshape(G.shape).to(G.dtype).contiguous()
-    X = normalized_operand("ns5_gram_symmetric", G, steps, coefficients, eps, dtype)
-    return gram_iteration(X, triples, restarts, products).to(G.dtype).contiguous()
+    return gram_iteration(normalize(G, dtype, eps), triples, restarts, products).to(G.dtype).contiguous()
 
 
 def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, programs: Optional[int] = None,

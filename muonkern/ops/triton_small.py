@@ -164,9 +164,9 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     if config is not None and config[0] not in (16, 32, 64, 128):
         raise ValueError(f"ns5_small: config's chunk must be 16, 32, 64 or 128 (a divisor of the scratch's "
                          f"128-column padding), got {config[0]}")
-    if G.numel() == 0:
-        return torch.empty(G.shape, dtype=G.dtype, device=G.device)
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
+    if G.numel() == 0:
+        return out
     G3 = G.reshape(-1, m, n)
     O3 = out.view(-1, m, n)
     tall = m > n

@@ -292,13 +292,18 @@ def check_triton_ns5_args(name: str, G: torch.Tensor, steps: int, coefficients: 
         raise TypeError(f"{name}: dtype must be bfloat16, float16 or float32, got {dtype}")
 
 
+def normalize(G: torch.Tensor, dtype: torch.dtype, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """X0 = G / (‖G‖_F + eps) per matrix in ``dtype`` (into ``out`` if given): the reference's
+    normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
+    X = G.to(dtype)
+    return torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps, out=out)
+
+
 def normalized_operand(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
                        eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Checks the arguments of an ns5 entry point and returns X0 = G / (‖G‖_F + eps) in ``dtype``:
-    the reference's normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
+    """Checks the arguments of an ns5 entry point and returns `normalize(G, dtype, eps)`."""
     check_triton_ns5_args(name, G, steps, coefficients, eps, dtype)
-    X = G.to(dtype)
-    return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps)
+    return normalize(G, dtype, eps)
 
 
 def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
