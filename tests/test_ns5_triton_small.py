@@ -34,8 +34,11 @@ def test_matches_float64_and_reference(gen, shape, dtype):
     out = tsm.ns5_small(G)
     assert_ns5_output(out, G)   # within the bf16 budget every ns5 has (tests/reference.py)
     ref = ns5_reference(G, algorithm="standard")
-    if min(shape[-2:]) >= 8:    # CROSS_DEVICE_RTOL's premise
-        assert relative_difference(out, ref) <= CROSS_DEVICE_RTOL
+    if min(shape[-2:]) < 8:
+        # CROSS_DEVICE_RTOL's and the margin's premise: rounding differences average out over many
+        # singular values (a one-row matrix has one: its distance is one value's rounding path)
+        return
+    assert relative_difference(out, ref) <= CROSS_DEVICE_RTOL
     # no farther from the exact polar factor than the reference, beyond another rounding order's
     # margin (the one the Gram iteration is held to)
     excess = (polar_distance(out.cpu().float(), G.cpu().float()) -
@@ -193,7 +196,7 @@ def test_compiles_to_wgmma_for_sm90():
     pick, wide and tall (and one-row matrices), issues wgmma.mma_async (no mma.sync) for sm_90 and
     spills no registers."""
     results = run_compile_script(_COMPILE_SCRIPT)
-    assert {tuple(r["case"][:3]) for r in results} >= {(128, 32, 8), (64, 64, 4), (64, 128, 4)}
+    assert {tuple(r["case"][:3]) for r in results} >= {(128, 64, 8), (64, 64, 4), (64, 128, 4)}
     assert any(r["case"][4] for r in results)
     for row in results:
         assert row["wgmma"] and not row["mma_sync"] and row["shared_bytes"] <= 227 * 1024, row
