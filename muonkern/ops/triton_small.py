@@ -156,8 +156,9 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
               config: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """ns5 (standard iteration) of every matrix of G (…, m, n) with min(m, n) <= 128 in one launch.
     Operands in ``dtype`` (bf16 as the reference; float32 for exactness tests under the
-    interpreter). ``config``: (CHUNK, num_warps), default autotuned over CONFIGS on a GPU. Returns
-    G's dtype and shape, contiguous. Raises ValueError for a short side over MAX_SHORT_SIDE."""
+    interpreter). ``config``: (CHUNK, num_warps), default autotuned over CONFIGS on a GPU, where
+    only CONFIGS are accepted. Returns G's dtype and shape, contiguous. Raises ValueError for a
+    short side over MAX_SHORT_SIDE."""
     check_triton_ns5_args("ns5_small", G, steps, coefficients, eps, dtype)
     m, n = G.shape[-2:]
     if min(m, n) > MAX_SHORT_SIDE:
@@ -165,6 +166,9 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     if config is not None and config[0] not in (16, 32, 64, 128):
         raise ValueError(f"ns5_small: config's chunk must be 16, 32, 64 or 128 (a divisor of the scratch's "
                          f"128-column padding), got {config[0]}")
+    if config is not None and G.device.type == "cuda" and tuple(config) not in CONFIGS:
+        raise ValueError(f"ns5_small: on a GPU config must be one of {CONFIGS} (the ones tested there), "
+                         f"got {tuple(config)}")
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
     if G.numel() == 0:
         return out
