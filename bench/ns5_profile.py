@@ -66,36 +66,38 @@ def per_call_ms(run, calls: int, preload: bool) -> float:
     return start.elapsed_time(stop) / calls
 
 
-def _triton_gram(G, algorithm):
-    from muonkern.ops.triton_gram import ns5_gram_symmetric
-    return ns5_gram_symmetric(G, 5, None, 1e-7)
+IMPLS = ("op", "triton-gram", "triton-small")
 
 
-def _triton_small(G, algorithm):
-    from muonkern.ops.triton_small import ns5_small
-    return ns5_small(G, 5, None, 1e-7)
-
-
-IMPLS = {"op": lambda G, algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, algorithm),
-         "triton-gram": _triton_gram, "triton-small": _triton_small}
+def impl_call(impl: str, algorithm: str):
+    """The call to profile: the op with `algorithm`, or a Triton route (5 steps, Jordan's coefficients)."""
+    if impl == "op":
+        return lambda G: torch.ops.muonkern.ns5(G, 5, None, 1e-7, algorithm)
+    from muonkern.ops import triton_gram, triton_small
+    return {"triton-gram": triton_gram.ns5_gram_symmetric, "triton-small": triton_small.ns5_small}[impl]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", type=parse_shape,
                         help="e.g. 2048x8192 or 8x1024x4096 (repeatable)")
-    parser.add_argument("--algorithm", default="gram", choices=["auto", "standard", "gram"])
+    parser.add_argument("--algorithm", choices=["auto", "standard", "gram"],
+                        help="the op's algorithm (default gram); only with --impl op")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--impl", default="op", choices=list(IMPLS),
                         help="op: torch.ops.muonkern.ns5 with --algorithm; the others: the Triton routes")
     args = parser.parse_args()
+    if args.algorithm is not None and args.impl != "op":
+        parser.error("--algorithm applies to --impl op only")
+    args.algorithm = args.algorithm or "gram"
     if not torch.cuda.is_available():
         raise SystemExit("ns5_profile: needs a CUDA GPU")
+    call = impl_call(args.impl, args.algorithm)
     for shape in args.shape or [(2048, 8192), (8, 1024, 4096), (1024, 4096)]:
         G = torch.randn(*shape, device="cuda")
 
         def run():
-            return IMPLS[args.impl](G, args.algorithm)
+            return call(G)
 
         for _ in range(3):
             run()

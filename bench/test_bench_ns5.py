@@ -18,11 +18,12 @@ GPU (the baseline shapes, fp32 inputs):
                       MUONKERN_NS5_PATH=general times the cuBLAS path instead
   muonkern triton-gram muonkern.ops.triton_gram.ns5_gram_symmetric: the Gram iteration with every
                       symmetric product on the Triton stream-K kernel (one program per SM), the two
-                      products that touch X on cuBLAS; timed on the Gram shapes. The op does not take
-                      it yet: these rows decide where it should
+                      products that touch X on cuBLAS; timed on the Gram shapes. The op takes it under
+                      MUONKERN_NS5_PATH=symmetric, not in auto (slower on an H100: README)
   muonkern triton-small muonkern.ops.triton_small.ns5_small: one Triton program per matrix, all steps in
                       one launch (wgmma on Hopper), on the shapes with a short side <= 128, beside the
-                      op's CUDA fused kernel (mma.sync); the op does not take it yet
+                      op's CUDA fused kernel (mma.sync); the op takes it under MUONKERN_NS5_PATH=small,
+                      not in auto (slower on an H100: README)
 X Xᵀ alone (bf16, GPU): muonkern.ops.triton_symmetric.xxt and the stream-K
 muonkern.ops.triton_gram.symmetric_product vs torch.matmul(X, X.mT), its own table
 (xxt_bench.md/.json) with reference-equivalent TFLOP/s: the dense product's 2m²n FLOPs / the time.
@@ -93,10 +94,14 @@ def _triton_gram(G):
     return triton_gram.ns5_gram_symmetric(G, 5, None, 1e-7)
 
 
+def _triton_small(G):
+    return triton_small.ns5_small(G, 5, None, 1e-7)
+
+
 IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _reference_compiled,
          "torch_optim_muon": _torch_optim_muon, "muonkern triton-sym": _triton_sym,
          "muonkern triton-gram": _triton_gram,
-         "muonkern triton-small": lambda G: triton_small.ns5_small(G, 5, None, 1e-7),
+         "muonkern triton-small": _triton_small,
          **{impl: (lambda G, a=algorithm: torch.ops.muonkern.ns5(G, 5, None, 1e-7, a))
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 

@@ -55,6 +55,20 @@ def resource_usage(kernel) -> dict:
     return {"registers": int(found[1]), "spill_bytes": int(found[2]) + int(found[3])}
 
 
+# an sm_90 SM's shared memory available to one block
+SHARED_LIMIT_BYTES = 227 * 1024
+
+
+def sm90_summary(kernel) -> dict:
+    """What the compile checks assert on, from a compiled kernel: wgmma (and its m·n·k shapes) or
+    mma.sync in the PTX, shared bytes, registers and spilled bytes (resource_usage)."""
+    import re
+    ptx = kernel.asm["ptx"]
+    return {"wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
+            "wgmma_shapes": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
+            "shared_bytes": kernel.metadata.shared, **resource_usage(kernel)}
+
+
 def run_compile_script(script: str) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH")))))

@@ -21,8 +21,8 @@ from muonkern.ops import triton_graphs as tgr
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
 from ns5_cases import ill_conditioned, polar_distance, relative_difference, shape_id
-from sm90_compile import run_compile_script
-from reference import CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, POLAR_EXPRESS, POLAR_RTOL, assert_ns5_output, randn
+from sm90_compile import SHARED_LIMIT_BYTES, run_compile_script
+from reference import CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, JORDAN, POLAR_EXPRESS, POLAR_RTOL, assert_ns5_output, randn
 from symmetric_products import assert_symmetric_product, poisoned
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and tg.triton is not None),
@@ -66,7 +66,8 @@ def commuting_pair(gen, batch: int, m: int):
     X = randn(gen, batch, m, 2 * m, dtype=torch.float64)
     X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     R = X @ X.mT
-    P = -4.775 * R + 2.0315 * R @ R + 3.4445 * torch.eye(m, dtype=torch.float64)
+    a, b, c = JORDAN
+    P = b * R + c * R @ R + a * torch.eye(m, dtype=torch.float64)
     return tuple(t.to(torch.bfloat16).cuda() for t in (R, P, P @ P))
 
 
@@ -86,7 +87,7 @@ def test_commuting_products_and_polynomial_match_float64(gen, shape, programs):
     assert_symmetric_product(C, (ref + ref.mT) / 2, P64, m, cols=Q64.mT,
                              terms=(P64 @ Q64 - Q64 @ P64).abs() * 2 ** 23)
     # c·R·R + b·R + a·I in one epilogue
-    a, b, c = 3.4445, -4.7750, 2.0315
+    a, b, c = JORDAN
     C = tg.symmetric_product(R, R, c, R, b, a, out=poisoned(R.shape), programs=programs)
     R64 = R.double().cpu()
     eye = torch.eye(m, dtype=torch.float64)
@@ -133,8 +134,8 @@ def test_graph_replays_match_eager_calls(gen, monkeypatch):
     cases = [((2, 256, 1024), torch.float32, {}), ((640, 160), torch.float32, {}),
              ((2, 2, 96, 384), torch.bfloat16, {}), ((256, 1024), torch.float32, {"coefficients": POLAR_EXPRESS}),
              ((256, 1024), torch.float32, {"programs": 7}), ((3, 200, 700), torch.float16, {})]
+    steps = 5
     for i, (shape, dtype, kwargs) in enumerate(cases):
-        steps = 5
         for call in range(3):
             G = randn(gen, *shape, dtype=dtype, device="cuda")
             replayed = tg.ns5_gram_symmetric(G, steps, graph=True, **kwargs)
@@ -147,6 +148,8 @@ def test_graph_replays_match_eager_calls(gen, monkeypatch):
         assert torch.equal(tg.ns5_gram_symmetric(extra, graph=True), tg.ns5_gram_symmetric(extra, graph=False))
     assert len(tgr._graphs) == len(cases) and flags_raised() == 0
     view = randn(gen, 2, 1024, 256, device="cuda").mT
+    # the same iteration but for the accumulation order of the strided operand's products: a few
+    # bf16 roundings (u = 2^-8 each) apart, 1e-2 ~ 2.5 u (a wrong product is off by O(1))
     for _ in range(3):
         assert relative_difference(tg.ns5_gram_symmetric(view, graph=True), tg.ns5_gram_symmetric(view, graph=False)) <= 1e-2
     assert tgr.graph_pays(1, 1024, 4096, 5) and not tgr.graph_pays(1, 2048, 8192, 5)
@@ -188,7 +191,6 @@ _INTERPRETER_SCRIPT = r"""
 import json, sys
 import torch
 from muonkern.ops import triton_gram as tg
-from muonkern.ops import triton_graphs as tgr
 from reference import ns5_float64, POLAR_EXPRESS
 
 gen = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -296,8 +298,7 @@ def test_kernel_and_iteration_under_interpreter(gen):
 _COMPILE_SCRIPT = r"""
 import json, re
 from muonkern.ops import triton_gram as tg
-from muonkern.ops import triton_graphs as tgr
-from sm90_compile import compile_sm90, resource_usage
+from sm90_compile import compile_sm90, sm90_summary
 
 results = []
 for cfg in tg.CONFIGS:
@@ -319,11 +320,9 @@ for cfg in tg.CONFIGS:
         kernel = compile_sm90(tg._streamk_kernel, signature, {**{u: 1 for u in units}, **meta}, divisible,
                               cfg.num_warps, cfg.num_stages)
         ptx = kernel.asm["ptx"]
-        results.append({"case": [cfg.block, cfg.block_k, has_linear, k_major],
-                        "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
+        results.append({"case": [cfg.block, cfg.block_k, has_linear, k_major], **sm90_summary(kernel),
                         "atomics": sorted(set(re.findall(r"(?:atom|ld|st)\.global\.[a-z0-9._]+", ptx))),
-                        "partials_bypass_l1": "ld.global.cg" in ptx,
-                        "shared_bytes": kernel.metadata.shared, **resource_usage(kernel)})
+                        "partials_bypass_l1": "ld.global.cg" in ptx})
 print(json.dumps({"results": results}))
 """
 
@@ -335,9 +334,10 @@ def test_compiles_to_wgmma_for_sm90():
     acquire loads at GPU scope, reads partial sums past L1, fits one program per SM in shared
     memory (at most 227 KB) and spills no registers (cuobjdump's resource usage)."""
     for row in run_compile_script(_COMPILE_SCRIPT):
+        print({k: row.get(k) for k in ("case", "wgmma_shapes", "registers", "spill_bytes", "shared_bytes")})
         assert row["wgmma"] and not row["mma_sync"] and row["partials_bypass_l1"], row
         assert any(a.startswith("ld.global.gpu.acquire") or (a.startswith("atom.") and ".gpu.acquire" in a)
                    for a in row["atomics"]), row
         assert any(a.startswith("atom.global.gpu.release") for a in row["atomics"]), row
-        assert row["shared_bytes"] <= 227 * 1024, row
-        assert row["spill_bytes"] == 0, row   # 202-242 registers at 128² tiles, 128-142 at 64²
+        assert row["shared_bytes"] <= SHARED_LIMIT_BYTES, row
+        assert row["spill_bytes"] == 0, row   # -rP prints the rows (triton 3.8: 202-228 registers at 128² tiles, 128-134 at 64²)
