@@ -271,9 +271,10 @@ double general_seconds(const Ns5Problem& p) {
 // runs the Gram algorithm it takes muonkern::ns5_gram_symmetric (muonkern/ops/triton_gram.py: the Gram
 // iteration with every symmetric product on a stream-K Triton kernel). MUONKERN_NS5_PATH=small hands
 // standard calls with a short side of at most 128 to muonkern::ns5_small (muonkern/ops/triton_small.py:
-// one Triton program per matrix, wgmma on Hopper). "auto" takes neither of these two yet.
+// one Triton program per matrix, wgmma on Hopper). "auto" takes neither: on an H100 both are slower
+// than the paths it takes (README, bench/test_bench_ns5.py rows triton-gram and triton-small).
 constexpr int64_t kSymmetricMinShortSide = 4096;
-constexpr int64_t kSmallMaxShortSide = 128;
+constexpr int64_t kSmallMaxShortSide = 128;   // muonkern/ops/triton_small.py MAX_SHORT_SIDE
 
 // The Python-registered Triton op that serves this call, if any.
 std::optional<c10::OperatorHandle> triton_route(const at::Tensor& G, const std::string& path,

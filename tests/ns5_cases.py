@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from muonkern import orthogonality
-from reference import assert_ns5_output, randn, rel_err
+from reference import GRAM_POLAR_MARGIN, assert_ns5_output, randn, rel_err
 
 
 def ns5(G, steps=5, coefficients=None, eps=1e-7, algorithm="standard"):
@@ -132,9 +132,12 @@ def ill_conditioned(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return orthogonality.ill_conditioned(shape, gen)
 
 
-def polar_distance(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Per matrix ‖X − U Vᵀ‖_F / ‖U Vᵀ‖_F with U Vᵀ the polar factor of G (float64 SVD), on the CPU."""
-    return orthogonality.polar_distance(X.cpu(), orthogonality.polar_factor(G.cpu()))
+def assert_polar_margin(out: torch.Tensor, ref: torch.Tensor, G: torch.Tensor, what: str = "the reference") -> None:
+    """`out` no farther from the exact polar factor of G than `ref` is, per matrix, beyond another
+    rounding order's margin (GRAM_POLAR_MARGIN, tests/reference.py)."""
+    polar = orthogonality.polar_factor(G.cpu())
+    excess = (orthogonality.polar_distance(out.cpu(), polar) - orthogonality.polar_distance(ref.cpu(), polar)).max().item()
+    assert excess <= GRAM_POLAR_MARGIN, f"{excess:.4f} farther from the polar factor than {what}"
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,9 +14,9 @@ import torch
 from muonkern.ops import triton_small as tsm
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
-from ns5_cases import polar_distance, relative_difference, shape_id
+from ns5_cases import assert_polar_margin, relative_difference, shape_id
 from sm90_compile import SHARED_LIMIT_BYTES, run_compile_script
-from reference import (CROSS_DEVICE_RTOL, GRAM_POLAR_MARGIN, NORMALIZE_RTOL, POLAR_EXPRESS, POLAR_RTOL,
+from reference import (CROSS_DEVICE_RTOL, NORMALIZE_RTOL, POLAR_EXPRESS, POLAR_RTOL,
                        assert_ns5_output, randn)
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and tsm.triton is not None),
@@ -41,9 +41,7 @@ def test_matches_float64_and_reference(gen, shape, dtype):
     assert relative_difference(out, ref) <= CROSS_DEVICE_RTOL
     # no farther from the exact polar factor than the reference, beyond another rounding order's
     # margin (the one the Gram iteration is held to)
-    excess = (polar_distance(out.cpu().float(), G.cpu().float()) -
-              polar_distance(ref.cpu().float(), G.cpu().float())).max().item()
-    assert excess <= GRAM_POLAR_MARGIN, f"{excess:.4f} farther from the polar factor than the reference"
+    assert_polar_margin(out, ref, G)
 
 
 @needs_gpu

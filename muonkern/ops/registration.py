@@ -81,10 +81,7 @@ _composites = None
 #                       (muonkern.ops.triton_gram): MUONKERN_NS5_PATH=symmetric for Gram calls
 #   ns5_small           one program per matrix, short side <= 128 (muonkern.ops.triton_small):
 #                       MUONKERN_NS5_PATH=small
-NS5_SYMMETRIC_SCHEMA = ("ns5_symmetric(Tensor G, int steps=5, float[]? coefficients=None, "
-                        "float eps=1e-07) -> Tensor")
-NS5_GRAM_SYMMETRIC_SCHEMA = NS5_SYMMETRIC_SCHEMA.replace("ns5_symmetric", "ns5_gram_symmetric")
-NS5_SMALL_SCHEMA = NS5_SYMMETRIC_SCHEMA.replace("ns5_symmetric", "ns5_small")
+NS5_ROUTE_ARGS = "(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-07) -> Tensor"
 
 
 def _ns5_symmetric_kernel(G, steps=5, coefficients=None, eps=1e-7):
@@ -113,11 +110,10 @@ def _register_composites() -> None:
     _composites.impl("ns5_grouped", ns5_grouped_kernel, "CompositeExplicitAutograd")
     torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)
     if importlib.util.find_spec("triton") is not None:
-        for schema, kernel in ((NS5_SYMMETRIC_SCHEMA, _ns5_symmetric_kernel),
-                               (NS5_GRAM_SYMMETRIC_SCHEMA, _ns5_gram_symmetric_kernel),
-                               (NS5_SMALL_SCHEMA, _ns5_small_kernel)):
-            name = schema[:schema.index("(")]
-            _composites.define(schema)
+        for name, kernel in (("ns5_symmetric", _ns5_symmetric_kernel),
+                             ("ns5_gram_symmetric", _ns5_gram_symmetric_kernel),
+                             ("ns5_small", _ns5_small_kernel)):
+            _composites.define(name + NS5_ROUTE_ARGS)
             for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
                 _composites.impl(name, kernel, key)
             torch.library.register_fake(f"muonkern::{name}", _ns5_fake, lib=_composites)

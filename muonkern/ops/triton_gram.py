@@ -31,6 +31,7 @@ and Xᵀ X read X in place.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -38,8 +39,8 @@ import torch
 from .fallback import GramProducts, dense_gram_products, gram_iteration
 from .ns5_args import gram_restart_steps, step_coefficients
 from .triton_graphs import graph_pays, graphed_factors
-from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, check_triton_ns5_args,
-                               normalize, triton)
+from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, batched, check_triton_ns5_args,
+                               dense_product, dot_precision, normalize, symmetric_output, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -173,8 +174,14 @@ def _workspace(device: torch.device, programs: int) -> tuple[torch.Tensor, torch
 
 def _programs(device: torch.device) -> int:
     if device.type == "cuda" and not _interpreting():
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return INTERPRETER_PROGRAMS
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """SMs of a GPU: asked once per device, not on every product (~14 per ns5 call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _launch(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, alpha: float, D: Optional[torch.Tensor],
@@ -186,15 +193,14 @@ def _launch(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, alpha: float, D: 
         return None
     if M == 1 or K == 0:
         # nothing to tile (and Triton cannot compile a kernel with M = 1 specialized to a constant)
-        C.copy_(_dense(A, B, alpha, D, beta, gamma))
+        C.copy_(dense_product(A, B, alpha, D, beta, gamma))
         return None
     programs = programs or _programs(A.device)
     WS, FLAGS = _workspace(A.device, programs)
     Dt = C if D is None else D   # an unread stand-in when there is no linear term
     args = (A, B, Dt, C, WS, FLAGS, M, K, batch, *A.stride(), *B.stride(), *Dt.stride(), *C.stride(),
             float(alpha), float(beta), float(gamma))
-    meta = dict(HAS_LINEAR=D is not None, HAS_DIAGONAL=gamma != 0,
-                DOT_PRECISION="ieee" if A.dtype == torch.float32 else "tf32")
+    meta = dict(HAS_LINEAR=D is not None, HAS_DIAGONAL=gamma != 0, DOT_PRECISION=dot_precision(A.dtype))
     if config is None and (_interpreting() or A.device.type != "cuda"):
         config = INTERPRETER_CONFIG
     if config is None:
@@ -202,14 +208,6 @@ def _launch(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, alpha: float, D: 
     return _streamk_kernel[(programs,)](*args, BLOCK=config.block, BLOCK_K=config.block_k,
                                         GROUP=config.group, num_warps=config.num_warps,
                                         num_stages=config.num_stages, **meta)
-
-
-def _dense(A, B, alpha, D, beta, gamma) -> torch.Tensor:
-    """alpha·A·B + beta·D + gamma·I in float32 (the degenerate sizes)."""
-    C = alpha * (A.float() @ B.float())
-    if D is not None:
-        C = C + beta * D.float()
-    return C + gamma * torch.eye(C.size(-1), device=C.device)
 
 
 def _check_launch_options(name: str, config: Optional[SyrkConfig], programs: Optional[int]) -> None:
@@ -241,19 +239,8 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, D: O
     shape = (*A.shape[:-1], m)
     if D is not None and tuple(D.shape) != shape:
         raise ValueError(f"symmetric_product: D must have shape {shape}, got {tuple(D.shape)}")
-    if out is None:
-        out = torch.empty(shape, dtype=A.dtype, device=A.device)
-    elif tuple(out.shape) != shape or out.device != A.device or out.dtype not in _DTYPES:
-        raise ValueError(f"symmetric_product: out must have shape {shape} on {A.device} and a floating "
-                         f"dtype, got {tuple(out.shape)} {out.dtype} on {out.device}")
-    elif any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-             for t in (A, B, D) if t is not None):
-        raise ValueError("symmetric_product: out must not share memory with an input (tiles read what others write)")
+    out = symmetric_output("symmetric_product", shape, A, out, [t for t in (A, B, D) if t is not None])
     _check_launch_options("symmetric_product", config, programs)
-
-    def batched(t):
-        return None if t is None else (t if t.dim() == 3 else t.unsqueeze(0))
-
     _launch(batched(A), batched(B), batched(out), alpha, batched(D), beta, gamma, config, programs)
     return out
 
@@ -277,13 +264,11 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     batch = G.numel() // (m * n)
     triples, restarts = step_coefficients(steps, coefficients), gram_restart_steps(steps)
     products = symmetric_gram_products(m <= n, config, programs, G.dtype)
-    if graph is None:
-        graph = graph_pays(batch, m, n, steps, G.dtype != dtype)
-    if graph and G.device.type == "cuda" and not _interpreting() and not torch.cuda.is_current_stream_capturing():
+    can_graph = G.device.type == "cuda" and not _interpreting() and not torch.cuda.is_current_stream_capturing()
+    if can_graph and (graph if graph is not None else graph_pays(batch, m, n, steps, G.dtype != dtype)):
         with torch.cuda.device(G.device), torch.no_grad():
             stream = torch.cuda.current_stream()
-            key = ((batch, m, n), dtype, G.device, stream.cuda_stream, tuple(triples), config, programs)
-            factors = graphed_factors(key, (batch, m, n), dtype, G.device)
+            factors = graphed_factors((batch, m, n), dtype, G.device, stream, (tuple(triples), config, programs))
             if factors is not None:
                 normalize(G, dtype, eps, out=factors.X0.view(G.shape))   # into the graph's input
                 replayed = factors.replay(triples, restarts, products, stream)

@@ -48,10 +48,12 @@ def graph_pays(batch: int, m: int, n: int, steps: int, converts_input: bool = Tr
     return launches * GRAPH_HOST_SECONDS > batch * ns5_flops(m, n, steps, "gram") / GRAPH_FLOPS
 
 
-def graphed_factors(key: tuple, shape: tuple[int, int, int], dtype: torch.dtype,
-                    device: torch.device) -> Optional["GraphedFactors"]:
-    """The cached graph of `key`, a new one to capture (second sighting, room in the cache), or None:
-    this call runs eagerly."""
+def graphed_factors(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                    stream: "torch.cuda.Stream", variant: tuple) -> Optional["GraphedFactors"]:
+    """The cached graph of a layout (input shape, operand dtype, device, replay stream and the
+    caller's `variant`: whatever else changes the captured work), a new one to capture (second
+    sighting, room in the cache), or None: this call runs eagerly."""
+    key = (shape, dtype, device, stream.cuda_stream, variant)
     if key in _graphs:
         return _graphs[key]
     if key in _failed or len(_graphs) >= GRAPH_CACHE_SIZE:

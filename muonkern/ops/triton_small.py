@@ -28,14 +28,16 @@ from typing import Optional, Sequence
 import torch
 
 from .ns5_args import step_coefficients
-from .triton_symmetric import _interpreting, check_triton_ns5_args, triton
+from .triton_symmetric import _interpreting, check_triton_ns5_args, dot_precision, triton
 
 if triton is not None:
     import triton.language as tl
 
 __all__ = ["CONFIGS", "MAX_SHORT_SIDE", "ns5_small"]
 
-MAX_SHORT_SIDE = 128
+MAX_SHORT_SIDE = 128   # csrc/ns5_cuda.cpp's kSmallMaxShortSide routes up to this
+# the scratch's columns are padded to a multiple of this, so every chunk size dividing it stays inside
+SCRATCH_PAD = 128
 
 
 if triton is not None:
@@ -163,9 +165,9 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
     m, n = G.shape[-2:]
     if min(m, n) > MAX_SHORT_SIDE:
         raise ValueError(f"ns5_small: the short side must be at most {MAX_SHORT_SIDE}, got shape {tuple(G.shape)}")
-    if config is not None and config[0] not in (16, 32, 64, 128):
+    if config is not None and (config[0] < 16 or SCRATCH_PAD % config[0] != 0):
         raise ValueError(f"ns5_small: config's chunk must be 16, 32, 64 or 128 (a divisor of the scratch's "
-                         f"128-column padding), got {config[0]}")
+                         f"{SCRATCH_PAD}-column padding), got {config[0]}")
     if config is not None and G.device.type == "cuda" and tuple(config) not in CONFIGS:
         raise ValueError(f"ns5_small: on a GPU config must be one of {CONFIGS} (the ones tested there), "
                          f"got {tuple(config)}")
@@ -179,11 +181,10 @@ def ns5_small(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[f
         G3, O3 = G3.mT, O3.mT
     batch, M, N = G3.shape
     block_m = _block_m(M)
-    # the scratch is padded to whole chunks of the widest candidate
-    scratch = torch.empty((batch, block_m, -(-N // 128) * 128), dtype=dtype, device=G.device)
+    scratch = torch.empty((batch, block_m, -(-N // SCRATCH_PAD) * SCRATCH_PAD), dtype=dtype, device=G.device)
     args = (G3, O3, scratch, _coefficients(steps, coefficients, G.device), M, N, steps, float(eps),
             *G3.stride(), *O3.stride(), scratch.stride(0), scratch.stride(1))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    precision = dot_precision(dtype)
     if config is None and G.device.type == "cuda" and not _interpreting():
         _ns5_small_autotuned[(batch,)](*args, BLOCK_M=block_m, DOT_PRECISION=precision)
     else:

@@ -212,21 +212,46 @@ def _require_triton(name: str, *tensors: torch.Tensor) -> None:
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def symmetric_output(name: str, shape: tuple, like: torch.Tensor, out: Optional[torch.Tensor],
+                     inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The output of a symmetric product: a new (shape, like's dtype and device) tensor, or `out`
+    checked to have that shape and device, a floating dtype and no memory shared with `inputs`."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.device != like.device or out.dtype not in _DTYPES:
+        raise ValueError(f"{name}: out must have shape {shape} on {like.device} and a floating dtype, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+        raise ValueError(f"{name}: out must not share memory with an input (tiles read what others write)")
+    return out
+
+
+def batched(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A 2-D tensor as a batch of one (a view); 3-D as is."""
+    return None if t is None else (t if t.dim() == 3 else t.unsqueeze(0))
+
+
+def dense_product(A, B, alpha=1.0, D=None, beta=0.0, gamma=0.0) -> torch.Tensor:
+    """alpha·A·B + beta·D + gamma·I in float32, by torch: the sizes with nothing to tile."""
+    C = alpha * (A.float() @ B.float())
+    if D is not None:
+        C = C + beta * D.float()
+    return C + gamma * torch.eye(C.size(-1), device=C.device) if gamma != 0 else C
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact-input products for float32 operands (the interpreter tests)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _batched(name: str, X: torch.Tensor, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """X as (batch, m, k) and the output (given or new) as (batch, m, m), both views."""
     if X.dim() not in (2, 3):
         raise ValueError(f"{name}: expected a 2-D or 3-D tensor, got shape {tuple(X.shape)}")
     if X.dtype not in _DTYPES:
         raise TypeError(f"{name}: expected bfloat16, float16 or float32, got {X.dtype}")
-    shape = (*X.shape[:-1], X.size(-2))
-    if out is None:
-        out = torch.empty(shape, dtype=X.dtype, device=X.device)
-    elif tuple(out.shape) != shape or out.device != X.device or out.dtype not in _DTYPES:
-        raise ValueError(f"{name}: out must have shape {shape} on {X.device} and a floating dtype, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    elif out.untyped_storage().data_ptr() == X.untyped_storage().data_ptr():
-        raise ValueError(f"{name}: out must not share memory with the input (tiles read what others write)")
-    return (X if X.dim() == 3 else X.unsqueeze(0)), (out if out.dim() == 3 else out.unsqueeze(0))
+    out = symmetric_output(name, (*X.shape[:-1], X.size(-2)), X, out, (X,))
+    return batched(X), batched(out)
 
 
 def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_linear: bool,
@@ -239,13 +264,10 @@ def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_lin
     if M == 1:
         # 1×1 outputs: Triton 3.6 fails to compile the kernel when M = 1 is specialized to a
         # constant (its coalescing pass, on the mirrored store); there is nothing to tile anyway
-        Xf = X.float()
-        P = Xf @ Xf.mT
-        C.copy_(alpha * P + beta * Xf if has_linear else P)
+        C.copy_(dense_product(X, X.mT, alpha, X if has_linear else None, beta))
         return None
     args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta))
-    meta = dict(HAS_LINEAR=has_linear,
-                DOT_PRECISION="ieee" if X.dtype == torch.float32 else "tf32")
+    meta = dict(HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(X.dtype))
     if config is None and (_interpreting() or X.device.type != "cuda"):
         config = INTERPRETER_CONFIG
     if config is None:
@@ -299,13 +321,6 @@ def normalize(G: torch.Tensor, dtype: torch.dtype, eps: float, out: Optional[tor
     return torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps, out=out)
 
 
-def normalized_operand(name: str, G: torch.Tensor, steps: int, coefficients: Optional[Sequence[float]],
-                       eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Checks the arguments of an ns5 entry point and returns `normalize(G, dtype, eps)`."""
-    check_triton_ns5_args(name, G, steps, coefficients, eps, dtype)
-    return normalize(G, dtype, eps)
-
-
 def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
                   eps: float = 1e-7, config: Optional[SyrkConfig] = None,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -315,9 +330,10 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     the reference (float32 serves exactness tests under the interpreter). Each product rounds once,
     in its epilogue, where the reference rounds after every elementwise op as well. Returns G's
     dtype and shape, contiguous."""
+    check_triton_ns5_args("ns5_symmetric", G, steps, coefficients, eps, dtype)
     if G.dim() not in (2, 3):
         raise ValueError(f"ns5_symmetric: expected a 2-D or 3-D tensor, got shape {tuple(G.shape)}")
-    X = normalized_operand("ns5_symmetric", G, steps, coefficients, eps, dtype)
+    X = normalize(G, dtype, eps)
     if X.numel() == 0 or steps == 0:
         return X.to(G.dtype).contiguous()
     X = X.unsqueeze(0) if G.dim() == 2 else X
