@@ -28,24 +28,23 @@ if python -c "import muonkern._C" 2>/dev/null && [[ -n "${MUONKERN_PREBUILT:-}" 
 else
   step build python -m pip install --no-build-isolation --no-deps -e .
 fi
-if [[ "$phase" == all || "$phase" == tests ]]; then
-  step gpu_tests python -m pytest -q -rs -s tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py \
-    tests/test_ns5_triton.py tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py tests/test_dirquad.py tests/test_curvature_cuda.py tests/test_taylor_cuda.py \
-    tests/test_taylor_layers.py
-  for script in sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor \
-      sanitize_taylor_layers; do
+ns5_tests=(tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py tests/test_ns5_triton.py
+  tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py)
+sanitize() {  # sanitize SCRIPT...: memcheck and racecheck of each scripts/SCRIPT.py
+  for script in "$@"; do
     for tool in memcheck racecheck; do
-      step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        python "scripts/$script.py"
+      step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python "scripts/$script.py"
     done
   done
+}
+if [[ "$phase" == all || "$phase" == tests ]]; then
+  step gpu_tests python -m pytest -q -rs -s "${ns5_tests[@]}" tests/test_dirquad.py tests/test_curvature_cuda.py \
+    tests/test_taylor_cuda.py tests/test_taylor_layers.py
+  sanitize sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor sanitize_taylor_layers
 fi
 if [[ "$phase" == ns5 ]]; then
-  step gpu_tests_ns5 python -m pytest -q -rs tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py \
-    tests/test_ns5_triton.py tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py
-  for tool in memcheck racecheck; do
-    step "sanitize_ns5_triton_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python scripts/sanitize_ns5_triton.py
-  done
+  step gpu_tests_ns5 python -m pytest -q -rs "${ns5_tests[@]}"
+  sanitize sanitize_ns5_triton
 fi
 if [[ "$phase" == ns5-bench ]]; then
   step bench_ns5 python -m pytest -q bench/test_bench_ns5.py -k "not compiled and not optim and not cpu"

@@ -7,7 +7,8 @@ kernel of muonkern.ops.triton_gram) once per case, for compute-sanitizer:
 Cases: each tile configuration, sizes that are not tile multiples, a batch, a transposed view,
 outputs poisoned with NaN; the stream-K kernel also with one program per SM and with 7 programs
 (tiles split across programs); each result checked against float64 torch (bf16 operands, 1e-2);
-and ns5_small (muonkern.ops.triton_small) once per configuration, wide and tall, finite.
+and ns5_small (muonkern.ops.triton_small) per configuration on the shapes it serves (64- and
+128-row blocks, wide and tall), finite.
 """
 import torch
 
@@ -47,16 +48,20 @@ def main():
                 got = triton_gram.symmetric_product(A, A, 2.0315, A, -4.775, 3.4445, out=out, config=config,
                                                     programs=programs)
                 close(got, want, ("stream-K polynomial", config, programs))
+    small_runs = 0
     for config in triton_small.CONFIGS:
-        for shape in ((3, 64, 200), (2, 100, 40)):
+        # 64-row blocks wide and tall, 128-row blocks (short side 100)
+        for shape in ((3, 64, 200), (2, 100, 40), (2, 100, 300)):
             G = torch.randn(shape, generator=gen).cuda()
             if triton_small._fits(config, triton_small._block_m(min(shape[-2:]))):
                 assert torch.isfinite(triton_small.ns5_small(G, config=config)).all(), ("ns5_small", config, shape)
+                small_runs += 1
     G = torch.randn(300, 500, generator=gen).cuda()
     assert torch.isfinite(ns5_symmetric(G, config=CONFIGS[0])).all()
     assert torch.isfinite(triton_gram.ns5_gram_symmetric(G, config=triton_gram.CONFIGS[0])).all()
     torch.cuda.synchronize()
-    print(f"sanitize_ns5_triton: {len(CONFIGS)} + {len(triton_gram.CONFIGS)} configs ran and matched float64")
+    print(f"sanitize_ns5_triton: {len(CONFIGS)} + {len(triton_gram.CONFIGS)} product configs matched float64; "
+          f"ns5_small ran {small_runs} (config, shape) cases, finite")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ the caller's environment, the tests folder importable) and returns the results."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+from interpreter import last_json_line, run_script
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict, divisible, num_warps: int, num_stages: int):
@@ -70,11 +69,7 @@ def sm90_summary(kernel) -> dict:
 
 
 def run_compile_script(script: str) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json_line(run_script(script, timeout=600, TRITON_INTERPRET="0"))
     if "api" in report:
         pytest.skip(f"this triton's ASTSource takes other arguments: {report['api']}")
     return report["results"]
