@@ -156,18 +156,20 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
   return finish_launch(p, w, w.X[cur]);
 }
 
-// The Gram iteration (ns5_gram.cpp states it; the same products and roundings):
+// The Gram iteration (ns5_gram.cpp states it; the same products):
 //   R = X0 X0^T;  per step P = a I + b R + c R R,  Q = P Q (Q = P at a stretch's first step),
 //   R = (P R) P;  at a restart X0 = Q X0, R = X0 X0^T;  out = Q X0.
-// At a stretch's first step P is written straight into Q's buffer; later steps multiply into the
-// other Q buffer. The last product writes `out` itself, transposed where needed, for bf16 and fp32
-// outputs: an fp32 output is then the fp32 accumulator, not rounded to bf16 first (no finish
-// kernel: at 2048x8192 it cost 45 us of 956).
+// At a stretch's first step P is written whole straight into Q's buffer (its a I by the diagonal
+// kernel). Later steps keep only B = b R + c R R and apply P through beta, P M = B M + a M: one launch
+// fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
+// The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
+// output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
+// cost 45 us of 956).
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                                 at::ScalarType out_dtype, cudaStream_t stream) {
   Ns5Workspace w = normalized_workspace(p, device, 5, stream);
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
-  __nv_bfloat16 *Rm = w.squares[0], *P_later = w.squares[1], *PR = w.squares[2];
+  __nv_bfloat16 *Rm = w.squares[0], *B_later = w.squares[1], *PR = w.squares[2];
   __nv_bfloat16* Qs[2] = {w.squares[3], w.squares[4]};
   const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
   const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
@@ -177,11 +179,14 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
-    __nv_bfloat16* P = stretch_start ? Qs[q] : P_later;
-    gemm(products.square, c, Rm, Rm, b, Rm, P, stream);
-    C10_CUDA_CHECK(launch_add_diagonal(P, p.batch, p.short_side(), a, stream));
-    if (!stretch_start) {
-      gemm(products.square, 1.f, P, Qs[q], 0.f, Qs[1 - q], Qs[1 - q], stream);
+    // P = PB + shift I: PB is P itself at a stretch's first step, B later
+    __nv_bfloat16* PB = stretch_start ? Qs[q] : B_later;
+    const float shift = stretch_start ? 0.f : a;
+    gemm(products.square, c, Rm, Rm, b, Rm, PB, stream);
+    if (stretch_start) {
+      C10_CUDA_CHECK(launch_add_diagonal(PB, p.batch, p.short_side(), a, stream));
+    } else {
+      gemm(products.square, 1.f, PB, Qs[q], shift, Qs[q], Qs[1 - q], stream);  // P Q
       q = 1 - q;
     }
     stretch_start = false;
@@ -193,8 +198,8 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
       stretch_start = true;
       continue;
     }
-    gemm(products.square, 1.f, P, Rm, 0.f, PR, PR, stream);
-    gemm(products.square, 1.f, PR, P, 0.f, Rm, Rm, stream);
+    gemm(products.square, 1.f, PB, Rm, shift, Rm, PR, stream);  // P R
+    gemm(products.square, 1.f, PR, PB, shift, PR, Rm, stream);  // (P R) P
   }
   if (result_type) {
     // out = Q X0: wide, D = Xc Q as `apply`; tall, D = Q Xc^T (A and B swap roles)
@@ -329,9 +334,9 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
 // half as long as the GPU's work: there the direct call waits on the host. The fused path is a single
 // launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
-  // normalize and finish, then per step 3 GEMMs (general) or up to 4 GEMMs and the diagonal (gram,
-  // whose R, restarts and output add a few more)
-  const double launches = gram ? 6 + 5 * shape.steps : 3 * shape.steps + 2;
+  // normalize and finish, then per step 3 GEMMs (general) or up to 4 launches (gram, whose R, restarts
+  // and output add a few more)
+  const double launches = gram ? 6 + 4 * shape.steps : 3 * shape.steps + 2;
   const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
   return launches * kLaunchSeconds >= 0.5 * gpu;
 }
