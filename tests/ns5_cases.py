@@ -65,25 +65,34 @@ def check_noncontiguous(G: torch.Tensor, algorithm: str = "standard") -> None:
             assert torch.equal(out[i], out[0])
 
 
-def check_zero_matrices(gen: torch.Generator, device, shape=(3, 8, 24), algorithm: str = "standard") -> None:
-    """Zero matrices give exact zeros (no 0/0), next to a regular matrix in the same batch."""
+def _implementation(algorithm: str, run):
+    """`run` (an ns5 implementation taking G alone), or the op with this algorithm."""
+    return run if run is not None else (lambda G: ns5(G, algorithm=algorithm))
+
+
+def check_zero_matrices(gen: torch.Generator, device, shape=(3, 8, 24), algorithm: str = "standard",
+                        run=None) -> None:
+    """Zero matrices give exact zeros (no 0/0), next to a regular matrix in the same batch. `run`
+    replaces the op (e.g. one of the Triton implementations)."""
+    run = _implementation(algorithm, run)
     G = torch.zeros(shape, device=device)
     G[1] = randn(gen, *shape[1:], device=device)
-    out = ns5(G, algorithm=algorithm)
+    out = run(G)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[2] == 0).all()
     assert_ns5_output(out[1:2], G[1:2])
     tall = torch.zeros(2, shape[2], shape[1], device=device)
-    assert (ns5(tall, algorithm=algorithm) == 0).all()
+    assert (run(tall) == 0).all()
 
 
-def check_nonfinite_isolated(gen: torch.Generator, device, shape=(5, 16, 48), algorithm: str = "standard") -> None:
+def check_nonfinite_isolated(gen: torch.Generator, device, shape=(5, 16, 48), algorithm: str = "standard",
+                             run=None) -> None:
     """A matrix holding inf/nan gives a non-finite output; the others in the batch are unaffected."""
     G = randn(gen, *shape, device=device)
     G[1, 3, 4] = float("inf")
     G[2, 0, 0] = float("nan")
     G[3, -1, -1] = float("-inf")
-    out = ns5(G, algorithm=algorithm)
+    out = _implementation(algorithm, run)(G)
     for i in (1, 2, 3):
         assert not torch.isfinite(out[i]).all(), f"matrix {i} held a non-finite value but its output is finite"
     for i in (0, 4):

@@ -20,7 +20,8 @@ from muonkern.ops import triton_gram as tg
 from muonkern.ops import triton_graphs as tgr
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
-from ns5_cases import ill_conditioned, assert_polar_margin, relative_difference, shape_id
+from ns5_cases import (assert_polar_margin, check_nonfinite_isolated, check_zero_matrices, ill_conditioned,
+                       relative_difference, shape_id)
 from sm90_compile import SHARED_LIMIT_BYTES, run_compile_script
 from reference import CROSS_DEVICE_RTOL, JORDAN, POLAR_EXPRESS, POLAR_RTOL, assert_ns5_output, randn
 from symmetric_products import assert_symmetric_product, poisoned
@@ -117,6 +118,14 @@ def test_ns5_gram_symmetric_ill_conditioned_and_polar_express(gen):
     assert_polar_margin(out, ref, G)
     G = randn(gen, 4, 128, 512, device="cuda")
     assert_ns5_output(tg.ns5_gram_symmetric(G, 5, POLAR_EXPRESS), G, 5, POLAR_EXPRESS, rtol=POLAR_RTOL)
+
+
+@needs_gpu
+def test_ns5_gram_symmetric_zero_and_nonfinite_matrices(gen):
+    """Zero matrices give zeros and a non-finite one stays in its own output, beside regular ones."""
+    check_zero_matrices(gen, "cuda", shape=(3, 128, 256), run=tg.ns5_gram_symmetric)
+    check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 512), run=tg.ns5_gram_symmetric)
+    assert flags_raised() == 0
 
 
 @needs_gpu

@@ -14,7 +14,8 @@ import torch
 from muonkern.ops import triton_small as tsm
 from muonkern.ops.fallback import ns5_reference
 from interpreter import run_interpreter
-from ns5_cases import assert_polar_margin, relative_difference, shape_id
+from ns5_cases import (assert_polar_margin, check_nonfinite_isolated, check_zero_matrices, relative_difference,
+                       shape_id)
 from sm90_compile import SHARED_LIMIT_BYTES, run_compile_script
 from reference import (CROSS_DEVICE_RTOL, NORMALIZE_RTOL, POLAR_EXPRESS, POLAR_RTOL,
                        assert_ns5_output, randn)
@@ -68,12 +69,8 @@ def test_schedules_edges_and_errors(gen):
     view = randn(gen, 3, 200, 96, device="cuda").mT     # wide, non-contiguous
     assert_ns5_output(tsm.ns5_small(view), view)
     assert tsm.ns5_small(torch.empty(0, 64, 32, device="cuda")).shape == (0, 64, 32)
-    Z = torch.zeros(3, 32, 96, device="cuda")
-    Z[1] = randn(gen, 32, 96, device="cuda")
-    Z[2, 4, 5] = float("nan")
-    out = tsm.ns5_small(Z)
-    assert (out[0] == 0).all() and not torch.isfinite(out[2]).all()
-    assert_ns5_output(out[1:2], Z[1:2])
+    check_zero_matrices(gen, "cuda", shape=(3, 32, 96), run=tsm.ns5_small)
+    check_nonfinite_isolated(gen, "cuda", shape=(5, 100, 120), run=tsm.ns5_small)   # 128-row programs
     with pytest.raises(ValueError, match="at most 128"):
         tsm.ns5_small(torch.ones(2, 129, 200, device="cuda"))
     with pytest.raises(ValueError, match="chunk"):
