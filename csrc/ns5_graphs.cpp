@@ -26,8 +26,11 @@ namespace muonkern {
 namespace {
 
 // Launch-bound calls are small, so their graphs hold little memory; the cap bounds a process that
-// sees many shapes.
-constexpr size_t kMaxGraphs = 64;
+// sees many shapes. It counts captured graphs only: signatures seen once (a call count, no GPU
+// memory) are tracked up to kMaxSignatures, so shapes that pass by once never keep a recurring
+// shape from its graph.
+constexpr int64_t kMaxGraphs = 64;
+constexpr size_t kMaxSignatures = 4096;
 
 // The captured normalize launch and its arguments, so that a replay can read the caller's G in
 // place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums)).
@@ -50,6 +53,13 @@ struct CachedGraph {
 
 std::mutex cache_mutex;
 std::atomic<int64_t> captured{0};
+std::atomic<int64_t> graph_slots{0};  // captured or being captured, at most kMaxGraphs
+
+bool reserve_graph_slot() {
+  if (graph_slots.fetch_add(1) < kMaxGraphs) return true;
+  graph_slots.fetch_sub(1);
+  return false;
+}
 
 // Never destroyed: graphs and their memory pools must not be torn down after CUDA at process exit.
 auto& cache() {
@@ -169,7 +179,7 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
     const std::lock_guard<std::mutex> lock(cache_mutex);
     auto it = cache().find(key);
     if (it == cache().end()) {
-      if (cache().size() >= kMaxGraphs) return std::nullopt;
+      if (cache().size() >= kMaxSignatures) return std::nullopt;
       it = cache().emplace(key, std::make_unique<CachedGraph>()).first;
     }
     entry = it->second.get();
@@ -178,8 +188,14 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   const std::lock_guard<std::mutex> lock(entry->mutex);
   if (entry->failed) return std::nullopt;
   if (!entry->graph) {
-    if (++entry->calls < 2) return std::nullopt;
-    capture(*entry, G, side, body);
+    if (entry->calls < 2 && ++entry->calls < 2) return std::nullopt;
+    if (!reserve_graph_slot()) return std::nullopt;  // cache full: later calls of this signature run directly
+    try {
+      capture(*entry, G, side, body);
+    } catch (...) {
+      graph_slots.fetch_sub(1);
+      throw;
+    }
   }
   redirect_input(*entry, G, stream.stream());
   entry->graph->replay();

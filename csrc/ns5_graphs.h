@@ -30,7 +30,8 @@ using Ns5Body = std::function<ResultLaunch(const at::Tensor& G)>;
 // captured layout and a 16-byte aligned start; otherwise G is copied into the graph's input first.
 // nullopt where the caller runs body itself: the first call of a signature (it loads kernels and
 // builds cuBLASLt plans uncaptured), while the current stream is being captured (the caller's own
-// graph records the launches), or once the cache is full.
+// graph records the launches), or once the cache holds its most graphs (64; signatures seen only once
+// do not count).
 std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body);
 
 // Whether a call goes through ns5_graph_replay, by MUONKERN_NS5_GRAPH (read at every call): "0"

@@ -127,3 +127,20 @@ def test_inside_a_callers_capture_the_op_launches_directly(gen, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, direct(monkeypatch, [fresh], "standard")[0])
+
+
+def test_shapes_seen_once_leave_room_for_graphs(gen, monkeypatch):
+    """A signature seen once holds no graph, so many of them (more than the 64 graphs the cache
+    keeps) do not use up its room: a shape called twice afterwards is still captured. Run after
+    the other ns5 test files in one process, this is the state their many shapes leave."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    monkeypatch.setenv("MUONKERN_NS5_GEMM_TUNE", "0")  # no algorithm timing for each new shape
+    before = cached_graphs()
+    for i in range(70):
+        ns5(randn(gen, 200, 301 + 8 * i, device="cuda"), algorithm="standard")
+    assert cached_graphs() == before
+    G = randn(gen, 200, 297, device="cuda")
+    outs = [ns5(G, algorithm="standard") for _ in range(2)]
+    assert cached_graphs() == before + 1
+    assert torch.equal(outs[1], direct(monkeypatch, [G], "standard")[0])
