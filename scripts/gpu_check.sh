@@ -2,17 +2,19 @@
 # On a GPU machine: rebuild the extension, run the GPU tests, compute-sanitizer on every kernel
 # family, and the benchmarks. Logs and tables go to OUT (default gpu_check) and, after every
 # step, to OUT.tar (or $GPU_CHECK_TAR), so a run cut short still leaves what it did.
-#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5|ns5-bench]
+#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5|ns5-triton|ns5-bench]
 # all: every step; tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build +
-# the ns5 GPU tests + the Triton sanitizer cases; ns5-bench = build + the ns5 benchmark + profiles of
-# the Triton routes beside the op (ns5 and ns5-bench each fit one 10-minute call of a device
-# session). The study's small preset is timed apart:
+# the op's ns5 GPU tests (CUDA kernels, graphs, grouped, the symmetric Triton route); ns5-triton =
+# build + the stream-K Gram and ns5_small GPU tests + the Triton sanitizer cases; ns5-bench = build +
+# the ns5 benchmark + profiles of the Triton routes beside the op. ns5, ns5-triton and ns5-bench are
+# meant to fit one 10-minute call of a device session each (on an H200 the four Triton and grouped test
+# files together ran past 230 s). The study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)"
 phase="${2:-all}"
-[[ "$phase" =~ ^(all|tests|bench|ns5|ns5-bench)$ ]] || { echo "phase must be all, tests, bench, ns5 or ns5-bench, got '$phase'"; exit 2; }
+[[ "$phase" =~ ^(all|tests|bench|ns5|ns5-triton|ns5-bench)$ ]] || { echo "phase must be all, tests, bench, ns5, ns5-triton or ns5-bench, got '$phase'"; exit 2; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MUONKERN_BENCH_OUT="$out" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME COMMAND...: runs, logs to NAME.log, records a failure without stopping
@@ -28,8 +30,9 @@ if python -c "import muonkern._C" 2>/dev/null && [[ -n "${MUONKERN_PREBUILT:-}" 
 else
   step build python -m pip install --no-build-isolation --no-deps -e .
 fi
-ns5_tests=(tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py tests/test_ns5_triton.py
-  tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py)
+ns5_op_tests=(tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py tests/test_ns5_triton.py)
+ns5_triton_tests=(tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py)
+ns5_tests=("${ns5_op_tests[@]}" "${ns5_triton_tests[@]}")
 sanitize() {  # sanitize SCRIPT...: memcheck and racecheck of each scripts/SCRIPT.py
   for script in "$@"; do
     for tool in memcheck racecheck; do
@@ -43,7 +46,10 @@ if [[ "$phase" == all || "$phase" == tests ]]; then
   sanitize sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor sanitize_taylor_layers
 fi
 if [[ "$phase" == ns5 ]]; then
-  step gpu_tests_ns5 python -m pytest -q -rs "${ns5_tests[@]}"
+  step gpu_tests_ns5 python -m pytest -q -rs "${ns5_op_tests[@]}"
+fi
+if [[ "$phase" == ns5-triton ]]; then
+  step gpu_tests_ns5_triton python -m pytest -q -rs "${ns5_triton_tests[@]}"
   sanitize sanitize_ns5_triton
 fi
 if [[ "$phase" == ns5-bench ]]; then
