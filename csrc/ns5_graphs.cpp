@@ -52,8 +52,7 @@ struct CachedGraph {
 };
 
 std::mutex cache_mutex;
-std::atomic<int64_t> captured{0};
-std::atomic<int64_t> graph_slots{0};  // captured or being captured, at most kMaxGraphs
+std::atomic<int64_t> graph_slots{0};  // graphs captured (or being captured), at most kMaxGraphs
 
 bool reserve_graph_slot() {
   if (graph_slots.fetch_add(1) < kMaxGraphs) return true;
@@ -139,7 +138,6 @@ void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStrea
   entry.input = find_input_node(graph->raw_cuda_graph(), entry.in);
   graph->instantiate();
   entry.graph = std::move(graph);
-  ++captured;
 }
 
 // Sets the input the graph's normalize launch reads (replays keep the last one set).
@@ -210,6 +208,6 @@ bool ns5_graph_wanted(bool launch_bound) {
   return launch_bound || (value != nullptr && std::strcmp(value, "all") == 0);
 }
 
-int64_t ns5_cached_graphs() { return captured.load(); }
+int64_t ns5_cached_graphs() { return graph_slots.load(); }
 
 }  // namespace muonkern

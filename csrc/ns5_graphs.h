@@ -38,7 +38,8 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
 // never, "all" every multi-launch call (for measurement), otherwise where `launch_bound`.
 bool ns5_graph_wanted(bool launch_bound);
 
-// How many graphs this process has captured (tests read it through muonkern._C.ns5_cached_graphs).
+// How many graphs this process has captured, counting one another thread is capturing (tests read it
+// through muonkern._C.ns5_cached_graphs).
 int64_t ns5_cached_graphs();
 
 }  // namespace muonkern

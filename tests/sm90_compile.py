@@ -5,8 +5,10 @@ the caller's environment, the tests folder importable) and returns the results."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,6 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, divisible, num_warps
 def resource_usage(kernel) -> dict:
     """{"registers": n, "spill_bytes": stack + local bytes} of a compiled kernel's sm_90 cubin, read
     with the cuobjdump Triton ships; {} where it ships none."""
-    import re
-    import tempfile
-
     import triton
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
@@ -61,7 +60,6 @@ SHARED_LIMIT_BYTES = 227 * 1024
 def sm90_summary(kernel) -> dict:
     """What the compile checks assert on, from a compiled kernel: wgmma (and its m·n·k shapes) or
     mma.sync in the PTX, shared bytes, registers and spilled bytes (resource_usage)."""
-    import re
     ptx = kernel.asm["ptx"]
     return {"wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
             "wgmma_shapes": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from muonkern.orthogonality import polar_distance, polar_factor, singular_value_error
+
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "ns5_coefficients.py"
 _spec = importlib.util.spec_from_file_location("ns5_coefficients", _PATH)
 coef = importlib.util.module_from_spec(_spec)
@@ -22,7 +24,6 @@ def test_error_measures(gen):
     W = torch.linalg.qr(torch.randn(20, 12, generator=gen, dtype=torch.float64))[0].mT
     s = torch.rand(12, generator=gen, dtype=torch.float64) + 0.1
     G = Q @ torch.diag(s) @ W
-    from muonkern.orthogonality import polar_distance, polar_factor, singular_value_error
     polar = polar_factor(G)
     for scale, want in ((1.0, 0.0), (0.5, 0.5)):
         X = scale * Q @ W
@@ -31,7 +32,6 @@ def test_error_measures(gen):
 
 def test_error_measures_per_matrix(gen):
     """muonkern.orthogonality's measures give one value per matrix of a batch."""
-    from muonkern.orthogonality import polar_distance, polar_factor, singular_value_error
     G = torch.randn(3, 12, 20, generator=gen, dtype=torch.float64)
     polar = polar_factor(G)
     X = polar * torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)[:, None, None]
