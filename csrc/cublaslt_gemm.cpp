@@ -101,6 +101,10 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
   const auto ta = static_cast<cublasOperation_t>(s.ta), tb = static_cast<cublasOperation_t>(s.tb);
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  if (s.device_scalars) {
+    const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+    MUONKERN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+  }
   const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
   const int batch = static_cast<int>(s.batch);
   plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
@@ -160,10 +164,10 @@ cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, cons
   return best;
 }
 
-}  // namespace
-
-void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
-          const void* C, void* D, cudaStream_t stream) {
+// alpha and beta point to host or device floats as s.device_scalars says; `rerun_safe`: rerunning
+// the GEMM leaves D as one run does (no accumulation into D), so timing may run it.
+void run_gemm(const GemmShape& s, const float* alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, const float* beta,
+              bool rerun_safe, const void* C, void* D, cudaStream_t stream) {
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
@@ -175,15 +179,29 @@ void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bf
     GemmPlan& plan = gemm_plan(s, handle, workspace_size);
     // The first call of a shape picks its algorithm by timing, except under stream capture (no
     // synchronizing there: a later call does it) and where a rerun would accumulate into D.
-    if (!plan.timed && !timing_disabled() && (beta == 0.f || C != D) &&
+    if (!plan.timed && !timing_disabled() && rerun_safe &&
         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-      plan.algo = fastest(handle, plan, &alpha, A, B, &beta, C, D, workspace, workspace_size, stream);
+      plan.algo = fastest(handle, plan, alpha, A, B, beta, C, D, workspace, workspace_size, stream);
       plan.timed = true;
     }
     desc = plan.desc, a = plan.a, b = plan.b, c = plan.c, algo = plan.algo;
   }
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, desc, &alpha, A, a, B, b, &beta, C, c, D, c, &algo, workspace,
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, c, &algo, workspace,
                                        workspace_size, stream));
+}
+
+}  // namespace
+
+void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
+          const void* C, void* D, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(!s.device_scalars);
+  run_gemm(s, &alpha, A, B, &beta, beta == 0.f || C != D, C, D, stream);
+}
+
+void gemm(const GemmShape& s, const float* alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, const float* zero,
+          void* D, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(s.device_scalars);
+  run_gemm(s, alpha, A, B, zero, /*rerun_safe=*/true, D, D, stream);
 }
 
 }  // namespace muonkern

@@ -1,7 +1,7 @@
 // cuBLASLt GEMMs of the ns5 CUDA paths: D = alpha * op(A) op(B) + beta * C, column-major, bf16
 // operands, fp32 accumulation, strided batches; C and D bf16 or fp32 (`out_type`, the same for both).
 // C and D are separate buffers, which is what lets the Newton-Schulz polynomials ride in alpha and
-// beta. Plans are built once per shape and cached.
+// beta; alpha and beta are host floats or, per shape, device pointers. Plans are built once per shape and cached.
 #pragma once
 
 #include <cublasLt.h>
@@ -19,11 +19,17 @@ struct GemmShape {
   int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
   int64_t batch, device;
   int64_t out_type = CUDA_R_16BF;  // cudaDataType of C and D: CUDA_R_16BF or CUDA_R_32F
+  int64_t device_scalars = 0;      // 1: alpha and beta are device pointers (the overload below)
   bool operator==(const GemmShape& o) const { return std::memcmp(this, &o, sizeof(GemmShape)) == 0; }
 };
 
 // Runs on `stream` with torch's cuBLASLt handle and workspace for the current stream.
 void gemm(const GemmShape& s, float alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, float beta,
           const void* C, void* D, cudaStream_t stream);
+// D = alpha op(A) op(B) with alpha read from device memory when the GEMM runs (s.device_scalars
+// must be 1): a scale that a kernel earlier on the stream computed, with no host synchronization.
+// `zero` points to a device 0.f (cuBLASLt then reads beta from the device too).
+void gemm(const GemmShape& s, const float* alpha, const __nv_bfloat16* A, const __nv_bfloat16* B, const float* zero,
+          void* D, cudaStream_t stream);
 
 }  // namespace muonkern

@@ -97,26 +97,48 @@ std::optional<cudaDataType> direct_result_type(const Ns5Problem& p, at::ScalarTy
   return std::nullopt;
 }
 
+int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
+}
+
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
-// p's input here) and `square_buffers` R x R ones, each holding the whole batch.
+// p's input here) and `square_buffers` R x R ones, each holding the whole batch. Where the caller
+// allows it and the normalize kernel can, X[0] is left unscaled and `scale` points to the device
+// floats {1/s^2, 1/s, 0} (ns5_kernels.h) that its first GEMMs apply; otherwise `scale` is null.
 struct Ns5Workspace {
   at::Tensor memory;
   __nv_bfloat16* X[2];
   std::vector<__nv_bfloat16*> squares;
+  const float* scale = nullptr;
 };
 
 Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::TensorOptions& device, int square_buffers,
-                                  cudaStream_t stream) {
+                                  bool defer_scale, cudaStream_t stream) {
   const int64_t R = p.short_side(), C = p.long_side();
+  const int64_t elements = p.batch * (2 * R * C + square_buffers * R * R);
+  const int64_t scale_at = (elements + 7) / 8 * 8;  // 16-byte aligned, after the matrices
+  // MUONKERN_NS5_DEFER_SCALE=0: X0 always scaled in place (A/B timing)
+  defer_scale = defer_scale && ns5_normalize_can_defer(p) && env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0;
   Ns5Workspace w;
-  w.memory = at::empty({p.batch * (2 * R * C + square_buffers * R * R)}, device.dtype(at::kBFloat16));
+  w.memory = at::empty({defer_scale ? scale_at + 8 : elements}, device.dtype(at::kBFloat16));
   auto* base = reinterpret_cast<__nv_bfloat16*>(w.memory.data_ptr());
   w.X[0] = base;
   w.X[1] = base + p.batch * R * C;
   for (int i = 0; i < square_buffers; ++i) w.squares.push_back(base + p.batch * (2 * R * C + i * R * R));
+  float* scale = defer_scale ? reinterpret_cast<float*>(base + scale_at) : nullptr;
   at::Tensor scratch = at::empty({ns5_normalize_scratch_floats(p)}, device.dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_ns5_normalize(p, w.X[0], scratch.data_ptr<float>(), stream));
+  C10_CUDA_CHECK(launch_ns5_normalize(p, w.X[0], scratch.data_ptr<float>(), scale, stream));
+  w.scale = scale;
   return w;
+}
+
+// D = s A B (s a device float where `scale` is set, else 1).
+void scaled_product(GemmShape shape, const float* scale, const float* zero, const __nv_bfloat16* A,
+                    const __nv_bfloat16* B, void* D, cudaStream_t stream) {
+  if (scale == nullptr) return gemm(shape, 1.f, A, B, 0.f, D, D, stream);
+  shape.device_scalars = 1;
+  gemm(shape, scale, A, B, zero, D, stream);
 }
 
 // The finish kernel as the result launch: `out` <- X, transposed back and cast.
@@ -134,7 +156,7 @@ ResultLaunch finish_launch(const Ns5Problem& p, const Ns5Workspace& w, const __n
 // layout); otherwise the finish kernel is.
 ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                          at::ScalarType out_dtype, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, device, 2, stream);
+  Ns5Workspace w = normalized_workspace(p, device, 2, /*defer_scale=*/false, stream);
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
   __nv_bfloat16 *A = w.squares[0], *B = w.squares[1];
   const bool last_writes_out = !p.transpose() && out_dtype == at::kBFloat16;
@@ -156,6 +178,33 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
   return finish_launch(p, w, w.X[cur]);
 }
 
+// X X^T for large short sides in two GEMMs and a mirror: X's rows split at h, the first GEMM writes
+// the h columns [X X1^T] (all r rows), the second the lower-right X2 X2^T, and the mirror kernel the
+// upper-right block as the transpose of the lower-left. r h + (r - h)^2 instead of r^2 output
+// elements (3/4 at h = r/2); the halves still fill the chip at these sizes. h is a multiple of 128
+// (whole tiles, 16-byte aligned offsets). MUONKERN_NS5_SPLIT_GRAM=0 turns it off, =N sets the
+// smallest short side split (A/B timing).
+constexpr int64_t kSplitGramMinShortSide = 2048;
+
+int64_t gram_split_row(const Ns5Problem& p) {
+  const int min_short_side = env_int("MUONKERN_NS5_SPLIT_GRAM", kSplitGramMinShortSide);
+  if (min_short_side <= 0 || p.short_side() < std::max(min_short_side, 256) || p.batch >= 65536) return 0;
+  return p.short_side() / 2 / 128 * 128;
+}
+
+// Rm = s X X^T (s as in scaled_product), whole or split at row h > 0.
+void gram_product(const Ns5Products& products, int64_t h, const float* scale, const float* zero,
+                  const __nv_bfloat16* X, __nv_bfloat16* Rm, cudaStream_t stream) {
+  if (h == 0) return scaled_product(products.gram, scale, zero, X, X, Rm, stream);
+  const int64_t r = products.gram.m, C = products.gram.k;
+  GemmShape left = products.gram, corner = products.gram;
+  left.n = h;                               // Rm[:, :h] = X X1^T
+  corner.m = corner.n = r - h;              // Rm[h:, h:] = X2 X2^T
+  scaled_product(left, scale, zero, X, X, Rm, stream);
+  scaled_product(corner, scale, zero, X + h * C, X + h * C, Rm + h * r + h, stream);
+  C10_CUDA_CHECK(launch_mirror_block(Rm, products.gram.batch, r, h, stream));
+}
+
 // The Gram iteration (ns5_gram.cpp states it; the same products):
 //   R = X0 X0^T;  per step P = a I + b R + c R R,  Q = P Q (Q = P at a stretch's first step),
 //   R = (P R) P;  at a restart X0 = Q X0, R = X0 X0^T;  out = Q X0.
@@ -164,10 +213,15 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
 // fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
 // The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
 // output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
-// cost 45 us of 956).
+// cost 45 us of 956). For one wide matrix X0 is bf16(G) unscaled (Ns5Workspace): the first Gram
+// product applies 1/s^2 and the first product with X0 (restart or result) 1/s, as device-side alpha.
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                                 at::ScalarType out_dtype, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, device, 5, stream);
+  Ns5Workspace w = normalized_workspace(p, device, 5, /*defer_scale=*/p.steps > 0, stream);
+  // X0's pending scales: 1/s^2 for its Gram product, 1/s for Q X0; null once applied (or none)
+  const float* gram_scale = w.scale;
+  const float* x_scale = w.scale != nullptr ? w.scale + 1 : nullptr;
+  const float* zero = w.scale != nullptr ? w.scale + 2 : nullptr;
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
   __nv_bfloat16 *Rm = w.squares[0], *B_later = w.squares[1], *PR = w.squares[2];
   __nv_bfloat16* Qs[2] = {w.squares[3], w.squares[4]};
@@ -175,7 +229,8 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
   int cur = 0, q = 0;
   bool stretch_start = true;
-  if (p.steps > 0) gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, Rm, Rm, stream);
+  const int64_t split = gram_split_row(p);
+  if (p.steps > 0) gram_product(products, split, gram_scale, zero, w.X[cur], Rm, stream);
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
@@ -192,9 +247,10 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
     stretch_start = false;
     if (s == p.steps) break;
     if (std::find(restarts.begin(), restarts.end(), s) != restarts.end()) {
-      gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, w.X[1 - cur], w.X[1 - cur], stream);
+      scaled_product(products.apply, x_scale, zero, w.X[cur], Qs[q], w.X[1 - cur], stream);
+      x_scale = nullptr;
       cur = 1 - cur;
-      gemm(products.gram, 1.f, w.X[cur], w.X[cur], 0.f, Rm, Rm, stream);
+      gram_product(products, split, nullptr, nullptr, w.X[cur], Rm, stream);
       stretch_start = true;
       continue;
     }
@@ -205,12 +261,13 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
     // out = Q X0: wide, D = Xc Q as `apply`; tall, D = Q Xc^T (A and B swap roles)
     const bool tall = p.transpose();
     const __nv_bfloat16 *A = tall ? Qs[q] : w.X[cur], *B = tall ? w.X[cur] : Qs[q];
-    return {w.memory, [shape = products.result(tall, *result_type), A, B](const at::Tensor& out, cudaStream_t stream) {
-              gemm(shape, 1.f, A, B, 0.f, out.data_ptr(), out.data_ptr(), stream);
+    return {w.memory, [shape = products.result(tall, *result_type), A, B, x_scale, zero](const at::Tensor& out,
+                                                                                      cudaStream_t stream) {
+              scaled_product(shape, x_scale, zero, A, B, out.data_ptr(), stream);
             }};
   }
   if (p.steps > 0) {
-    gemm(products.apply, 1.f, w.X[cur], Qs[q], 0.f, w.X[1 - cur], w.X[1 - cur], stream);
+    scaled_product(products.apply, x_scale, zero, w.X[cur], Qs[q], w.X[1 - cur], stream);
     cur = 1 - cur;
   }
   return finish_launch(p, w, w.X[cur]);
@@ -228,10 +285,6 @@ constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSME
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 
-int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
-}
 
 bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
   const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);

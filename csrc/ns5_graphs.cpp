@@ -33,12 +33,12 @@ constexpr int64_t kMaxGraphs = 64;
 constexpr size_t kMaxSignatures = 4096;
 
 // The captured normalize launch and its arguments, so that a replay can read the caller's G in
-// place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums)).
+// place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums, deferred)).
 struct InputNode {
   cudaGraphNode_t node = nullptr;
   cudaKernelNodeParams params{};
   Ns5Problem problem{};
-  void* rest[3] = {};
+  void* rest[4] = {};
 };
 
 struct CachedGraph {
@@ -105,7 +105,7 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
     if (!ns5_is_normalize_kernel(found.params.func)) continue;
     found.node = node;
     std::memcpy(&found.problem, found.params.kernelParams[0], sizeof(Ns5Problem));
-    for (int i = 0; i < 3; ++i) std::memcpy(&found.rest[i], found.params.kernelParams[i + 1], sizeof(void*));
+    for (int i = 0; i < 4; ++i) std::memcpy(&found.rest[i], found.params.kernelParams[i + 1], sizeof(void*));
     if (found.problem.in.data != in.data_ptr()) return std::nullopt;
     return found;
   }
@@ -145,7 +145,7 @@ void point_input_at(CachedGraph& entry, const void* data) {
   InputNode& input = *entry.input;
   if (input.problem.in.data == data) return;
   input.problem.in.data = data;
-  void* args[] = {&input.problem, &input.rest[0], &input.rest[1], &input.rest[2]};
+  void* args[] = {&input.problem, &input.rest[0], &input.rest[1], &input.rest[2], &input.rest[3]};
   cudaKernelNodeParams params = input.params;
   params.kernelParams = args;
   params.extra = nullptr;

@@ -1,6 +1,7 @@
 """A short run of every CUDA kernel of muonkern::ns5 for compute-sanitizer (memcheck, racecheck):
 the fused kernel at each cluster size, the general path (normalize, cuBLASLt, finish) and the Gram
-iteration (the same pieces and the diagonal kernel), over several dtypes, orientations and odd sizes.
+iteration (the same pieces and the diagonal kernel; one wide matrix with its scale deferred to the
+GEMMs), over several dtypes, orientations and odd sizes.
 The multi-launch paths run three times: directly, then captured into a CUDA graph and replayed, then
 replayed.
 
@@ -26,6 +27,9 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("auto", "0", "gram", (200, 72), torch.bfloat16),     # ... bf16 out, transposed
     ("auto", "0", "gram", (2, 300, 64), torch.float32),   # ... fp32 out, transposed
     ("auto", "0", "gram", (2, 48, 200), torch.float16),   # the finish kernel
+    ("auto", "0", "gram", (40, 4100), torch.float32),     # one wide matrix: the deferred scale, partial chunk
+    ("auto", "0", "gram", (1, 32, 4096), torch.float64),  # ... in 16-byte vectors, fp64 through finish
+    ("auto", "0", "gram", (2, 2200, 2240), torch.float32),  # X X^T split at row 1024, with the mirror kernel
 ]
 
 for path, cluster, algorithm, shape, dtype in CASES:

@@ -292,6 +292,39 @@ def test_gram_zero_and_nonfinite_matrices(gen):
     check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 512), algorithm="gram")
 
 
+# Norms of a 256 x 1024 Gaussian times these: ~5e-12 and ~5e11 fall outside the range [1e-10, 1e10]
+# where the normalize kernel defers one wide matrix's scale to the Gram products
+# (csrc/kernels/ns5_prep.cu); ~5e-9, ~5 and ~5e9 fall inside, near both ends.
+@pytest.mark.parametrize("factor", [1e-14, 1e-11, 1e-2, 1e7, 1e9], ids=lambda f: f"x{f:g}")
+def test_gram_one_matrix_at_any_norm(gen, factor):
+    G = randn(gen, 256, 1024, device="cuda") * factor
+    poison_allocator()
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+def test_gram_one_matrix_zero_and_nonfinite(gen):
+    """One wide matrix (the deferred-scale normalize): zeros give zeros, inf or NaN a non-finite output."""
+    out = ns5(torch.zeros(256, 1024, device="cuda"), algorithm="gram")
+    assert (out == 0).all()
+    for bad in (float("inf"), float("nan")):
+        G = randn(gen, 256, 1024, device="cuda")
+        G[7, 9] = bad
+        assert not torch.isfinite(ns5(G, algorithm="gram")).all()
+
+
+# Short sides of at least 2048 compute X X^T as two GEMMs and a mirror kernel (csrc/ns5_cuda.cpp,
+# gram_product): split at r/2 and at a multiple of 128 below it (2200 -> 1024), a batch, tall.
+@pytest.mark.parametrize("shape", [(2048, 2304), (2, 2200, 2400), (2304, 2048)], ids=shape_id)
+def test_gram_split_products(gen, monkeypatch, shape):
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    split = ns5(G, algorithm="gram")
+    assert_ns5_output(split, G)
+    monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "0")
+    diff = relative_difference(split, ns5(G, algorithm="gram"))
+    assert diff <= BF16_RTOL, f"split vs whole X X^T: relative difference {diff:.4g}"
+
+
 @pytest.mark.parametrize("shape", [(12, 64, 768), (3, 768, 64), (1024, 4096), (2, 3, 40, 24)], ids=shape_id)
 def test_gram_agrees_with_cpu(gen, shape):
     G = randn(gen, *shape)

@@ -51,10 +51,15 @@ cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster,
 // ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
 // X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
 // kernel; `scratch` holds ns5_normalize_scratch_floats(p) floats.
+// With `deferred` (3 device floats; only where ns5_normalize_can_defer) X may be left as bf16(G),
+// unscaled: deferred then holds {1/s^2, 1/s, 0} for s = ||G||_F + eps, else {1, 1, 0} with X scaled.
 int64_t ns5_normalize_scratch_floats(const Ns5Problem& p);
-cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* scratch, cudaStream_t stream);
+bool ns5_normalize_can_defer(const Ns5Problem& p);
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* scratch, float* deferred,
+                                 cudaStream_t stream);
 // Whether `func` is the normalize kernel (of any dtype); its arguments are (Ns5Problem, X, two float
-// pointers into the scratch). Graph replays redirect its input (csrc/ns5_graphs.cpp).
+// pointers into the scratch, the deferred-scale pointer). Graph replays redirect its input
+// (csrc/ns5_graphs.cpp).
 bool ns5_is_normalize_kernel(const void* func);
 // out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
@@ -62,5 +67,8 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaS
 // ---- Gram path: the a*I of P = a I + b R + c R R, added in fp32 and rounded once ----
 // M (batch, n, n) bf16, contiguous: M[b, i, i] += a.
 cudaError_t launch_add_diagonal(__nv_bfloat16* M, int64_t batch, int64_t n, float a, cudaStream_t stream);
+// M (batch, n, n) bf16, contiguous: M[b, j, i] = M[b, i, j] for i < h <= j (one off-diagonal block
+// of a symmetric matrix from the other; batch < 65536).
+cudaError_t launch_mirror_block(__nv_bfloat16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream);
 
 }  // namespace muonkern

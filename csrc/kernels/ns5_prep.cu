@@ -2,6 +2,10 @@
 //   normalize: X = bf16(G / (||G||_F + eps)), transposed to the wide orientation, in ONE cooperative
 //              launch (sum of squares per tile row group | grid sync | sum per matrix, in a fixed order, so the
 //              result is deterministic | grid sync | scale, cast, transpose);
+//              With a `deferred` pointer (one wide, row-contiguous matrix) the sum pass writes
+//              bf16(G) unscaled and the scale pass is skipped: the scale goes to deferred[] =
+//              {1/s^2, 1/s, 0}, s = ||G|| + eps, for the Gram iteration's first GEMMs to apply as
+//              device-side alpha (and beta = 0). 96 instead of 160 MB at 2048x8192 fp32.
 //   finish:    out = X transposed back and cast to G's dtype.
 // Where no transpose is needed and each matrix is one row-major span, both stream it flat, 16
 // elements per thread in flight, in 16-byte vectors where the addresses allow (the common wide,
@@ -25,6 +29,12 @@ using bf16 = __nv_bfloat16;
 constexpr int kTile = 32;
 constexpr int kRowsPerPass = 8;  // a 32 x 8 thread block covers a tile in 4 passes
 constexpr int kThreads = kTile * kRowsPerPass;
+
+// Norms for which a deferred scale is safe: X0 X0^T of the unscaled bf16(G) neither overflows fp32
+// (its entries are at most ||G||^2) nor loses its products to underflow. Outside (and for inf/NaN)
+// the kernel scales X itself.
+constexpr float kDeferredMinNorm = 1e-10f;
+constexpr float kDeferredMaxNorm = 1e10f;
 
 constexpr int kFlatPerThread = 16;
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kFlatPerThread;  // elements per flat work unit
@@ -78,15 +88,20 @@ __device__ __forceinline__ void store_run(T* dst, int64_t i, int64_t n, const fl
   }
 }
 
-template <typename T, bool kVector> __device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n) {
+// The sum of squares of a flat work unit; where `copy` is set, the unit is also written to it in bf16,
+// unscaled.
+template <typename T, bool kVector>
+__device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n, bf16* copy) {
   constexpr int W = kFlatWidth<T>;
   float partial = 0.f;
 #pragma unroll
   for (int j = 0; j < kFlatPerThread / W; ++j) {
     float v[W];
-    load_run<W, kVector>(g, flat_index<W>(base, j), n, v);
+    const int64_t i = flat_index<W>(base, j);
+    load_run<W, kVector>(g, i, n, v);
 #pragma unroll
     for (int e = 0; e < W; ++e) partial += v[e] * v[e];
+    if (copy != nullptr) store_run<W, kVector>(copy, i, n, v);
   }
   return partial;
 }
@@ -124,7 +139,7 @@ struct TileGrid {
 // kVector: the flat passes read whole runs as one access (where vectorizable()).
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
-                                                                 float* warp_sumsq, float* sumsq) {
+                                                                 float* warp_sumsq, float* sumsq, float* deferred) {
   __shared__ float tile[kTile][kTile + 1];
   const cg::grid_group grid = cg::this_grid();
   const TileGrid tg(p);
@@ -138,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   const int64_t units = flat ? chunks : tg.per_matrix;  // per matrix
   for (int64_t t = blockIdx.x; flat && t < p.batch * chunks; t += gridDim.x) {
     const int64_t b = t / chunks, base = (t % chunks) * kChunk;
-    float partial = chunk_sumsq<T, kVector>(G + batch_offset(p.in, b), base, mn);
+    float partial = chunk_sumsq<T, kVector>(G + batch_offset(p.in, b), base, mn, deferred != nullptr ? X + b * mn : nullptr);
     for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
     if (tx == 0) warp_sumsq[t * kRowsPerPass + ty] = partial;
   }
@@ -174,6 +189,18 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   }
   grid.sync();
 
+  if (deferred != nullptr) {  // one matrix, flat: X holds bf16(G) already
+    const float norm = sqrtf(sumsq[0]);
+    const float inv = 1.f / (norm + p.eps);
+    // Every block decides alike (sumsq is final after the grid sync).
+    const bool in_range = norm >= kDeferredMinNorm && norm <= kDeferredMaxNorm;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      deferred[0] = in_range ? inv * inv : 1.f;
+      deferred[1] = in_range ? inv : 1.f;
+      deferred[2] = 0.f;
+    }
+    if (in_range) return;
+  }
   const int64_t R = p.short_side(), C = p.long_side();
   const bool transpose = p.transpose();
   for (int64_t t = blockIdx.x; flat && !transpose && t < p.batch * chunks; t += gridDim.x) {
@@ -247,6 +274,24 @@ __global__ void add_diagonal_kernel(bf16* M, int64_t batch, int64_t n, float a) 
   }
 }
 
+// M[b, j, i] = M[b, i, j] for i < h <= j (n x n, contiguous), through a shared-memory tile so that
+// reads run along j and writes along i. Grid: (tiles over j, tiles over i, batch).
+__global__ void __launch_bounds__(kThreads) mirror_block_kernel(bf16* M, int64_t n, int64_t h) {
+  __shared__ bf16 tile[kTile][kTile + 1];
+  bf16* m = M + static_cast<int64_t>(blockIdx.z) * n * n;
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = h + static_cast<int64_t>(blockIdx.x) * kTile;
+  for (int r = ty; r < kTile; r += kRowsPerPass) {
+    const int64_t i = i0 + r, j = j0 + tx;
+    if (i < h && j < n) tile[r][tx] = m[i * n + j];
+  }
+  __syncthreads();
+  for (int r = ty; r < kTile; r += kRowsPerPass) {
+    const int64_t j = j0 + r, i = i0 + tx;
+    if (i < h && j < n) m[j * n + i] = tile[tx][r];
+  }
+}
+
 int sm_count() {
   int device = 0, count = 0;
   cudaGetDevice(&device);
@@ -258,7 +303,10 @@ int sm_count() {
 
 int64_t ns5_normalize_scratch_floats(const Ns5Problem& p) { return TileGrid(p).total * kRowsPerPass + p.batch; }
 
-cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, cudaStream_t stream) {
+bool ns5_normalize_can_defer(const Ns5Problem& p) { return p.batch == 1 && !p.transpose() && rows_contiguous(p); }
+
+cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, float* deferred, cudaStream_t stream) {
+  if (deferred != nullptr && !ns5_normalize_can_defer(p)) return cudaErrorInvalidValue;
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto* kernel = vectorizable<T>(p.in, p.m * p.n) ? ns5_normalize_kernel<T, true> : ns5_normalize_kernel<T, false>;
@@ -273,7 +321,7 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, c
     Ns5Problem problem = p;
     float* warp_sumsq = scratch;
     float* sumsq = scratch + tiles * kRowsPerPass;
-    void* args[] = {&problem, &X, &warp_sumsq, &sumsq};
+    void* args[] = {&problem, &X, &warp_sumsq, &sumsq, &deferred};
     return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, 0, stream);
   });
 }
@@ -301,6 +349,14 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const bf16* X, cudaStream_t s
     kernel<<<static_cast<unsigned>(units < cap ? units : cap), kThreads, 0, stream>>>(p, X);
     return cudaGetLastError();
   });
+}
+
+cudaError_t launch_mirror_block(bf16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream) {
+  if (batch * h * (n - h) == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((n - h + kTile - 1) / kTile), static_cast<unsigned>((h + kTile - 1) / kTile),
+                  static_cast<unsigned>(batch));
+  mirror_block_kernel<<<grid, kThreads, 0, stream>>>(M, n, h);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_add_diagonal(bf16* M, int64_t batch, int64_t n, float a, cudaStream_t stream) {
