@@ -118,8 +118,8 @@ Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::TensorOptions& 
   const int64_t R = p.short_side(), C = p.long_side();
   const int64_t elements = p.batch * (2 * R * C + square_buffers * R * R);
   const int64_t scale_at = (elements + 7) / 8 * 8;  // 16-byte aligned, after the matrices
-  // MUONKERN_NS5_DEFER_SCALE=0: X0 always scaled in place (A/B timing)
-  defer_scale = defer_scale && ns5_normalize_can_defer(p) && env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0;
+  // opt-in (MUONKERN_NS5_DEFER_SCALE=1) until timed on a GPU
+  defer_scale = defer_scale && ns5_normalize_can_defer(p) && env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0;
   Ns5Workspace w;
   w.memory = at::empty({defer_scale ? scale_at + 8 : elements}, device.dtype(at::kBFloat16));
   auto* base = reinterpret_cast<__nv_bfloat16*>(w.memory.data_ptr());
@@ -182,9 +182,9 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
 // the h columns [X X1^T] (all r rows), the second the lower-right X2 X2^T, and the mirror kernel the
 // upper-right block as the transpose of the lower-left. r h + (r - h)^2 instead of r^2 output
 // elements (3/4 at h = r/2); the halves still fill the chip at these sizes. h is a multiple of 128
-// (whole tiles, 16-byte aligned offsets). MUONKERN_NS5_SPLIT_GRAM=0 turns it off, =N sets the
-// smallest short side split (A/B timing).
-constexpr int64_t kSplitGramMinShortSide = 2048;
+// (whole tiles, 16-byte aligned offsets). Opt-in until timed on a GPU: MUONKERN_NS5_SPLIT_GRAM=N
+// splits from short side N (2048 is the size it is meant for), 0 or unset never.
+constexpr int64_t kSplitGramMinShortSide = 0;
 
 int64_t gram_split_row(const Ns5Problem& p) {
   const int min_short_side = env_int("MUONKERN_NS5_SPLIT_GRAM", kSplitGramMinShortSide);
@@ -213,8 +213,9 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 // fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
 // The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
 // output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
-// cost 45 us of 956). For one wide matrix X0 is bf16(G) unscaled (Ns5Workspace): the first Gram
-// product applies 1/s^2 and the first product with X0 (restart or result) 1/s, as device-side alpha.
+// cost 45 us of 956). With MUONKERN_NS5_DEFER_SCALE=1, for one wide matrix X0 is bf16(G) unscaled
+// (Ns5Workspace): the first Gram product applies 1/s^2 and the first product with X0 (restart or
+// result) 1/s, as device-side alpha.
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                                 at::ScalarType out_dtype, cudaStream_t stream) {
   Ns5Workspace w = normalized_workspace(p, device, 5, /*defer_scale=*/p.steps > 0, stream);

@@ -32,6 +32,8 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("auto", "0", "gram", (2, 2200, 2240), torch.float32),  # X X^T split at row 1024, with the mirror kernel
 ]
 
+# the Gram iteration's opt-in pieces: the deferred scale of one wide matrix, the split X X^T
+os.environ["MUONKERN_NS5_DEFER_SCALE"], os.environ["MUONKERN_NS5_SPLIT_GRAM"] = "1", "2048"
 for path, cluster, algorithm, shape, dtype in CASES:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
     for _ in range(1 if path == "fused" else 3):

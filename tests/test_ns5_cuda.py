@@ -294,16 +294,19 @@ def test_gram_zero_and_nonfinite_matrices(gen):
 
 # Norms of a 256 x 1024 Gaussian times these: ~5e-12 and ~5e11 fall outside the range [1e-10, 1e10]
 # where the normalize kernel defers one wide matrix's scale to the Gram products
-# (csrc/kernels/ns5_prep.cu); ~5e-9, ~5 and ~5e9 fall inside, near both ends.
+# (csrc/kernels/ns5_prep.cu; opt-in, MUONKERN_NS5_DEFER_SCALE=1); ~5e-9, ~5 and ~5e9 fall inside,
+# near both ends.
 @pytest.mark.parametrize("factor", [1e-14, 1e-11, 1e-2, 1e7, 1e9], ids=lambda f: f"x{f:g}")
-def test_gram_one_matrix_at_any_norm(gen, factor):
+def test_gram_one_matrix_at_any_norm(gen, monkeypatch, factor):
+    monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
     G = randn(gen, 256, 1024, device="cuda") * factor
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-def test_gram_one_matrix_zero_and_nonfinite(gen):
+def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):
     """One wide matrix (the deferred-scale normalize): zeros give zeros, inf or NaN a non-finite output."""
+    monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
     out = ns5(torch.zeros(256, 1024, device="cuda"), algorithm="gram")
     assert (out == 0).all()
     for bad in (float("inf"), float("nan")):
@@ -312,10 +315,13 @@ def test_gram_one_matrix_zero_and_nonfinite(gen):
         assert not torch.isfinite(ns5(G, algorithm="gram")).all()
 
 
-# Short sides of at least 2048 compute X X^T as two GEMMs and a mirror kernel (csrc/ns5_cuda.cpp,
-# gram_product): split at r/2 and at a multiple of 128 below it (2200 -> 1024), a batch, tall.
+# With MUONKERN_NS5_SPLIT_GRAM=2048 (opt-in), short sides of at least 2048 compute X X^T as two GEMMs
+# and a mirror kernel (csrc/ns5_cuda.cpp, gram_product): split at r/2 and at a multiple of 128 below
+# it (2200 -> 1024), a batch, tall; one wide matrix also with its scale deferred.
 @pytest.mark.parametrize("shape", [(2048, 2304), (2, 2200, 2400), (2304, 2048)], ids=shape_id)
 def test_gram_split_products(gen, monkeypatch, shape):
+    monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "2048")
+    monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
     G = randn(gen, *shape, device="cuda")
     poison_allocator()
     split = ns5(G, algorithm="gram")

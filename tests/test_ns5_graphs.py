@@ -59,14 +59,17 @@ def test_replays_match_direct_launches(gen, monkeypatch, shape, algorithm, trans
     assert_ns5_output(outs[-1], inputs[-1])  # and right, not merely equal
 
 
-@pytest.mark.parametrize("algorithm", ["standard", "gram"])
-def test_replays_read_aligned_inputs_in_place_and_copy_the_rest(gen, monkeypatch, algorithm):
+@pytest.mark.parametrize("algorithm,defer", [("standard", False), ("gram", False), ("gram", True)],
+                         ids=["standard", "gram", "gram-deferred-scale"])
+def test_replays_read_aligned_inputs_in_place_and_copy_the_rest(gen, monkeypatch, algorithm, defer):
     """The graph reads a 16-byte aligned G where it lies and copies one that starts 4 bytes off
     into its own input. Alternating the two (same shape and strides), every replay still equals the
-    direct launches, and an input overwritten after its call does not change that call's result."""
+    direct launches, and an input overwritten after its call does not change that call's result.
+    With MUONKERN_NS5_DEFER_SCALE=1 the re-pointed normalize launch keeps its deferred-scale argument."""
     monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
     monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
-    shape = (456, 712) if algorithm == "standard" else (536, 2168)
+    monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1" if defer else "0")
+    shape = (456, 712) if algorithm == "standard" else (552, 2184) if defer else (536, 2168)
 
     def make(offset):
         flat = randn(gen, shape[0] * shape[1] + offset, device="cuda")
