@@ -407,6 +407,9 @@ std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<do
   for (const int64_t stride : G.strides()) append(&stride, sizeof(stride));
   s += '|';
   append(abc.data(), abc.size() * sizeof(double));  // the step count is abc.size() / 3
+  // the Gram iteration's opt-ins change its launches
+  s += "|defer" + std::to_string(env_int("MUONKERN_NS5_DEFER_SCALE", 0)) + "|split" +
+       std::to_string(env_int("MUONKERN_NS5_SPLIT_GRAM", kSplitGramMinShortSide));
   return s;
 }
 

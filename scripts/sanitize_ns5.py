@@ -27,7 +27,7 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("auto", "0", "gram", (200, 72), torch.bfloat16),     # ... bf16 out, transposed
     ("auto", "0", "gram", (2, 300, 64), torch.float32),   # ... fp32 out, transposed
     ("auto", "0", "gram", (2, 48, 200), torch.float16),   # the finish kernel
-    ("auto", "0", "gram", (40, 4100), torch.float32),     # one wide matrix: the deferred scale, partial chunk
+    ("auto", "0", "gram", (41, 4101), torch.float32),     # one wide matrix: the deferred scale, element by element
     ("auto", "0", "gram", (1, 32, 4096), torch.float64),  # ... in 16-byte vectors, fp64 through finish
     ("auto", "0", "gram", (2, 2200, 2240), torch.float32),  # X X^T split at row 1024, with the mirror kernel
 ]

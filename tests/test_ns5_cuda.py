@@ -294,14 +294,28 @@ def test_gram_zero_and_nonfinite_matrices(gen):
 
 # Norms of a 256 x 1024 Gaussian times these: ~5e-12 and ~5e11 fall outside the range [1e-10, 1e10]
 # where the normalize kernel defers one wide matrix's scale to the Gram products
-# (csrc/kernels/ns5_prep.cu; opt-in, MUONKERN_NS5_DEFER_SCALE=1); ~5e-9, ~5 and ~5e9 fall inside,
+# (csrc/kernels/ns5_prep.cu; opt-in, MUONKERN_NS5_DEFER_SCALE=1); ~5e-10, ~5 and ~5e9 fall inside,
 # near both ends.
-@pytest.mark.parametrize("factor", [1e-14, 1e-11, 1e-2, 1e7, 1e9], ids=lambda f: f"x{f:g}")
+@pytest.mark.parametrize("factor", [1e-14, 1e-12, 1e-2, 1e7, 1e9], ids=lambda f: f"x{f:g}")
 def test_gram_one_matrix_at_any_norm(gen, monkeypatch, factor):
     monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
     G = randn(gen, 256, 1024, device="cuda") * factor
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+# Without a restart (steps <= 3) the deferred 1/s rides on the last product: straight into a bf16 or
+# fp32 output, or before the finish kernel (fp16). An odd element count (41 x 4101) takes the
+# normalize kernel's element-by-element copy instead of 16-byte vectors.
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("shape,dtype", [((256, 1024), torch.float32), ((256, 1024), torch.bfloat16),
+                                         ((256, 1024), torch.float16), ((41, 4101), torch.float32)],
+                         ids=["fp32", "bf16", "fp16", "fp32-odd"])
+def test_gram_one_matrix_without_restart(gen, monkeypatch, steps, shape, dtype):
+    monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
+    G = randn(gen, *shape, dtype=dtype, device="cuda")
+    poison_allocator()
+    assert_ns5_output(ns5(G, steps, algorithm="gram"), G, steps)
 
 
 def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):

@@ -85,6 +85,7 @@ def test_replays_read_aligned_inputs_in_place_and_copy_the_rest(gen, monkeypatch
     assert cached_graphs() == before + 1
     for out, expected in zip(outs, direct(monkeypatch, originals, algorithm)):
         assert torch.equal(out, expected)
+    assert_ns5_output(outs[-1], originals[-1])
 
 
 def test_each_stream_gets_its_own_graph(gen, monkeypatch):
