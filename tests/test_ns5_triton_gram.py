@@ -13,6 +13,8 @@ shows sm_90 code with wgmma and the acquire/release flag atomics.
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -34,6 +36,24 @@ needs_triton = pytest.mark.skipif(tg.triton is None, reason="needs triton")
 def flags_raised() -> int:
     """Flags left raised in every cached workspace (0 after complete launches)."""
     return sum(int(flags.count_nonzero()) for _, flags in tg._workspaces.values())
+
+
+def test_graph_cache_bounds_the_layouts_it_remembers(monkeypatch):
+    """Layouts seen once are remembered up to MAX_SEEN_LAYOUTS; past that a new layout runs eagerly
+    on every call, while a remembered one still gets its graph on its second call. (CPU: the lookup
+    allocates the graph's input buffer and captures nothing.)"""
+    monkeypatch.setattr(tgr, "MAX_SEEN_LAYOUTS", 3)
+    for name in ("_graphs", "_seen", "_failed"):
+        monkeypatch.setattr(tgr, name, type(getattr(tgr, name))())
+    stream = types.SimpleNamespace(cuda_stream=0)
+
+    def lookup(i):
+        return tgr.graphed_factors((1, 8, 8 + i), torch.float32, torch.device("cpu"), stream, ())
+
+    assert all(lookup(i) is None for i in range(5))
+    assert len(tgr._seen) == 3
+    assert lookup(4) is None, "a layout past the bound was remembered"
+    assert isinstance(lookup(0), tgr.GraphedFactors), "a remembered layout was not given its graph"
 
 
 # ---- GPU ---------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ for calls whose launches cost the host more time than the GPU takes (`graph_pays
 Run like the op's own graph cache (csrc/ns5_graphs.cpp):
 - a layout is captured the second time it is seen, so a one-off call never pays for a capture;
 - at most GRAPH_CACHE_SIZE layouts are kept and later ones run eagerly, with no eviction (a Muon
-  step cycling through more layouts would otherwise recapture on every call);
+  step cycling through more layouts would otherwise recapture on every call); layouts seen once
+  are remembered up to MAX_SEEN_LAYOUTS, so a process meeting ever new shapes holds bounded memory;
 - a layout whose capture fails runs eagerly from then on.
 
 Keys hold the device and the replay stream. Each (device, replay stream) pair has a capture stream
@@ -22,7 +23,7 @@ import torch
 from .fallback import GramProducts, gram_factors
 from .ns5_args import gram_restart_steps, ns5_flops
 
-__all__ = ["GRAPH_CACHE_SIZE", "GraphedFactors", "graph_pays", "graphed_factors"]
+__all__ = ["GRAPH_CACHE_SIZE", "MAX_SEEN_LAYOUTS", "GraphedFactors", "graph_pays", "graphed_factors"]
 
 # Host time per launch (Python and Triton's launcher) and the GPU's rate on the Gram iteration's
 # dense FLOPs: estimates, to be fitted to H100 timings (bench/ns5_profile.py --impl triton-gram).
@@ -30,6 +31,7 @@ GRAPH_HOST_SECONDS = 15e-6
 GRAPH_FLOPS = 400e12
 # A graph holds its input buffer and intermediates (about 4·batch·m·n + 8·batch·r² bytes in bf16).
 GRAPH_CACHE_SIZE = 16
+MAX_SEEN_LAYOUTS = 4096
 
 _graphs: dict = {}
 _seen: set = set()
@@ -59,7 +61,8 @@ def graphed_factors(shape: tuple[int, int, int], dtype: torch.dtype, device: tor
     if key in _failed or len(_graphs) >= GRAPH_CACHE_SIZE:
         return None
     if key not in _seen:
-        _seen.add(key)
+        if len(_seen) < MAX_SEEN_LAYOUTS:
+            _seen.add(key)
         return None
     _graphs[key] = GraphedFactors(key, shape, dtype, device)
     return _graphs[key]
