@@ -102,6 +102,12 @@ int env_int(const char* name, int fallback) {
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
+// The Gram iteration's opt-ins until timed on a GPU (read at every call; graph_signature keys on
+// both): MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace) and MUONKERN_NS5_SPLIT_GRAM=N, the smallest short
+// side whose X X^T is split (gram_product; 2048 is the size it is meant for), 0 or unset never.
+bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0; }
+int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 0); }
+
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
 // p's input here) and `square_buffers` R x R ones, each holding the whole batch. Where the caller
 // allows it and the normalize kernel can, X[0] is left unscaled and `scale` points to the device
@@ -117,9 +123,8 @@ Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::TensorOptions& 
                                   bool defer_scale, cudaStream_t stream) {
   const int64_t R = p.short_side(), C = p.long_side();
   const int64_t elements = p.batch * (2 * R * C + square_buffers * R * R);
-  const int64_t scale_at = (elements + 7) / 8 * 8;  // 16-byte aligned, after the matrices
-  // opt-in (MUONKERN_NS5_DEFER_SCALE=1) until timed on a GPU
-  defer_scale = defer_scale && ns5_normalize_can_defer(p) && env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0;
+  const int64_t scale_at = (elements + 7) / 8 * 8;  // 16-byte aligned, after the matrices; 8 bf16 hold the 3 floats
+  defer_scale = defer_scale && defer_scale_enabled() && ns5_normalize_can_defer(p);
   Ns5Workspace w;
   w.memory = at::empty({defer_scale ? scale_at + 8 : elements}, device.dtype(at::kBFloat16));
   auto* base = reinterpret_cast<__nv_bfloat16*>(w.memory.data_ptr());
@@ -182,13 +187,11 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
 // the h columns [X X1^T] (all r rows), the second the lower-right X2 X2^T, and the mirror kernel the
 // upper-right block as the transpose of the lower-left. r h + (r - h)^2 instead of r^2 output
 // elements (3/4 at h = r/2); the halves still fill the chip at these sizes. h is a multiple of 128
-// (whole tiles, 16-byte aligned offsets). Opt-in until timed on a GPU: MUONKERN_NS5_SPLIT_GRAM=N
-// splits from short side N (2048 is the size it is meant for), 0 or unset never.
-constexpr int64_t kSplitGramMinShortSide = 0;
-
+// (whole tiles, 256-byte aligned offsets; 0, no split, below a short side of 256). Opt-in:
+// split_gram_min_short_side().
 int64_t gram_split_row(const Ns5Problem& p) {
-  const int min_short_side = env_int("MUONKERN_NS5_SPLIT_GRAM", kSplitGramMinShortSide);
-  if (min_short_side <= 0 || p.short_side() < std::max(min_short_side, 256) || p.batch >= 65536) return 0;
+  const int min_short_side = split_gram_min_short_side();
+  if (min_short_side <= 0 || p.short_side() < min_short_side || p.batch >= 65536) return 0;
   return p.short_side() / 2 / 128 * 128;
 }
 
@@ -219,8 +222,8 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                                 at::ScalarType out_dtype, cudaStream_t stream) {
   Ns5Workspace w = normalized_workspace(p, device, 5, /*defer_scale=*/p.steps > 0, stream);
-  // X0's pending scales: 1/s^2 for its Gram product, 1/s for Q X0; null once applied (or none)
-  const float* gram_scale = w.scale;
+  // X0's pending scales: w.scale (1/s^2) for its Gram product, x_scale (1/s) for Q X0, null once
+  // applied (or none)
   const float* x_scale = w.scale != nullptr ? w.scale + 1 : nullptr;
   const float* zero = w.scale != nullptr ? w.scale + 2 : nullptr;
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
@@ -231,7 +234,7 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   int cur = 0, q = 0;
   bool stretch_start = true;
   const int64_t split = gram_split_row(p);
-  if (p.steps > 0) gram_product(products, split, gram_scale, zero, w.X[cur], Rm, stream);
+  if (p.steps > 0) gram_product(products, split, w.scale, zero, w.X[cur], Rm, stream);
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
@@ -285,7 +288,6 @@ constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, on
 constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per step
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
-
 
 bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
   const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);
@@ -408,8 +410,7 @@ std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<do
   s += '|';
   append(abc.data(), abc.size() * sizeof(double));  // the step count is abc.size() / 3
   // the Gram iteration's opt-ins change its launches
-  s += "|defer" + std::to_string(env_int("MUONKERN_NS5_DEFER_SCALE", 0)) + "|split" +
-       std::to_string(env_int("MUONKERN_NS5_SPLIT_GRAM", kSplitGramMinShortSide));
+  s += "|defer" + std::to_string(defer_scale_enabled()) + "|split" + std::to_string(split_gram_min_short_side());
   return s;
 }
 
