@@ -278,19 +278,21 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice (after the symmetric route above). MUONKERN_NS5_PATH=fused|general forces a path
-// (fused only where it fits) and
+// Path choice (after the symmetric route above), for either algorithm. MUONKERN_NS5_PATH=fused|general
+// forces a path (fused only where it fits) and
 // MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size; otherwise a cost model decides. The
 // fused kernel runs one block per SM at a rate per SM, in waves of (matrices x cluster) / SMs; the
-// general path pays a launch per kernel and runs its products near the chip's GEMM rate.
+// general path pays a launch per kernel and runs its products near the chip's GEMM rate. A cluster
+// pays its barriers and DSMEM reduction per Gram matrix X X^T: every step in the standard
+// iteration, at the start and each restart in the Gram one.
 // Constants fitted to H100 timings (48x128x128, 12x64x768, 1x128x600, 132x64x512, 768x768).
 constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, one block per SM
-constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per step
+constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per X X^T
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 
-bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
-  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);
+bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
+  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster, gram);
   return smem > 0 && smem <= prop.sharedMemPerBlockOptin && p.steps <= kFusedMaxSteps;
 }
 
@@ -298,27 +300,31 @@ bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
 // more blocks while SMs would otherwise idle and each block keeps at least Rp columns (below that
 // the redundant B = bA + cA^2 dominates: 48x128x128 ran 1.5x slower on 2 blocks than on 1), or
 // while its slice does not fit one block.
-int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop) {
+int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
   const int forced = env_int("MUONKERN_NS5_CLUSTER", 0);
-  if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return fused_fits(p, forced, prop) ? forced : 0;
+  if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return fused_fits(p, forced, prop, gram) ? forced : 0;
   const int64_t Rp = (p.short_side() + 31) / 32 * 32, C = p.long_side();
   int cluster = 1;
   while (cluster < kFusedMaxCluster && p.batch * cluster * 2 <= prop.multiProcessorCount && C / (2 * cluster) >= Rp)
     cluster *= 2;
-  while (cluster <= kFusedMaxCluster && !fused_fits(p, cluster, prop)) cluster *= 2;
+  while (cluster <= kFusedMaxCluster && !fused_fits(p, cluster, prop, gram)) cluster *= 2;
   return cluster <= kFusedMaxCluster ? cluster : 0;
 }
 
-double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
+double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
   const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), Cs = static_cast<double>(p.long_side()) / cluster;
-  const double per_block = p.steps * (4 * R * R * Cs + 2 * R * R * R) / kFusedFlopsPerSm;
+  const double per_block = ns5_flops_of_iterate(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
+  const double reductions = gram ? (p.steps > 0 ? 1.0 + gram_restart_steps(p.steps).size() : 0.0) : p.steps;
   const double waves = std::ceil(static_cast<double>(p.batch * cluster) / prop.multiProcessorCount);
-  return waves * (per_block + (cluster > 1 ? p.steps * kClusterStepSeconds : 0.0));
+  return waves * (per_block + (cluster > 1 ? reductions * kClusterStepSeconds : 0.0));
 }
 
-double general_seconds(const Ns5Problem& p) {
-  const double R = static_cast<double>(p.short_side()), C = static_cast<double>(p.long_side());
-  return (3 * p.steps + 2) * kLaunchSeconds + p.batch * p.steps * (4 * R * R * C + 2 * R * R * R) / kGeneralGemmFlops;
+// Kernels of a general-path call: normalize and finish, then per step 3 GEMMs (standard) or up to 4
+// launches (Gram, whose R, restarts and output add a few more).
+double general_launches(const Ns5Problem& p, bool gram) { return gram ? 6 + 4 * p.steps : 3 * p.steps + 2; }
+
+double general_seconds(const Ns5Problem& p, bool gram) {
+  return general_launches(p, gram) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,13 +381,18 @@ at::Tensor empty_output(const at::Tensor& G) {
   return at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster) {
+at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster,
+                     bool gram) {
   at::Tensor out = empty_output(G_in);
   if (out.numel() == 0) return out;
   const at::Tensor G = launch_layout(G_in);
   const Ns5Problem p = describe(G, out.data_ptr(), steps, eps);
   std::vector<float> abc32(abc.begin(), abc.end());
-  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), cluster, at::cuda::getCurrentCUDAStream()));
+  FusedGram fused_gram{gram, 0u};
+  if (gram) {
+    for (const int64_t s : gram_restart_steps(steps)) fused_gram.restarts |= 1u << s;
+  }
+  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), fused_gram, cluster, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -390,11 +401,8 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
 // half as long as the GPU's work: there the direct call waits on the host. The fused path is a single
 // launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
-  // normalize and finish, then per step 3 GEMMs (general) or up to 4 launches (gram, whose R, restarts
-  // and output add a few more)
-  const double launches = gram ? 6 + 4 * shape.steps : 3 * shape.steps + 2;
   const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
-  return launches * kLaunchSeconds >= 0.5 * gpu;
+  return general_launches(shape, gram) * kLaunchSeconds >= 0.5 * gpu;
 }
 
 // Everything that fixes the launches of a call.
@@ -431,11 +439,13 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   if (auto op = triton_route(G_in, path, prop, gram))
     return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
         G_in, steps, coefficients, eps);
-  if (!gram) {
-    const int cluster = path == "general" ? 0 : fused_cluster(shape, prop);
-    if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
-      return ns5_fused(G_in, steps, abc, eps, cluster);
-  }
+  // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): there it
+  // rounds P = a I + b R + c R R to bf16 whole, and on ill-conditioned 4x128x512 it measured 0.020
+  // farther from the polar factor than the standard iteration, past GRAM_POLAR_MARGIN (0.0195).
+  const int cluster = path == "general" ? 0 : fused_cluster(shape, prop, gram);
+  if (cluster > 0 &&
+      (path == "fused" || (!gram && fused_seconds(shape, cluster, prop, gram) <= general_seconds(shape, gram))))
+    return ns5_fused(G_in, steps, abc, eps, cluster, gram);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
   if (G_in.numel() > 0 && ns5_graph_wanted(launch_bound(shape, gram))) {
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body)) return *out;

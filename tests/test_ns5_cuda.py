@@ -1,6 +1,6 @@
-"""muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH, and
-the Gram algorithm (algorithm="gram": the general path's kernels and cuBLASLt, csrc/ns5_cuda.cpp; the
-path variable does not apply to it).
+"""muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH, for
+the standard iteration and the Gram one (algorithm="gram": on the fused kernel for small matrices, on
+the general path's kernels and cuBLASLt otherwise, csrc/ns5_cuda.cpp).
 
 The op reads MUONKERN_NS5_PATH at each call: `fused` (one launch per batch, small matrices; where a
 shape does not fit it, the op quietly takes the general path), `general` (cuBLASLt), `auto`.
@@ -238,11 +238,63 @@ GRAM_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("path_name", ["auto", *PATHS])
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
-def test_gram_matches_float64(gen, shape):
+def test_gram_matches_float64(gen, monkeypatch, path_name, shape):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", path_name)
     G = randn(gen, *shape, device="cuda")
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+# The fused kernel's Gram iteration: R = X X^T reduced over the cluster at the start and at each
+# restart, the R x R steps run by every block of the cluster alike.
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 600), (2, 1, 50)],
+                         ids=shape_id)
+def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
+# Restart schedules (gram_restart_steps): 3 steps none, 5 after step 2, 6 after steps 2 and 4; the
+# Polar Express schedule's per-step coefficients; every dtype.
+@pytest.mark.parametrize("steps,coefficients,rtol", [(3, None, None), (6, None, None), (5, POLAR_EXPRESS, POLAR_RTOL)],
+                         ids=["3-steps", "6-steps", "polar-express"])
+def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    G = randn(gen, 8, 64, 512, device="cuda")
+    assert_ns5_output(ns5(G, steps, coefficients, algorithm="gram"), G, steps, coefficients, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gram_dtypes(gen, monkeypatch, dtype):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+    assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
+
+
+def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    check_zero_matrices(gen, "cuda", shape=(3, 40, 256), algorithm="gram")
+    check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 200), algorithm="gram")
+
+
+def test_fused_gram_near_the_general_gram(gen, monkeypatch):
+    """The same iteration on both paths: within bf16 rounding of each other, and no farther from the
+    polar factor than the standard iteration by more than the Gram margin."""
+    G = randn(gen, 16, 96, 768, device="cuda")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    fused = ns5(G, algorithm="gram")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
+    general = ns5(G, algorithm="gram")
+    diff = relative_difference(fused, general)
+    assert diff <= BF16_RTOL, f"fused vs general Gram: relative difference {diff:.4g}"
+    assert_polar_margin(fused, ns5(G, algorithm="standard"), G, "standard")
 
 
 @pytest.mark.parametrize("shape", [(8, 128, 512), (8, 512, 128), (2, 1024, 4096)], ids=shape_id)

@@ -9,11 +9,18 @@
 //   4. X_slice = B X_slice + a X_slice             (in place)
 // With few matrices a cluster spreads one matrix over several SMs; S = 1 is the plain one-block case.
 //
+// The Gram iteration (algorithm="gram", csrc/ns5_gram.cpp states it) runs on the same pieces: A = X X^T
+// as above (at the start and after each restart only), then per step on Rp x Rp matrices only,
+// P = a I + b R + c R R, Q = P Q, R = (P R) P, every product on one triangle of tiles (products of
+// polynomials in R are symmetric); the result is Q X, by the B X step with a = 0.
+//
 // Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
 //   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
-//   A, B: Rp x (Rp + 8) each
+//   A, B: Rp x (Rp + 8) each (Gram: A, B, C, D holding R, P, Q and a spare, in turns)
 //   P: Rp x Rp fp32    (S > 1 only)
-// Padding rows/columns are zero and stay zero through the iteration, so they never change the result.
+// Padding rows/columns are zero and stay zero through the iteration, so they never change the result
+// (the Gram iteration's a I puts a on the padded diagonal of P and Q: they stay block-diagonal, and
+// X's padded rows are zero).
 #include <cooperative_groups.h>
 
 #include "ns5_device.cuh"
@@ -33,6 +40,8 @@ constexpr int kWarps = 16;
 struct FusedParams {
   Ns5Problem problem;
   int Rp, Cs;  // padded short side; columns per block of a cluster
+  bool gram;
+  uint32_t restarts;  // Gram: bit s set to restart after step s (1-based)
   float abc[3 * kFusedMaxSteps];
 };
 
@@ -88,25 +97,27 @@ __device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
   return 2u * ((lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
 }
 
-// out = alpha * P P^T (+ beta * in if kAddInput), Rp x Rp symmetric, out in bf16 or fp32. P is
-// Rp x K. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
+// out = alpha * Pa Pb^T (+ beta * in if kAddInput) + shift * I, Rp x Rp, out in bf16 or fp32; Pa and
+// Pb are Rp x K. For products known to be symmetric: P P^T, or Pa Pb with Pa, Pb symmetric and
+// commuting. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
 // mirrored on store.
 template <int kTile, bool kAddInput, typename OutT>
-__device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* out, const bf16* in, int ld,
-                                  float alpha, float beta) {
+__device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out, const bf16* in,
+                                  int ld, float alpha, float beta, float shift) {
   constexpr int kM = kTile / 16, kN = kTile / 8;  // mma tiles per warp tile
   // Small tiles issue few mma per k-step: rotate over several accumulator sets so consecutive
   // mma do not wait on each other's results.
   constexpr int kSets = kTile == 16 ? 4 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles = Rp / kTile;
-  const uint32_t p_addr = smem_addr(P), a_lane = a_lane_offset(ldp), b_lane = b_nk_lane_offset(ldp);
+  const uint32_t pa_addr = smem_addr(Pa), pb_addr = smem_addr(Pb), a_lane = a_lane_offset(ldp),
+                 b_lane = b_nk_lane_offset(ldp);
   for (int t = warp; t < tiles * (tiles + 1) / 2; t += kWarps) {
     int ti = 0;
     while ((ti + 1) * (ti + 2) / 2 <= t) ++ti;
     const int tj = t - ti * (ti + 1) / 2;
     const int r0 = ti * kTile, c0 = tj * kTile;
-    const uint32_t a_addr = p_addr + 2u * r0 * ldp + a_lane, b_addr = p_addr + 2u * c0 * ldp + b_lane;
+    const uint32_t a_addr = pa_addr + 2u * r0 * ldp + a_lane, b_addr = pb_addr + 2u * c0 * ldp + b_lane;
     float sets[kSets][kM][kN][4] = {};
     for (int k0 = 0; k0 < K; k0 += 16 * kSets) {
 #pragma unroll
@@ -149,6 +160,8 @@ __device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* o
             v0 += beta * old.x;
             v1 += beta * old.y;
           }
+          if (r == c) v0 += shift;  // only diagonal tiles meet these
+          if (r == c + 1) v1 += shift;
           store_pair(out, r * ld + c, v0, v1);
           if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
             store_one(out, c * ld + r, v0);
@@ -159,15 +172,15 @@ __device__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* o
 }
 
 template <bool kAddInput, typename OutT>
-__device__ __forceinline__ void symmetric_product(const bf16* P, int ldp, int K, int Rp, OutT* out, const bf16* in,
-                                                  int ld, float alpha, float beta) {
+__device__ __forceinline__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out,
+                                                  const bf16* in, int ld, float alpha, float beta, float shift = 0.f) {
   // 32-row tiles issue 8 mma per 4 ldmatrix, 16-row tiles 2 per 2: prefer them once they keep
   // at least half the warps busy.
   const int big_tiles = Rp / 32;
   if (2 * big_tiles * (big_tiles + 1) / 2 >= kWarps) {
-    symmetric_product<32, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
+    symmetric_product<32, kAddInput>(Pa, Pb, ldp, K, Rp, out, in, ld, alpha, beta, shift);
   } else {
-    symmetric_product<16, kAddInput>(P, ldp, K, Rp, out, in, ld, alpha, beta);
+    symmetric_product<16, kAddInput>(Pa, Pb, ldp, K, Rp, out, in, ld, alpha, beta, shift);
   }
 }
 
@@ -296,7 +309,9 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   bf16* X = reinterpret_cast<bf16*>(smem);
   bf16* A = X + Rp * ldx;
   bf16* B = A + Rp * lda;
-  float* scratch = reinterpret_cast<float*>(B + Rp * lda);  // 32 floats for block_sum, 1 for cluster_sum
+  bf16* C = B + Rp * lda;  // C, D: Gram only
+  bf16* D = C + Rp * lda;
+  float* scratch = reinterpret_cast<float*>(params.gram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 for cluster_sum
   float* P = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
@@ -322,18 +337,57 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     });
     __syncthreads();
 
-    for (int s = 0; s < p.steps; ++s) {
-      const float ca = params.abc[3 * s], cb = params.abc[3 * s + 1], cc = params.abc[3 * s + 2];
+    // out = X X^T (bf16), summed over the cluster
+    const auto gram_matrix = [&](bf16* out) {
       if (kCluster == 1) {
-        symmetric_product<false>(X, ldx, Cs, Rp, A, nullptr, lda, 1.f, 0.f);
+        symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, 1.f, 0.f);
       } else {
-        symmetric_product<false>(X, ldx, Cs, Rp, P, nullptr, Rp, 1.f, 0.f);
-        cluster_reduce_gram<kCluster>(P, Rp, A, lda);
+        symmetric_product<false>(X, X, ldx, Cs, Rp, P, nullptr, Rp, 1.f, 0.f);
+        cluster_reduce_gram<kCluster>(P, Rp, out, lda);
       }
       __syncthreads();
-      symmetric_product<true>(A, lda, Rp, Rp, B, A, lda, cc, cb);
-      __syncthreads();
-      apply_polynomial(X, ldx, Cs, Rp, B, lda, ca);
+    };
+    if (!params.gram) {
+      for (int s = 0; s < p.steps; ++s) {
+        const float ca = params.abc[3 * s], cb = params.abc[3 * s + 1], cc = params.abc[3 * s + 2];
+        gram_matrix(A);
+        symmetric_product<true>(A, A, lda, Rp, Rp, B, A, lda, cc, cb);
+        __syncthreads();
+        apply_polynomial(X, ldx, Cs, Rp, B, lda, ca);
+        __syncthreads();
+      }
+    } else if (p.steps > 0) {
+      // Every block of a cluster runs the Rp x Rp steps on the same R, so all keep the same Q.
+      bf16 *R = A, *Pn = B, *Q = C, *spare = D;
+      bool stretch_start = true;
+      gram_matrix(R);
+      for (int s = 1; s <= p.steps; ++s) {
+        const float ca = params.abc[3 * s - 3], cb = params.abc[3 * s - 2], cc = params.abc[3 * s - 1];
+        symmetric_product<true>(R, R, lda, Rp, Rp, Pn, R, lda, cc, cb, ca);  // P = c R R + b R + a I
+        __syncthreads();
+        const bf16* Pc = Pn;
+        if (stretch_start) {  // Q = P: P's buffer becomes Q's
+          bf16* t = Q; Q = Pn; Pn = t;
+        } else {
+          symmetric_product<false>(Pc, Q, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P Q
+          __syncthreads();
+          bf16* t = Q; Q = spare; spare = t;
+        }
+        stretch_start = false;
+        if (s == p.steps) break;
+        if ((params.restarts >> s) & 1u) {  // X = Q X, R = X X^T, Q = I
+          apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);
+          __syncthreads();
+          gram_matrix(R);
+          stretch_start = true;
+          continue;
+        }
+        symmetric_product<false>(Pc, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
+        __syncthreads();
+        symmetric_product<false>(spare, Pc, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
+        __syncthreads();
+      }
+      apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);  // the result Q X
       __syncthreads();
     }
 
@@ -369,19 +423,22 @@ int64_t padded_long_side(int64_t C, int cluster) { return (C + 16 * cluster - 1)
 
 }  // namespace
 
-size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster) {
+size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster, bool gram) {
   const int64_t R = m < n ? m : n, C = m < n ? n : m;
   if (R > kFusedMaxShortSide || R < 1) return 0;
-  const int64_t Rp = round_up(R, 32), Cs = padded_long_side(C, cluster) / cluster;
-  const int64_t bf16_bytes = 2 * Rp * (Cs + kRowPad) + 4 * Rp * (Rp + kRowPad);
+  const int64_t Rp = round_up(R, 32), Cs = padded_long_side(C, cluster) / cluster, squares = gram ? 4 : 2;
+  const int64_t bf16_bytes = 2 * Rp * (Cs + kRowPad) + 2 * squares * Rp * (Rp + kRowPad);
   return static_cast<size_t>(bf16_bytes + 64 * sizeof(float) + (cluster > 1 ? 4 * Rp * Rp : 0));
 }
 
-cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster, cudaStream_t stream) {
-  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster);
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, const FusedGram& gram, int cluster,
+                             cudaStream_t stream) {
+  const size_t smem = ns5_fused_smem_bytes(p.m, p.n, cluster, gram.enabled);
   if (p.steps > kFusedMaxSteps || smem == 0) return cudaErrorInvalidValue;
   FusedParams params{};
   params.problem = p;
+  params.gram = gram.enabled;
+  params.restarts = gram.restarts;
   params.Rp = round_up(p.short_side(), 32);
   params.Cs = static_cast<int>(padded_long_side(p.long_side(), cluster) / cluster);
   for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];

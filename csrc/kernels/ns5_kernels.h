@@ -43,10 +43,17 @@ struct Ns5Problem {
 inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows lives in registers
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
 inline constexpr int kFusedMaxCluster = 8;      // portable cluster size
+// The Gram iteration instead of the standard one; `restarts` has bit s set to restart after step s
+// (1-based; gram_restart_steps of ns5_common.h).
+struct FusedGram {
+  bool enabled;
+  uint32_t restarts;
+};
 // Shared memory per block for an m x n problem split over `cluster` blocks (0: short side too long).
-size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster);
+size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster, bool gram);
 // `abc` holds 3*steps host floats.
-cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, int cluster, cudaStream_t stream);
+cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, const FusedGram& gram, int cluster,
+                             cudaStream_t stream);
 
 // ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
 // X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
