@@ -56,17 +56,13 @@ inline std::vector<int64_t> gram_restart_steps(int64_t steps) {
   return restarts;
 }
 
-// FLOPs of the iteration on an r x c iterate (r rows, the Gram matrix's side; c columns).
-inline double ns5_flops_of_iterate(double r, double c, int64_t steps, bool gram) {
+// FLOPs of one m x n matrix (ns5_flops of ns5_args.py: r = short side, c = long side).
+inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
+  const double r = static_cast<double>(std::min(m, n)), c = static_cast<double>(std::max(m, n));
   if (!gram) return steps * (4.0 * r * r * c + 2.0 * r * r * r);
   if (steps == 0) return 0.0;
   const int64_t restarts = static_cast<int64_t>(gram_restart_steps(steps).size());
   return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1));
-}
-
-// FLOPs of one m x n matrix (ns5_flops of ns5_args.py: r = short side, c = long side).
-inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
-  return ns5_flops_of_iterate(static_cast<double>(std::min(m, n)), static_cast<double>(std::max(m, n)), steps, gram);
 }
 
 // Whether the op runs the Gram iteration on m x n matrices: algorithm "gram", or "auto" where the

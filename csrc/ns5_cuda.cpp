@@ -102,8 +102,8 @@ int env_int(const char* name, int fallback) {
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-// The Gram iteration's opt-ins until timed on a GPU (read at every call; graph_signature keys on
-// both): MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace) and MUONKERN_NS5_SPLIT_GRAM=N, the smallest short
+// The Gram iteration's opt-ins (read at every call; graph_signature keys on both; timings in
+// bench/NOTES.md): MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace) and MUONKERN_NS5_SPLIT_GRAM=N, the smallest short
 // side whose X X^T is split (gram_product; 2048 is the size it is meant for), 0 or unset never.
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0; }
 int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 0); }
@@ -278,16 +278,14 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice (after the symmetric route above), for either algorithm. MUONKERN_NS5_PATH=fused|general
-// forces a path (fused only where it fits) and
+// Path choice (after the symmetric route above). MUONKERN_NS5_PATH=fused|general forces a path
+// (fused only where it fits; for the Gram iteration only this takes the fused kernel) and
 // MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size; otherwise a cost model decides. The
 // fused kernel runs one block per SM at a rate per SM, in waves of (matrices x cluster) / SMs; the
-// general path pays a launch per kernel and runs its products near the chip's GEMM rate. A cluster
-// pays its barriers and DSMEM reduction per Gram matrix X X^T: every step in the standard
-// iteration, at the start and each restart in the Gram one.
+// general path pays a launch per kernel and runs its products near the chip's GEMM rate.
 // Constants fitted to H100 timings (48x128x128, 12x64x768, 1x128x600, 132x64x512, 768x768).
 constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, one block per SM
-constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per X X^T
+constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per step
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 
@@ -311,20 +309,21 @@ int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
   return cluster <= kFusedMaxCluster ? cluster : 0;
 }
 
-double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
+// The standard iteration's time on the fused kernel.
+double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
   const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), Cs = static_cast<double>(p.long_side()) / cluster;
-  const double per_block = ns5_flops_of_iterate(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
-  const double reductions = gram ? (p.steps > 0 ? 1.0 + gram_restart_steps(p.steps).size() : 0.0) : p.steps;
+  const double per_block = p.steps * (4 * R * R * Cs + 2 * R * R * R) / kFusedFlopsPerSm;
   const double waves = std::ceil(static_cast<double>(p.batch * cluster) / prop.multiProcessorCount);
-  return waves * (per_block + (cluster > 1 ? reductions * kClusterStepSeconds : 0.0));
+  return waves * (per_block + (cluster > 1 ? p.steps * kClusterStepSeconds : 0.0));
 }
 
 // Kernels of a general-path call: normalize and finish, then per step 3 GEMMs (standard) or up to 4
 // launches (Gram, whose R, restarts and output add a few more).
 double general_launches(const Ns5Problem& p, bool gram) { return gram ? 6 + 4 * p.steps : 3 * p.steps + 2; }
 
-double general_seconds(const Ns5Problem& p, bool gram) {
-  return general_launches(p, gram) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
+// The standard iteration's time on the general path.
+double general_seconds(const Ns5Problem& p) {
+  return general_launches(p, false) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, false) / kGeneralGemmFlops;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,7 +389,10 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
   std::vector<float> abc32(abc.begin(), abc.end());
   FusedGram fused_gram{gram, 0u};
   if (gram) {
-    for (const int64_t s : gram_restart_steps(steps)) fused_gram.restarts |= 1u << s;
+    for (const int64_t s : gram_restart_steps(steps)) {
+      TORCH_INTERNAL_ASSERT(s < 32, "ns5: a fused-kernel restart after step ", s, " does not fit its 32-bit mask");
+      fused_gram.restarts |= 1u << s;
+    }
   }
   C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), fused_gram, cluster, at::cuda::getCurrentCUDAStream()));
   return out;
@@ -442,9 +444,9 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): there it
   // rounds P = a I + b R + c R R to bf16 whole, and on ill-conditioned 4x128x512 it measured 0.020
   // farther from the polar factor than the standard iteration, past GRAM_POLAR_MARGIN (0.0195).
-  const int cluster = path == "general" ? 0 : fused_cluster(shape, prop, gram);
-  if (cluster > 0 &&
-      (path == "fused" || (!gram && fused_seconds(shape, cluster, prop, gram) <= general_seconds(shape, gram))))
+  const bool fused_allowed = path == "fused" || (path != "general" && !gram);
+  const int cluster = fused_allowed ? fused_cluster(shape, prop, gram) : 0;
+  if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
     return ns5_fused(G_in, steps, abc, eps, cluster, gram);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
   if (G_in.numel() > 0 && ns5_graph_wanted(launch_bound(shape, gram))) {

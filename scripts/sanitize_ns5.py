@@ -21,6 +21,7 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("fused", "8", "standard", (1, 128, 600), torch.float16),
     ("fused", "1", "gram", (3, 64, 200), torch.float32),   # the Gram iteration on the fused kernel
     ("fused", "2", "gram", (2, 96, 130), torch.bfloat16),
+    ("fused", "4", "gram", (2, 40, 300), torch.float32),
     ("fused", "8", "gram", (1, 128, 600), torch.float16),
     ("general", "0", "standard", (2, 70, 33), torch.float32),
     ("general", "0", "standard", (300, 20), torch.bfloat16),

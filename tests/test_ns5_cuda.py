@@ -1,6 +1,6 @@
 """muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH, for
-the standard iteration and the Gram one (algorithm="gram": on the fused kernel for small matrices, on
-the general path's kernels and cuBLASLt otherwise, csrc/ns5_cuda.cpp).
+the standard iteration and the Gram one (algorithm="gram": the general path's kernels and cuBLASLt,
+csrc/ns5_cuda.cpp, or the fused kernel where MUONKERN_NS5_PATH=fused asks for it).
 
 The op reads MUONKERN_NS5_PATH at each call: `fused` (one launch per batch, small matrices; where a
 shape does not fit it, the op quietly takes the general path), `general` (cuBLASLt), `auto`.
@@ -238,19 +238,29 @@ GRAM_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("path_name", ["auto", *PATHS])
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
-def test_gram_matches_float64(gen, monkeypatch, path_name, shape):
-    monkeypatch.setenv("MUONKERN_NS5_PATH", path_name)
+def test_gram_matches_float64(gen, shape):
     G = randn(gen, *shape, device="cuda")
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-# The fused kernel's Gram iteration: R = X X^T reduced over the cluster at the start and at each
-# restart, the R x R steps run by every block of the cluster alike.
+# ---- the Gram iteration on the fused kernel (MUONKERN_NS5_PATH=fused) ---------------------------
+# R = X X^T reduced over the cluster at the start and at each restart, the R x R steps run by every
+# block of the cluster alike. Every shape here fits at every cluster size (the Gram iteration has two
+# more Rp x Rp buffers than the standard one: at short side 128 one block holds at most 352 columns, a
+# cluster of 2 at most 192), so none falls back to the general path.
+
+@pytest.mark.parametrize("shape", [s for s in GRAM_SHAPES if min(s[-2:]) <= 128], ids=shape_id)
+def test_fused_gram_matches_float64(gen, monkeypatch, shape):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    assert_ns5_output(ns5(G, algorithm="gram"), G)
+
+
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 600), (2, 1, 50)],
+@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)],
                          ids=shape_id)
 def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
@@ -260,10 +270,11 @@ def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-# Restart schedules (gram_restart_steps): 3 steps none, 5 after step 2, 6 after steps 2 and 4; the
-# Polar Express schedule's per-step coefficients; every dtype.
-@pytest.mark.parametrize("steps,coefficients,rtol", [(3, None, None), (6, None, None), (5, POLAR_EXPRESS, POLAR_RTOL)],
-                         ids=["3-steps", "6-steps", "polar-express"])
+# Restart schedules (gram_restart_steps): 1 or 3 steps none, 5 after step 2, 6 after steps 2 and 4;
+# the Polar Express schedule's per-step coefficients.
+@pytest.mark.parametrize("steps,coefficients,rtol",
+                         [(1, None, None), (3, None, None), (6, None, None), (5, POLAR_EXPRESS, POLAR_RTOL)],
+                         ids=["1-step", "3-steps", "6-steps", "polar-express"])
 def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = randn(gen, 8, 64, 512, device="cuda")
@@ -276,6 +287,15 @@ def test_fused_gram_dtypes(gen, monkeypatch, dtype):
     G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
     assert_ns5_output(ns5(G, algorithm="gram"), G)
     assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
+
+
+def test_fused_gram_many_restarts(gen, monkeypatch):
+    """20 steps of the convergent cubic: restarts after steps 2, 4, ..., 18 (the restart mask's
+    higher bits)."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    G = randn(gen, 3, 64, 192, device="cuda")
+    s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20, algorithm="gram").double())
+    assert (s - 1).abs().max().item() <= ORTHO_TOL
 
 
 def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
@@ -292,6 +312,7 @@ def test_fused_gram_near_the_general_gram(gen, monkeypatch):
     fused = ns5(G, algorithm="gram")
     monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
     general = ns5(G, algorithm="gram")
+    assert not torch.equal(fused, general), "the fused kernel did not run (bitwise the general path's result)"
     diff = relative_difference(fused, general)
     assert diff <= BF16_RTOL, f"fused vs general Gram: relative difference {diff:.4g}"
     assert_polar_margin(fused, ns5(G, algorithm="standard"), G, "standard")

@@ -16,12 +16,14 @@
 //
 // Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
 //   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
-//   A, B: Rp x (Rp + 8) each (Gram: A, B, C, D holding R, P, Q and a spare, in turns)
-//   P: Rp x Rp fp32    (S > 1 only)
+//   A, B: Rp x (Rp + 8) each (Gram: A holds R; B, C, D hold P, Q and a spare, in turns)
+//   partials: Rp x Rp fp32    (S > 1 only)
 // Padding rows/columns are zero and stay zero through the iteration, so they never change the result
 // (the Gram iteration's a I puts a on the padded diagonal of P and Q: they stay block-diagonal, and
 // X's padded rows are zero).
 #include <cooperative_groups.h>
+
+#include <type_traits>
 
 #include "ns5_device.cuh"
 #include "ns5_kernels.h"
@@ -40,7 +42,6 @@ constexpr int kWarps = 16;
 struct FusedParams {
   Ns5Problem problem;
   int Rp, Cs;  // padded short side; columns per block of a cluster
-  bool gram;
   uint32_t restarts;  // Gram: bit s set to restart after step s (1-based)
   float abc[3 * kFusedMaxSteps];
 };
@@ -301,7 +302,9 @@ __device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda) {
   cluster.sync();  // A is complete everywhere, and every partial has been read
 }
 
-template <typename T, int kCluster>
+// kGram: the Gram iteration. A template argument, so the standard iteration's kernel is compiled
+// without the Gram branch's code and registers.
+template <typename T, int kCluster, bool kGram>
 __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_constant__ FusedParams params) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Ns5Problem& p = params.problem;
@@ -311,8 +314,8 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   bf16* B = A + Rp * lda;
   bf16* C = B + Rp * lda;  // C, D: Gram only
   bf16* D = C + Rp * lda;
-  float* scratch = reinterpret_cast<float*>(params.gram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 for cluster_sum
-  float* P = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
+  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 for cluster_sum
+  float* partials = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
   const T* G = static_cast<const T*>(p.in.data);
@@ -342,12 +345,12 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
       if (kCluster == 1) {
         symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, 1.f, 0.f);
       } else {
-        symmetric_product<false>(X, X, ldx, Cs, Rp, P, nullptr, Rp, 1.f, 0.f);
-        cluster_reduce_gram<kCluster>(P, Rp, out, lda);
+        symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
+        cluster_reduce_gram<kCluster>(partials, Rp, out, lda);
       }
       __syncthreads();
     };
-    if (!params.gram) {
+    if constexpr (!kGram) {
       for (int s = 0; s < p.steps; ++s) {
         const float ca = params.abc[3 * s], cb = params.abc[3 * s + 1], cc = params.abc[3 * s + 2];
         gram_matrix(A);
@@ -358,18 +361,18 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
       }
     } else if (p.steps > 0) {
       // Every block of a cluster runs the Rp x Rp steps on the same R, so all keep the same Q.
-      bf16 *R = A, *Pn = B, *Q = C, *spare = D;
+      bf16 *R = A, *poly = B, *Q = C, *spare = D;
       bool stretch_start = true;
       gram_matrix(R);
       for (int s = 1; s <= p.steps; ++s) {
         const float ca = params.abc[3 * s - 3], cb = params.abc[3 * s - 2], cc = params.abc[3 * s - 1];
-        symmetric_product<true>(R, R, lda, Rp, Rp, Pn, R, lda, cc, cb, ca);  // P = c R R + b R + a I
+        symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);  // P = c R R + b R + a I
         __syncthreads();
-        const bf16* Pc = Pn;
+        const bf16* P = poly;  // this step's P, wherever the swap below leaves it
         if (stretch_start) {  // Q = P: P's buffer becomes Q's
-          bf16* t = Q; Q = Pn; Pn = t;
+          bf16* t = Q; Q = poly; poly = t;
         } else {
-          symmetric_product<false>(Pc, Q, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P Q
+          symmetric_product<false>(P, Q, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P Q
           __syncthreads();
           bf16* t = Q; Q = spare; spare = t;
         }
@@ -382,9 +385,9 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
           stretch_start = true;
           continue;
         }
-        symmetric_product<false>(Pc, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
+        symmetric_product<false>(P, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
         __syncthreads();
-        symmetric_product<false>(spare, Pc, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
+        symmetric_product<false>(spare, P, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
         __syncthreads();
       }
       apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);  // the result Q X
@@ -399,9 +402,9 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   }
 }
 
-template <typename T, int kCluster>
+template <typename T, int kCluster, bool kGram>
 cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, cudaStream_t stream) {
-  auto* kernel = ns5_fused_kernel<T, kCluster>;
+  auto* kernel = ns5_fused_kernel<T, kCluster, kGram>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config{};
@@ -437,21 +440,24 @@ cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, const FusedG
   if (p.steps > kFusedMaxSteps || smem == 0) return cudaErrorInvalidValue;
   FusedParams params{};
   params.problem = p;
-  params.gram = gram.enabled;
   params.restarts = gram.restarts;
   params.Rp = round_up(p.short_side(), 32);
   params.Cs = static_cast<int>(padded_long_side(p.long_side(), cluster) / cluster);
   for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];
   const unsigned grid = static_cast<unsigned>(p.batch < (1 << 16) ? p.batch : (1 << 16));  // clusters
-  return dispatch_dtype(p.in.dtype, [&](auto tag) {
+  const auto launch = [&](auto tag, auto gram_tag) {
     using T = decltype(tag);
+    constexpr bool kGram = decltype(gram_tag)::value;
     switch (cluster) {
-      case 1: return launch_with<T, 1>(params, grid, smem, stream);
-      case 2: return launch_with<T, 2>(params, grid, smem, stream);
-      case 4: return launch_with<T, 4>(params, grid, smem, stream);
-      case 8: return launch_with<T, 8>(params, grid, smem, stream);
+      case 1: return launch_with<T, 1, kGram>(params, grid, smem, stream);
+      case 2: return launch_with<T, 2, kGram>(params, grid, smem, stream);
+      case 4: return launch_with<T, 4, kGram>(params, grid, smem, stream);
+      case 8: return launch_with<T, 8, kGram>(params, grid, smem, stream);
       default: return cudaErrorInvalidValue;
     }
+  };
+  return dispatch_dtype(p.in.dtype, [&](auto tag) {
+    return gram.enabled ? launch(tag, std::true_type{}) : launch(tag, std::false_type{});
   });
 }
 

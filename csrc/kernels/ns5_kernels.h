@@ -49,7 +49,8 @@ struct FusedGram {
   bool enabled;
   uint32_t restarts;
 };
-// Shared memory per block for an m x n problem split over `cluster` blocks (0: short side too long).
+// Shared memory per block for an m x n problem split over `cluster` blocks, for the Gram iteration
+// (two more Rp x Rp buffers) or the standard one (0: short side too long).
 size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster, bool gram);
 // `abc` holds 3*steps host floats.
 cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, const FusedGram& gram, int cluster,
