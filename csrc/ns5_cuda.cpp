@@ -441,9 +441,10 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   if (auto op = triton_route(G_in, path, prop, gram))
     return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
         G_in, steps, coefficients, eps);
-  // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): there it
-  // rounds P = a I + b R + c R R to bf16 whole, and on ill-conditioned 4x128x512 it measured 0.020
-  // farther from the polar factor than the standard iteration, past GRAM_POLAR_MARGIN (0.0195).
+  // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): with Q = P Q
+  // mirrored from one triangle it measured 0.020 farther from the polar factor than the standard
+  // iteration on ill-conditioned 4x128x512, past GRAM_POLAR_MARGIN (0.0195). Q = P Q is now computed
+  // whole (0.006 in bench/gram_rounding_emulation.py); auto takes it once a GPU run agrees.
   const bool fused_allowed = path == "fused" || (path != "general" && !gram);
   const int cluster = fused_allowed ? fused_cluster(shape, prop, gram) : 0;
   if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))

@@ -11,8 +11,8 @@
 //
 // The Gram iteration (algorithm="gram", csrc/ns5_gram.cpp states it) runs on the same pieces: A = X X^T
 // as above (at the start and after each restart only), then per step on Rp x Rp matrices only,
-// P = a I + b R + c R R, Q = P Q, R = (P R) P, every product on one triangle of tiles (products of
-// polynomials in R are symmetric); the result is Q X, by the B X step with a = 0.
+// P = a I + b R + c R R and R = (P R) P on one triangle of tiles (products of polynomials in R are
+// symmetric), Q = P Q whole by the B X step; the result is Q X, by the B X step with a = 0.
 //
 // Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
 //   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
@@ -372,9 +372,11 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         if (stretch_start) {  // Q = P: P's buffer becomes Q's
           bf16* t = Q; Q = poly; poly = t;
         } else {
-          symmetric_product<false>(P, Q, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P Q
+          // Q = P Q in place, every element: P and Q commute only up to rounding, and mirroring one
+          // triangle of P Q moved ill-conditioned results ~2.5x farther from the polar factor
+          // (bench/gram_rounding_emulation.py)
+          apply_polynomial(Q, lda, Rp, Rp, P, lda, 0.f);
           __syncthreads();
-          bf16* t = Q; Q = spare; spare = t;
         }
         stretch_start = false;
         if (s == p.steps) break;
