@@ -6,8 +6,14 @@ The multi-launch paths run three times: directly, then captured into a CUDA grap
 replayed.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_ns5.py
-    compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_ns5.py
+    compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_ns5.py --racecheck
+
+--racecheck keeps cuBLAS to its heuristic's first algorithm without split-K (MUONKERN_NS5_GEMM_TUNE=0,
+MUONKERN_NS5_SPLITK=0): racecheck reported hazards inside cuBLAS's split-K kernels
+(nvjet_..._splitK_...), and timing 8 algorithms per GEMM shape under it ran past 150 s. Our kernels
+run the same either way. --paths fused (or general) runs one path's cases.
 """
+import argparse
 import os
 
 import torch
@@ -36,13 +42,20 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("general", "0", "gram", (2, 300, 340), torch.float32),  # X X^T split at row 128, with the mirror kernel
 ]
 
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--racecheck", action="store_true", help="cuBLAS without algorithm timing and split-K")
+parser.add_argument("--paths", nargs="+", choices=["fused", "general"], default=["fused", "general"])
+args = parser.parse_args()
+if args.racecheck:
+    os.environ["MUONKERN_NS5_GEMM_TUNE"], os.environ["MUONKERN_NS5_SPLITK"] = "0", "0"
+cases = [case for case in CASES if case[0] in args.paths]
 # the Gram iteration's opt-in pieces: the deferred scale of one wide matrix, the split X X^T (from a
 # short side of 256 here, so the split case stays small enough for racecheck)
 os.environ["MUONKERN_NS5_DEFER_SCALE"], os.environ["MUONKERN_NS5_SPLIT_GRAM"] = "1", "256"
-for path, cluster, algorithm, shape, dtype in CASES:
+for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
     for _ in range(1 if path == "fused" else 3):
         out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
         torch.cuda.synchronize()
         assert out.isfinite().all(), (path, cluster, algorithm, shape, dtype)
-print("ns5 kernels ran:", len(CASES), "cases")
+print("ns5 kernels ran:", len(cases), "cases")
