@@ -444,7 +444,8 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): with Q = P Q
   // mirrored from one triangle it measured 0.020 farther from the polar factor than the standard
   // iteration on ill-conditioned 4x128x512, past GRAM_POLAR_MARGIN (0.0195). Q = P Q is now computed
-  // whole (0.006 in bench/gram_rounding_emulation.py); auto takes it once a GPU run agrees.
+  // whole (bench/gram_rounding_emulation.py: +0.003 instead of +0.013); auto takes it once a GPU run
+  // agrees.
   const bool fused_allowed = path == "fused" || (path != "general" && !gram);
   const int cluster = fused_allowed ? fused_cluster(shape, prop, gram) : 0;
   if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))

@@ -186,7 +186,8 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   const std::lock_guard<std::mutex> lock(entry->mutex);
   if (entry->failed) return std::nullopt;
   if (!entry->graph) {
-    if (entry->calls < 2 && ++entry->calls < 2) return std::nullopt;
+    if (entry->calls < 2) ++entry->calls;  // stops at 2: a signature refused a slot keeps asking
+    if (entry->calls < 2) return std::nullopt;
     if (!reserve_graph_slot()) return std::nullopt;  // cache full: later calls of this signature run directly
     try {
       capture(*entry, G, side, body);

@@ -373,8 +373,8 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
           bf16* t = Q; Q = poly; poly = t;
         } else {
           // Q = P Q in place, every element: P and Q commute only up to rounding, and mirroring one
-          // triangle of P Q left ill-conditioned results ~2.4x farther from the polar factor
-          // (bench/gram_rounding_emulation.py)
+          // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
+          // inputs (bench/gram_rounding_emulation.py)
           apply_polynomial(Q, lda, Rp, Rp, P, lda, 0.f);
           __syncthreads();
         }
