@@ -85,7 +85,7 @@ def _reference() -> Impl:
 
 def _muonkern() -> Impl:
     return Impl(lambda G: torch.ops.muonkern.ns5(G, 5, None, EPS),
-                lambda shape: muonkern_label(shape) if shape else "muonkern")
+                lambda shape: muonkern_label(shape, "cuda") if shape else "muonkern")
 
 
 def _flash_muon() -> Impl:

@@ -42,7 +42,8 @@ from measure import environment, markdown, rotating_inputs, shape_str, time_rota
 
 from muonkern.ops import triton_gram, triton_small, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
-from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, choose_algorithm
+from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
+from muonkern.ops.ns5_route import ns5_route
 
 # Wide (1:4) and tall shapes where "auto" may pick the Gram iteration, and 12x64x768 (the fused
 # kernel's Gram iteration under MUONKERN_NS5_PATH=fused; cuBLASLt's without): timed with each algorithm.
@@ -107,9 +108,9 @@ IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _
             for impl, algorithm in ALGORITHM_IMPLS.items()}}
 
 
-def muonkern_label(shape) -> str:
+def muonkern_label(shape, device: str) -> str:
     """The default call's row label: "muonkern (auto: gram)" where auto runs the Gram iteration."""
-    gram = choose_algorithm(shape[-2], shape[-1], 5) == "gram"
+    gram = ns5_route(torch.empty(1, device=device).expand(*shape), 5).algorithm == "gram"
     return "muonkern (auto: gram)" if gram else "muonkern"
 
 
@@ -118,7 +119,7 @@ def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
     the algorithm "auto" picks where it is the Gram one."""
     if impl in ALGORITHM_IMPLS and tuple(shape) not in gram_shapes:
         pytest.skip("algorithm rows are timed on the Gram shapes only")
-    time_ns5(IMPLS[impl], shape, muonkern_label(shape) if impl == "muonkern" else impl, device)
+    time_ns5(IMPLS[impl], shape, muonkern_label(shape, device) if impl == "muonkern" else impl, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU")

@@ -65,8 +65,8 @@ inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
   return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1));
 }
 
-// Whether the op runs the Gram iteration on m x n matrices: algorithm "gram", or "auto" where the
-// cost model picks it.
+// Whether algorithm "gram", or "auto" by the FLOP rule, runs the Gram iteration on m x n matrices
+// (the CPU kernel's choice; the CUDA kernel's fused path may also take it, ns5_cuda.cpp).
 inline bool ns5_use_gram(std::string_view algorithm, int64_t m, int64_t n, int64_t steps) {
   if (algorithm != "auto") return algorithm == "gram";
   if (m == n || std::min(m, n) < kGramMinShortSide || steps == 0) return false;

@@ -22,6 +22,7 @@
 #include "kernel_dtype.h"
 #include "ns5_common.h"
 #include "ns5_graphs.h"
+#include "ns5_route.h"
 
 namespace muonkern {
 namespace {
@@ -102,11 +103,12 @@ int env_int(const char* name, int fallback) {
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-// The Gram iteration's opt-ins (read at every call; graph_signature keys on both; timings in
-// bench/NOTES.md): MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace) and MUONKERN_NS5_SPLIT_GRAM=N, the smallest short
-// side whose X X^T is split (gram_product; 2048 is the size it is meant for), 0 or unset never.
+// The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
+// in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T is split
+// (gram_product; default 2048, 4-5% at 2048x8192 on an H100; 0 never), and the opt-in
+// MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace; no measurable gain).
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0; }
-int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 0); }
+int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 2048); }
 
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
 // p's input here) and `square_buffers` R x R ones, each holding the whole batch. Where the caller
@@ -187,8 +189,8 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
 // the h columns [X X1^T] (all r rows), the second the lower-right X2 X2^T, and the mirror kernel the
 // upper-right block as the transpose of the lower-left. r h + (r - h)^2 instead of r^2 output
 // elements (3/4 at h = r/2); the halves still fill the chip at these sizes. h is a multiple of 128
-// (whole tiles, 256-byte aligned offsets; 0, no split, below a short side of 256). Opt-in:
-// split_gram_min_short_side().
+// (whole tiles, 256-byte aligned offsets; 0, no split, below a short side of 256). From a short
+// side of split_gram_min_short_side() (2048 unless set).
 int64_t gram_split_row(const Ns5Problem& p) {
   const int min_short_side = split_gram_min_short_side();
   if (min_short_side <= 0 || p.short_side() < min_short_side || p.batch >= 65536) return 0;
@@ -278,14 +280,14 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice (after the symmetric route above). MUONKERN_NS5_PATH=fused|general forces a path
-// (fused only where it fits; for the Gram iteration only this takes the fused kernel) and
-// MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size; otherwise a cost model decides. The
-// fused kernel runs one block per SM at a rate per SM, in waves of (matrices x cluster) / SMs; the
-// general path pays a launch per kernel and runs its products near the chip's GEMM rate.
+// Path choice (after the symmetric route below). MUONKERN_NS5_PATH=fused|general forces a path
+// (fused only where it fits) and MUONKERN_NS5_CLUSTER=1|2|4|8 the fused path's cluster size;
+// otherwise a cost model decides. The fused kernel runs one block per SM at a rate per SM, in waves
+// of (matrices x cluster) / SMs, and pays for each reduction over the cluster; the general path pays
+// a launch per kernel and runs its products near the chip's GEMM rate.
 // Constants fitted to H100 timings (48x128x128, 12x64x768, 1x128x600, 132x64x512, 768x768).
 constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, one block per SM
-constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per step
+constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per reduction
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 
@@ -309,21 +311,66 @@ int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
   return cluster <= kFusedMaxCluster ? cluster : 0;
 }
 
-// The standard iteration's time on the fused kernel.
-double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop) {
-  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32), Cs = static_cast<double>(p.long_side()) / cluster;
-  const double per_block = p.steps * (4 * R * R * Cs + 2 * R * R * R) / kFusedFlopsPerSm;
+// Time on the fused kernel: a block's products (its Rp x Cs slice, the Rp x Rp ones whole) and the
+// reductions over the cluster, every step for the standard iteration, at the start and each restart
+// for the Gram one.
+double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
+  const int64_t R = (p.short_side() + 31) / 32 * 32, Cs = std::max<int64_t>(p.long_side() / cluster, R);
+  const double reductions = gram ? 1.0 + static_cast<double>(gram_restart_steps(p.steps).size()) : p.steps;
+  const double per_block = ns5_flops(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
   const double waves = std::ceil(static_cast<double>(p.batch * cluster) / prop.multiProcessorCount);
-  return waves * (per_block + (cluster > 1 ? p.steps * kClusterStepSeconds : 0.0));
+  return waves * (per_block + (cluster > 1 ? reductions * kClusterStepSeconds : 0.0));
 }
 
 // Kernels of a general-path call: normalize and finish, then per step 3 GEMMs (standard) or up to 4
 // launches (Gram, whose R, restarts and output add a few more).
 double general_launches(const Ns5Problem& p, bool gram) { return gram ? 6 + 4 * p.steps : 3 * p.steps + 2; }
 
-// The standard iteration's time on the general path.
-double general_seconds(const Ns5Problem& p) {
-  return general_launches(p, false) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, false) / kGeneralGemmFlops;
+double general_seconds(const Ns5Problem& p, bool gram) {
+  return general_launches(p, gram) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
+}
+
+// The fused kernel's option for one algorithm: its cluster size (0: does not fit) and modelled time.
+struct FusedOption {
+  bool gram;
+  int cluster;
+  double seconds;
+};
+
+FusedOption fused_option(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
+  const int cluster = fused_cluster(p, prop, gram);
+  return {gram, cluster, cluster > 0 ? fused_seconds(p, cluster, prop, gram) : INFINITY};
+}
+
+// Where the standard and the Gram iteration both fit the fused kernel, "auto" takes the Gram one
+// where the model gives it the same margin choose_algorithm asks of FLOPs (kGramMinSaving), whatever
+// the short side: on the fused kernel it is the reductions over the cluster, not small GEMMs' launches,
+// that the Gram iteration saves (12x64x768, cluster 8: 2 reductions instead of 5). The general path
+// keeps the rule of ns5_use_gram (small short sides lose there: many small products).
+// MUONKERN_NS5_PATH (read at every call): fused, general, symmetric, small, or "auto" when unset.
+std::string forced_path() {
+  const char* forced = std::getenv("MUONKERN_NS5_PATH");
+  return forced != nullptr && *forced != '\0' ? forced : "auto";
+}
+
+Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, const std::string& path,
+                     const cudaDeviceProp& prop) {
+  const bool rule_gram = ns5_use_gram(algorithm, p.m, p.n, p.steps);
+  const Ns5Route general{"general", rule_gram, 0};
+  if (path == "general") return general;
+  FusedOption best{false, 0, INFINITY};
+  if (algorithm == "gram" || algorithm == "standard") {
+    best = fused_option(p, prop, algorithm == "gram");
+  } else {  // auto
+    best = fused_option(p, prop, false);
+    if (p.m != p.n && p.steps > 0) {
+      const FusedOption gram = fused_option(p, prop, true);
+      if (gram.cluster > 0 && (best.cluster == 0 || gram.seconds <= (1.0 - kGramMinSaving) * best.seconds)) best = gram;
+    }
+  }
+  if (best.cluster == 0) return general;
+  if (path == "fused" || best.seconds <= general_seconds(p, rule_gram)) return {"fused", best.gram, best.cluster};
+  return general;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,10 +389,9 @@ double general_seconds(const Ns5Problem& p) {
 constexpr int64_t kSymmetricMinShortSide = 4096;
 constexpr int64_t kSmallMaxShortSide = 128;   // muonkern/ops/triton_small.py MAX_SHORT_SIDE
 
-// The Python-registered Triton op that serves this call, if any.
-std::optional<c10::OperatorHandle> triton_route(const at::Tensor& G, const std::string& path,
-                                                const cudaDeviceProp& prop, bool gram) {
-  const int64_t short_side = std::min(G.size(-2), G.size(-1));
+// The Python-registered Triton op that serves a call on non-empty matrices with this short side, if any.
+std::optional<c10::OperatorHandle> triton_route(int64_t short_side, const std::string& path, const cudaDeviceProp& prop,
+                                                bool gram) {
   const char* name = nullptr;
   if (path == "symmetric")
     name = gram ? "muonkern::ns5_gram_symmetric" : "muonkern::ns5_symmetric";
@@ -353,7 +399,7 @@ std::optional<c10::OperatorHandle> triton_route(const at::Tensor& G, const std::
     name = "muonkern::ns5_small";
   else if (path == "auto" && !gram && prop.major == 9 && short_side >= kSymmetricMinShortSide)
     name = "muonkern::ns5_symmetric";
-  if (name == nullptr || G.numel() == 0) return std::nullopt;
+  if (name == nullptr) return std::nullopt;
   // looked up per call: Python registers the ops when muonkern is imported, after this library loads
   auto op = c10::Dispatcher::singleton().findOp({name, ""});
   if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
@@ -424,32 +470,30 @@ std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<do
   return s;
 }
 
+// Sizes only: what the path choice reads.
+Ns5Problem problem_sizes(int64_t batch, int64_t m, int64_t n, int64_t steps) {
+  Ns5Problem shape{};
+  shape.m = m;
+  shape.n = n;
+  shape.batch = batch;
+  shape.steps = static_cast<int>(steps);
+  return shape;
+}
+
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
                     double eps, c10::string_view algorithm) {
   check_ns5_args(G_in, steps, coefficients, eps, algorithm);
   const c10::cuda::CUDAGuard guard(G_in.device());
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
-  Ns5Problem shape{};  // sizes only: what the path choice reads
-  shape.m = G_in.size(-2);
-  shape.n = G_in.size(-1);
-  shape.batch = ns5_batch(G_in);
-  shape.steps = static_cast<int>(steps);
-  const bool gram = ns5_use_gram(algorithm, shape.m, shape.n, steps);
-  const char* forced = std::getenv("MUONKERN_NS5_PATH");
-  const std::string path = forced != nullptr ? forced : "auto";
-  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  if (auto op = triton_route(G_in, path, prop, gram))
-    return op->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>().call(
-        G_in, steps, coefficients, eps);
-  // The Gram iteration takes the fused kernel only when asked (MUONKERN_NS5_PATH=fused): with Q = P Q
-  // mirrored from one triangle it measured 0.020 farther from the polar factor than the standard
-  // iteration on ill-conditioned 4x128x512, past GRAM_POLAR_MARGIN (0.0195). Q = P Q is now computed
-  // whole (bench/gram_rounding_emulation.py: +0.003 instead of +0.013); auto takes it once a GPU run
-  // agrees.
-  const bool fused_allowed = path == "fused" || (path != "general" && !gram);
-  const int cluster = fused_allowed ? fused_cluster(shape, prop, gram) : 0;
-  if (cluster > 0 && (path == "fused" || fused_seconds(shape, cluster, prop) <= general_seconds(shape)))
-    return ns5_fused(G_in, steps, abc, eps, cluster, gram);
+  const Ns5Problem shape = problem_sizes(ns5_batch(G_in), G_in.size(-2), G_in.size(-1), steps);
+  const Ns5Route route = ns5_cuda_route(shape.batch, shape.m, shape.n, steps, algorithm);
+  if (route.path != "fused" && route.path != "general")  // a Triton op's name
+    return c10::Dispatcher::singleton()
+        .findSchemaOrThrow(route.path.c_str(), "")
+        .typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>()
+        .call(G_in, steps, coefficients, eps);
+  const bool gram = route.gram;
+  if (route.cluster > 0) return ns5_fused(G_in, steps, abc, eps, route.cluster, gram);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
   if (G_in.numel() > 0 && ns5_graph_wanted(launch_bound(shape, gram))) {
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body)) return *out;
@@ -460,6 +504,16 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
 }
 
 }  // namespace
+
+Ns5Route ns5_cuda_route(int64_t batch, int64_t m, int64_t n, int64_t steps, std::string_view algorithm) {
+  const std::string path = forced_path();
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  const bool rule_gram = ns5_use_gram(algorithm, m, n, steps);
+  if (batch > 0 && m > 0 && n > 0) {
+    if (auto op = triton_route(std::min(m, n), path, prop, rule_gram)) return {op->schema().name(), rule_gram, 0};
+  }
+  return choose_route(problem_sizes(batch, m, n, steps), algorithm, path, prop);
+}
 
 TORCH_LIBRARY_IMPL(muonkern, CUDA, m) { m.impl("ns5", &ns5_cuda); }
 

@@ -3,10 +3,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 #include "dirquad.h"
 #include "ns5_common.h"
 #ifdef MUONKERN_WITH_CUDA
 #include "ns5_graphs.h"
+#include "ns5_route.h"
 #endif
 
 namespace {
@@ -29,9 +32,31 @@ PyObject* ns5_cached_graphs(PyObject*, PyObject*) {
 #endif
 }
 
+#ifdef MUONKERN_WITH_CUDA
+// muonkern._C.ns5_cuda_route(batch, m, n, steps, algorithm) -> (path, algorithm, cluster): what the
+// CUDA kernel of ns5 runs for `batch` m x n matrices on the current device (csrc/ns5_route.h);
+// muonkern.ops.ns5_route wraps it.
+PyObject* ns5_cuda_route(PyObject*, PyObject* args) {
+  long long batch = 0, m = 0, n = 0, steps = 0;
+  const char* algorithm = nullptr;
+  if (!PyArg_ParseTuple(args, "LLLLs", &batch, &m, &n, &steps, &algorithm)) return nullptr;
+  try {
+    const muonkern::Ns5Route route = muonkern::ns5_cuda_route(batch, m, n, steps, algorithm);
+    return Py_BuildValue("(ssi)", route.path.c_str(), route.gram ? "gram" : "standard", route.cluster);
+  } catch (const std::exception& e) {  // e.g. no CUDA device
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+#endif
+
 PyMethodDef methods[] = {
     {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
     {"ns5_cached_graphs", ns5_cached_graphs, METH_NOARGS, "ns5_cached_graphs() -> int"},
+#ifdef MUONKERN_WITH_CUDA
+    {"ns5_cuda_route", ns5_cuda_route, METH_VARARGS,
+     "ns5_cuda_route(batch, m, n, steps, algorithm) -> (path, 'gram' | 'standard', cluster)"},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

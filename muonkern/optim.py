@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .ops import ns5
-from .ops.ns5_args import resolve_algorithm, resolve_coefficients
+from .ops.ns5_args import resolve_coefficients
+from .ops.ns5_route import ns5_route
 
 __all__ = ["Muon", "muon_param_groups"]
 
@@ -133,7 +134,7 @@ class Muon(torch.optim.Optimizer):
         stacked = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in views])
         world = _world_size(self.process_group)
         # "auto" decided on the whole batch, so every world size runs the same algorithm
-        algorithm = resolve_algorithm("auto", stacked, group["ns_steps"])
+        algorithm = ns5_route(stacked, group["ns_steps"]).algorithm
         if world > 1:
             rank = dist.get_rank(self.process_group)
             share = -(-stacked.shape[0] // world)

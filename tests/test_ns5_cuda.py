@@ -1,6 +1,7 @@
 """muonkern::ns5 on CUDA tensors: both paths of the CUDA kernels, forced with MUONKERN_NS5_PATH, for
 the standard iteration and the Gram one (algorithm="gram": the general path's kernels and cuBLASLt,
-csrc/ns5_cuda.cpp, or the fused kernel where MUONKERN_NS5_PATH=fused asks for it).
+csrc/ns5_cuda.cpp, or the fused kernel where it fits and the cost model takes it), and the route
+"auto" takes (muonkern.ops.ns5_route).
 
 The op reads MUONKERN_NS5_PATH at each call: `fused` (one launch per batch, small matrices; where a
 shape does not fit it, the op quietly takes the general path), `general` (cuBLASLt), `auto`.
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import muonkern
-from muonkern.ops.ns5_args import choose_algorithm
+from muonkern.ops.ns5_route import ns5_route
 from ns5_cases import (DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, check_error, check_noncontiguous,
                        check_nonfinite_isolated, check_zero_matrices, ill_conditioned, noncontiguous_views, ns5,
                        assert_polar_margin, relative_difference, shape_id)
@@ -245,7 +246,7 @@ def test_gram_matches_float64(gen, shape):
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-# ---- the Gram iteration on the fused kernel (MUONKERN_NS5_PATH=fused) ---------------------------
+# ---- the Gram iteration on the fused kernel (forced with MUONKERN_NS5_PATH=fused) -----------------
 # R = X X^T reduced over the cluster at the start and at each restart, the R x R steps run by every
 # block of the cluster alike. Every shape here fits at every cluster size (the Gram iteration has two
 # more Rp x Rp buffers than the standard one: at short side 128 one block holds at most 352 columns, a
@@ -419,7 +420,7 @@ def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):
         assert not torch.isfinite(ns5(G, algorithm="gram")).all()
 
 
-# With MUONKERN_NS5_SPLIT_GRAM=2048 (opt-in), short sides of at least 2048 compute X X^T as two GEMMs
+# With MUONKERN_NS5_SPLIT_GRAM=2048 (the default), short sides of at least 2048 compute X X^T as two GEMMs
 # and a mirror kernel (csrc/ns5_cuda.cpp, gram_product): split at r/2 and at a multiple of 128 below
 # it (2200 -> 1024), a batch, tall; one wide matrix also with its scale deferred.
 @pytest.mark.parametrize("shape", [(2048, 2304), (2, 2200, 2400), (2304, 2048)], ids=shape_id)
@@ -442,11 +443,28 @@ def test_gram_agrees_with_cpu(gen, shape):
     assert diff <= CROSS_DEVICE_RTOL, f"CUDA vs CPU relative difference {diff:.4g}"
 
 
-@pytest.mark.parametrize("shape", [(1024, 4096), (4, 1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768)],
-                         ids=shape_id)
+# "auto" on CUDA: choose_algorithm's rule on the general path; on the fused kernel the Gram iteration
+# wherever the cost model gives it a 25% margin, whatever the short side (a matrix spread over a
+# cluster of 8 reduces over it 2 times in 5 steps instead of 5).
+@pytest.mark.parametrize("shape,path,algorithm", [
+    ((12, 64, 768), "fused", "gram"),
+    ((3, 768, 64), "fused", "gram"),          # tall
+    ((48, 128, 128), "fused", "standard"),    # square
+    ((1, 128, 600), "fused", "standard"),     # the Gram iteration fits only on 8 blocks, not worth it
+    ((1024, 4096), "general", "gram"),
+    ((768, 768), "general", "standard")], ids=shape_id)
+def test_auto_route(shape, path, algorithm):
+    route = ns5_route(torch.empty(1, device="cuda").expand(*shape))
+    assert (route.path, route.algorithm) == (path, algorithm), route
+    assert (route.cluster > 0) == (path == "fused")
+    assert ns5_route(torch.empty(shape, device="cuda"), algorithm="standard").algorithm == "standard"
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096), (4, 1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768),
+                                   (3, 768, 64)], ids=shape_id)
 def test_auto_runs_the_chosen_algorithm(gen, shape):
     G = randn(gen, *shape, device="cuda")
-    chosen = choose_algorithm(shape[-2], shape[-1], 5)
+    chosen = ns5_route(G).algorithm
     auto = ns5(G, algorithm="auto")
     assert torch.equal(auto, ns5(G, algorithm=chosen))
     assert torch.equal(auto, torch.ops.muonkern.ns5(G))  # the schema default

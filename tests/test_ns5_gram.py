@@ -3,7 +3,8 @@
 The Gram iteration computes the standard iteration's polynomial through R = X Xᵀ (n×n XᵀX for a tall
 X). Checked here: in float64 it is the standard iteration up to rounding (restarts included); in
 bf16 its distance to the exact polar factor stays within GRAM_POLAR_MARGIN of the standard
-iteration's; the C++ kernel equals the fallback; "auto" follows choose_algorithm, in Python and C++.
+iteration's; the C++ kernel equals the fallback; "auto" follows choose_algorithm, in Python and C++
+(ns5_route says so for CPU tensors; tests/test_ns5_cuda.py checks the CUDA kernel's own route).
 Budgets and their justification are in reference.py.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import muonkern
 from muonkern.ops.fallback import gram_iteration, ns5_reference
 from muonkern.ops.ns5_args import (GRAM_MIN_SHORT_SIDE, choose_algorithm, gram_restart_steps, ns5_flops,
                                    step_coefficients)
+from muonkern.ops.ns5_route import ns5_route
 from ns5_cases import (EMPTY_SHAPES, check_noncontiguous, check_nonfinite_isolated, check_zero_matrices,
                        ill_conditioned, noncontiguous_views, ns5, assert_polar_margin, relative_difference, shape_id)
 from reference import (BF16_RTOL, EXT_VS_FALLBACK_RTOL, GRAM_FLOAT64_RTOL, JORDAN,
@@ -143,6 +145,22 @@ def test_cpp_rule_equals_python_rule():
     from muonkern import _C
     for m, n, steps in itertools.product(GRID_SIDES, GRID_SIDES, [0, 1, 2, 3, 4, 5, 6, 8, 20]):
         assert _C.ns5_auto_algorithm(m, n, steps) == choose_algorithm(m, n, steps), (m, n, steps)
+
+
+@pytest.mark.parametrize("shape", [(512, 1536), (2, 24, 80), (3, 40, 40)], ids=shape_id)
+def test_route_on_cpu_follows_the_rule(shape):
+    route = ns5_route(torch.empty(shape))
+    assert route.path == ("fallback" if muonkern.backend() == "fallback" else "cpu")
+    assert (route.algorithm, route.cluster) == (choose_algorithm(shape[-2], shape[-1], 5), 0)
+    assert ns5_route(torch.empty(shape), algorithm="standard").algorithm == "standard"
+    assert ns5_route(torch.empty(shape), steps=0).algorithm == "standard"
+
+
+@pytest.mark.parametrize("bad,match", [(dict(G=torch.empty(4)), "rank >= 2"), (dict(algorithm="fast"), "algorithm")])
+def test_route_rejects_bad_arguments(bad, match):
+    args = dict(G=torch.empty(2, 8), algorithm="auto") | bad
+    with pytest.raises(ValueError, match=match):
+        ns5_route(args["G"], algorithm=args["algorithm"])
 
 
 @pytest.mark.parametrize("shape", [(512, 1536), (1536, 512), (2, 512, 1024), (2, 24, 80)], ids=shape_id)

@@ -185,47 +185,87 @@ __device__ __forceinline__ void symmetric_product(const bf16* Pa, const bf16* Pb
   }
 }
 
+// acc = rows [row0, row0 + 16 kTiles) of B times the 16-column strip of X at column c0, over k < Rp.
+// x_addr and b_addr are X's and B's shared addresses with this lane's ldmatrix offsets added.
+template <int kTiles, int Rp>
+__device__ __forceinline__ void strip_product(float (&acc)[kTiles][2][4], uint32_t x_addr, int ldx, uint32_t b_addr,
+                                              int ldb, int row0, int c0) {
+#pragma unroll 2
+  for (int k = 0; k < Rp; k += 16) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, x_addr + 2u * (k * ldx + c0));
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      uint32_t fa[4];
+      ldmatrix_x4(fa, b_addr + 2u * ((row0 + 16 * i) * ldb + k));
+      mma_16x8x16(acc[i][0], fa, b[0], b[1]);
+      mma_16x8x16(acc[i][1], fa, b[2], b[3]);
+    }
+  }
+}
+
+// Those rows of the strip <- acc + a * (their old value).
+template <int kTiles>
+__device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, const float (&acc)[kTiles][2][4],
+                                            float a) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        __nv_bfloat162* x =
+            reinterpret_cast<__nv_bfloat162*>(X + (row0 + 16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
+        const float2 old = __bfloat1622float2(*x);
+        *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
+      }
+}
+
 // X = B X + a X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all rows: it
 // reads only its strip of X, so it may overwrite the strip once its products are in registers.
 template <int kRowTiles>
 __device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int Rp = 16 * kRowTiles;
+  const int warp = threadIdx.x / 32;
   const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
   for (int c0 = 16 * warp; c0 < Cs; c0 += 16 * kWarps) {
     float acc[kRowTiles][2][4] = {};
-#pragma unroll 2
-    for (int k = 0; k < Rp; k += 16) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, x_addr + 2u * (k * ldx + c0));
-#pragma unroll
-      for (int i = 0; i < kRowTiles; ++i) {
-        uint32_t fa[4];
-        ldmatrix_x4(fa, b_addr + 2u * (16 * i * ldb + k));
-        mma_16x8x16(acc[i][0], fa, b[0], b[1]);
-        mma_16x8x16(acc[i][1], fa, b[2], b[3]);
-      }
-    }
-    const int g = lane / 4, q = lane % 4;
-#pragma unroll
-    for (int i = 0; i < kRowTiles; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          __nv_bfloat162* x = reinterpret_cast<__nv_bfloat162*>(X + (16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
-          const float2 old = __bfloat1622float2(*x);
-          *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
-        }
+    strip_product<kRowTiles, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, 0, c0);
+    store_strip<kRowTiles>(X, ldx, 0, c0, acc, a);
+  }
+}
+
+// The same where X has at most kWarps / 2 strips (Cs <= 128): two warps per strip, each on half of
+// the rows, so that no warp idles. A warp's half of the strip is the other warp's k operand, so the
+// stores wait for a block barrier (every thread of the block must call this).
+template <int kRowTiles>
+__device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+  constexpr int kHalf = kRowTiles / 2;
+  const int warp = threadIdx.x / 32;
+  const int c0 = 16 * (warp / 2), row0 = 16 * kHalf * (warp % 2);
+  const bool active = c0 < Cs;
+  const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
+  float acc[kHalf][2][4] = {};
+  if (active) strip_product<kHalf, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, row0, c0);
+  __syncthreads();
+  if (active) store_strip<kHalf>(X, ldx, row0, c0, acc, a);
+}
+
+template <int kRowTiles>
+__device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+  if (Cs <= 16 * (kWarps / 2)) {
+    apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, a);
+  } else {
+    apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, a);
   }
 }
 
 __device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float a) {
   switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
-    case 1: apply_polynomial<2>(X, ldx, Cs, B, ldb, a); break;
-    case 2: apply_polynomial<4>(X, ldx, Cs, B, ldb, a); break;
-    case 3: apply_polynomial<6>(X, ldx, Cs, B, ldb, a); break;
-    default: apply_polynomial<8>(X, ldx, Cs, B, ldb, a); break;
+    case 1: apply_polynomial_any<2>(X, ldx, Cs, B, ldb, a); break;
+    case 2: apply_polynomial_any<4>(X, ldx, Cs, B, ldb, a); break;
+    case 3: apply_polynomial_any<6>(X, ldx, Cs, B, ldb, a); break;
+    default: apply_polynomial_any<8>(X, ldx, Cs, B, ldb, a); break;
   }
 }
 

@@ -5,6 +5,7 @@ from typing import List, Sequence
 
 import torch
 
+from .ns5_route import Ns5Route, ns5_route
 from .registration import register
 
 _BACKEND = register()
@@ -33,8 +34,9 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     ``algorithm``: "standard" (the iteration above), "gram" (the same polynomial computed on the
     m×m Gram matrix X Xᵀ with restarts, fewer FLOPs for wide or tall matrices; see
     muonkern.ops.fallback.gram_iteration) or "auto" (gram where a FLOP cost model says it saves at
-    least 25% on a large enough short side and, on CUDA, the call is large enough to be
-    matmul-bound: muonkern.ops.ns5_args.choose_algorithm).
+    least 25% on a large enough short side, muonkern.ops.ns5_args.choose_algorithm, and on CUDA also
+    where the fused kernel runs it 25% faster; :func:`ns5_route` tells which path and algorithm a
+    call takes).
     """
     coeffs = None if coefficients is None else [float(c) for c in coefficients]
     return torch.ops.muonkern.ns5(G, steps, coeffs, eps, algorithm)
@@ -66,4 +68,4 @@ def dirquad(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
     return torch.ops.muonkern.dirquad(list(grads), list(directions), list(products))
 
 
-__all__ = ["backend", "dirquad", "ns5", "ns5_grouped"]
+__all__ = ["Ns5Route", "backend", "dirquad", "ns5", "ns5_grouped", "ns5_route"]

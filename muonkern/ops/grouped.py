@@ -4,7 +4,7 @@ An optimizer step orthogonalizes many matrices of a few shapes. The list is grou
 wide orientation, dtype, device): a tall m×n matrix joins the n×m ones as its transpose, since the
 standard iteration works in wide orientation (ns5(G) = ns5(Gᵀ)ᵀ, the same arithmetic), and leading
 batch dims are flattened. Where the Gram algorithm runs (algorithm="gram", or "auto" choosing it for
-the shape), tall matrices keep their own group: ns5 multiplies them from the right, which rounds
+the tensor: muonkern.ops.ns5_route), tall matrices keep their own group: ns5 multiplies them from the right, which rounds
 differently from the transpose. Each group is stacked, orthogonalized by one ``muonkern::ns5`` call
 (our CUDA or C++ kernel) and split back; every output is its own contiguous tensor of its input's
 shape and dtype.
@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ns5_args import check_ns5_args, resolve_algorithm
+from .ns5_args import check_ns5_args
+from .ns5_route import ns5_route
 
 NS5_GROUPED_SCHEMA = ('ns5_grouped(Tensor[] Gs, int steps=5, float[]? coefficients=None, '
                       'float eps=1e-07, str algorithm="auto") -> Tensor[]')
@@ -39,8 +40,9 @@ def shape_groups(Gs: Sequence[torch.Tensor], steps: int = 5,
     groups: Dict[GroupKey, List[int]] = {}
     for i, G in enumerate(Gs):
         m, n = G.shape[-2:]
-        # "auto" decides per tensor, as ns5(G) alone would: each output equals ns5 of its input
-        chosen = resolve_algorithm(algorithm, G, steps)
+        # "auto" decides per tensor, as ns5(G) alone would (on CUDA the kernel's route, which may
+        # take the Gram iteration on the fused kernel): each output equals ns5 of its input
+        chosen = ns5_route(G, steps, algorithm).algorithm
         tall = chosen == "gram" and m > n
         groups.setdefault((min(m, n), max(m, n), G.dtype, G.device, chosen, tall), []).append(i)
     return groups
