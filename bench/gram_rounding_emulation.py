@@ -34,7 +34,7 @@ def mirror_lower(M: torch.Tensor) -> torch.Tensor:
 
 
 def fused_products(mirror_accumulate: bool) -> GramProducts:
-    """The fused kernel's products on a wide iterate (csrc/kernels/ns5_fused.cu)."""
+    """The fused kernel's products on a wide iterate (csrc/kernels/ns5_fused_kernel.cuh)."""
     def polynomial(R, a, b, c):
         return bf16(mirror_lower(c * R @ R + b * R + a * torch.eye(R.size(-1))))
 

@@ -343,10 +343,11 @@ FusedOption fused_option(const Ns5Problem& p, const cudaDeviceProp& prop, bool g
 }
 
 // Where the standard and the Gram iteration both fit the fused kernel, "auto" takes the Gram one
-// where the model gives it the same margin choose_algorithm asks of FLOPs (kGramMinSaving), whatever
-// the short side: on the fused kernel it is the reductions over the cluster, not small GEMMs' launches,
-// that the Gram iteration saves (12x64x768, cluster 8: 2 reductions instead of 5). The general path
-// keeps the rule of ns5_use_gram (small short sides lose there: many small products).
+// where the model says it is no slower, whatever the short side: on the fused kernel it saves
+// reductions over the cluster as well as FLOPs, and it measured 0.77-0.89 of the standard iteration's
+// time on 12 non-square shapes from 64x32x128 to 16x96x768 (H100, bench/NOTES.md), 1.10 on square
+// 48x128x128, which the model also leaves standard. The general path keeps the rule of ns5_use_gram
+// (small short sides lose there: many small products).
 // MUONKERN_NS5_PATH (read at every call): fused, general, symmetric, small, or "auto" when unset.
 std::string forced_path() {
   const char* forced = std::getenv("MUONKERN_NS5_PATH");
@@ -365,7 +366,7 @@ Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, const std
     best = fused_option(p, prop, false);
     if (p.m != p.n && p.steps > 0) {
       const FusedOption gram = fused_option(p, prop, true);
-      if (gram.cluster > 0 && (best.cluster == 0 || gram.seconds <= (1.0 - kGramMinSaving) * best.seconds)) best = gram;
+      if (gram.cluster > 0 && gram.seconds <= best.seconds) best = gram;
     }
   }
   if (best.cluster == 0) return general;

@@ -33,13 +33,23 @@ fi
 ns5_op_tests=(tests/test_ns5_cuda.py tests/test_ns5_graphs.py tests/test_ns5_grouped.py tests/test_ns5_triton.py)
 ns5_triton_tests=(tests/test_ns5_triton_gram.py tests/test_ns5_triton_small.py)
 ns5_tests=("${ns5_op_tests[@]}" "${ns5_triton_tests[@]}")
+# racecheck of sanitize_ns5.py: the run must finish, and every hazard it reports must lie inside
+# cuBLAS's own kernels (nvjet_*: reported for the split-K ones its heuristic picks for some shapes,
+# never in ours); leaving them out with --kernel-name-exclude made the sanitizer itself fail.
+ns5_racecheck() {
+  local log
+  log="$(compute-sanitizer --tool racecheck python scripts/sanitize_ns5.py --racecheck 2>&1)"
+  echo "$log"
+  grep -q "ns5 kernels ran" <<< "$log" && ! grep "Race reported" <<< "$log" | grep -vq nvjet
+}
 sanitize() {  # sanitize SCRIPT...: memcheck and racecheck of each scripts/SCRIPT.py
   for script in "$@"; do
     for tool in memcheck racecheck; do
-      local extra=() skip=()  # sanitize_ns5.py's docstring says why
-      [[ "$script" == sanitize_ns5 && "$tool" == racecheck ]] && extra=(--racecheck) skip=(--kernel-name-exclude kns=nvjet)
-      step "${script}_${tool}" compute-sanitizer --tool "$tool" "${skip[@]}" --error-exitcode 3 python "scripts/$script.py" \
-        "${extra[@]}"
+      if [[ "$script" == sanitize_ns5 && "$tool" == racecheck ]]; then
+        step sanitize_ns5_racecheck ns5_racecheck
+      else
+        step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python "scripts/$script.py"
+      fi
     done
   done
 }

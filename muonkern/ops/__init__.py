@@ -35,7 +35,7 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     m×m Gram matrix X Xᵀ with restarts, fewer FLOPs for wide or tall matrices; see
     muonkern.ops.fallback.gram_iteration) or "auto" (gram where a FLOP cost model says it saves at
     least 25% on a large enough short side, muonkern.ops.ns5_args.choose_algorithm, and on CUDA also
-    where the fused kernel runs it 25% faster; :func:`ns5_route` tells which path and algorithm a
+    where the fused kernel's cost model says it is no slower; :func:`ns5_route` tells which path and algorithm a
     call takes).
     """
     coeffs = None if coefficients is None else [float(c) for c in coefficients]

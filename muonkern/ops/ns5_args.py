@@ -41,8 +41,8 @@ GRAM_RESTART_INTERVAL = 2
 # small products cost no more host time than the standard iteration's few large ones. Measured on an
 # H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.136 / 0.125, 1024×4096 0.242 /
 # 0.197, 4096×1024 0.264 / 0.214, 8×1024×4096 1.48 / 1.01, 2048×8192 1.28 / 0.87. On CUDA the fused
-# kernel (small matrices) also takes gram below GRAM_MIN_SHORT_SIDE where its own cost model gives it
-# this margin (csrc/ns5_cuda.cpp, choose_route; muonkern.ops.ns5_route tells what a call runs).
+# kernel (small matrices) also takes gram below GRAM_MIN_SHORT_SIDE where its own cost model says it
+# is no slower (csrc/ns5_cuda.cpp, choose_route; muonkern.ops.ns5_route tells what a call runs).
 GRAM_MIN_SAVING = 0.25
 GRAM_MIN_SHORT_SIDE = 512
 

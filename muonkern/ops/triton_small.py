@@ -1,6 +1,6 @@
 """ns5 of small matrices (short side <= 128) in one Triton launch: one program per matrix, all steps.
 
-The CUDA fused kernel (csrc/kernels/ns5_fused.cu) runs these shapes on Ampere's mma.sync, about
+The CUDA fused kernel (csrc/kernels/ns5_fused_kernel.cuh) runs these shapes on Ampere's mma.sync, about
 1.4 TFLOP/s per SM; on Hopper Triton emits wgmma, which this kernel is here to measure against it.
 
 One program holds the m×m Gram matrix of its (wide-oriented) iterate X (m <= n, padded to at least

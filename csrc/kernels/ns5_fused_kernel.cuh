@@ -1,0 +1,505 @@
+// Fused small-matrix NS5: ONE launch for the whole batch, every iteration on chip, on the tensor
+// cores (mma.sync m16n8k16, bf16 operands, fp32 accumulation).
+//
+// Each matrix belongs to a thread-block cluster of S = 1, 2, 4 or 8 blocks. Block `rank` holds the
+// column slice [rank*Cs, (rank+1)*Cs) of the wide iterate X (R x C, R <= C) and, per step:
+//   1. P_rank = X_slice X_slice^T                  (its share of the Gram matrix)
+//   2. A = sum over the cluster of P_rank          (through distributed shared memory, S > 1)
+//   3. B = b A + c A A                             (every block, redundantly: R^3 is small)
+//   4. X_slice = B X_slice + a X_slice             (in place)
+// With few matrices a cluster spreads one matrix over several SMs; S = 1 is the plain one-block case.
+//
+// The Gram iteration (algorithm="gram", csrc/ns5_gram.cpp states it) runs on the same pieces: A = X X^T
+// as above (at the start and after each restart only), then per step on Rp x Rp matrices only,
+// P = a I + b R + c R R and R = (P R) P on one triangle of tiles (products of polynomials in R are
+// symmetric), Q = P Q whole by the B X step; the result is Q X, by the B X step with a = 0.
+//
+// Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
+//   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
+//   A, B: Rp x (Rp + 8) each (Gram: A holds R; B, C, D hold P, Q and a spare, in turns)
+//   partials: Rp x Rp fp32    (S > 1 only)
+// Padding rows/columns are zero and stay zero through the iteration, so they never change the result
+// (the Gram iteration's a I puts a on the padded diagonal of P and Q: they stay block-diagonal, and
+// X's padded rows are zero).
+//
+// This header holds the kernel and its launch; ns5_fused_standard.cu and ns5_fused_gram.cu instantiate
+// one algorithm each (they compile in parallel), ns5_fused.cu sizes and dispatches.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include <type_traits>
+
+#include "ns5_device.cuh"
+#include "ns5_kernels.h"
+
+namespace muonkern {
+namespace {
+
+constexpr int kRowPad = 8;
+
+using bf16 = __nv_bfloat16;
+
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = 16;
+
+struct FusedParams {
+  Ns5Problem problem;
+  int Rp, Cs;  // padded short side; columns per block of a cluster
+  uint32_t restarts;  // Gram: bit s set to restart after step s (1-based)
+  float abc[3 * kFusedMaxSteps];
+};
+
+__device__ __forceinline__ void store_pair(bf16* out, int i, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(out + i) = __floats2bfloat162_rn(v0, v1);
+}
+__device__ __forceinline__ void store_pair(float* out, int i, float v0, float v1) {
+  *reinterpret_cast<float2*>(out + i) = make_float2(v0, v1);
+}
+__device__ __forceinline__ void store_one(bf16* out, int i, float v) { out[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_one(float* out, int i, float v) { out[i] = v; }
+
+__host__ __device__ constexpr int round_up(int64_t x, int to) { return static_cast<int>((x + to - 1) / to * to); }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 bf16 matrices from shared memory; lane l gives the address of row l%8 of matrix l/8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulators.
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offsets of this lane's ldmatrix row inside a 16x16 tile of a row-major bf16 matrix with
+// leading dimension `ld`. Loops add them to a tile's shared-memory address once, then step k.
+// A operand (rows = M, cols = K):
+__device__ __forceinline__ uint32_t a_lane_offset(int ld) {
+  const int lane = threadIdx.x % 32;
+  return 2u * ((lane % 16) * ld + (lane / 16) * 8);
+}
+// B operand of two n8 tiles with B(k, n) = M[n][k] (M stored "N x K"):
+__device__ __forceinline__ uint32_t b_nk_lane_offset(int ld) {
+  const int lane = threadIdx.x % 32;
+  return 2u * ((lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+}
+// B operand of two n8 tiles with B(k, n) = M[k][n] (M stored "K x N", loaded transposed):
+__device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
+  const int lane = threadIdx.x % 32;
+  return 2u * ((lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+// out = alpha * Pa Pb^T (+ beta * in if kAddInput) + shift * I, Rp x Rp, out in bf16 or fp32; Pa and
+// Pb are Rp x K. For products known to be symmetric: P P^T, or Pa Pb with Pa, Pb symmetric and
+// commuting. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
+// mirrored on store.
+template <int kTile, bool kAddInput, typename OutT>
+__device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out, const bf16* in,
+                                  int ld, float alpha, float beta, float shift) {
+  constexpr int kM = kTile / 16, kN = kTile / 8;  // mma tiles per warp tile
+  // Small tiles issue few mma per k-step: rotate over several accumulator sets so consecutive
+  // mma do not wait on each other's results.
+  constexpr int kSets = kTile == 16 ? 4 : 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tiles = Rp / kTile;
+  const uint32_t pa_addr = smem_addr(Pa), pb_addr = smem_addr(Pb), a_lane = a_lane_offset(ldp),
+                 b_lane = b_nk_lane_offset(ldp);
+  for (int t = warp; t < tiles * (tiles + 1) / 2; t += kWarps) {
+    int ti = 0;
+    while ((ti + 1) * (ti + 2) / 2 <= t) ++ti;
+    const int tj = t - ti * (ti + 1) / 2;
+    const int r0 = ti * kTile, c0 = tj * kTile;
+    const uint32_t a_addr = pa_addr + 2u * r0 * ldp + a_lane, b_addr = pb_addr + 2u * c0 * ldp + b_lane;
+    float sets[kSets][kM][kN][4] = {};
+    for (int k0 = 0; k0 < K; k0 += 16 * kSets) {
+#pragma unroll
+      for (int set = 0; set < kSets; ++set) {
+        const int k = k0 + 16 * set;
+        if (k < K) {
+          uint32_t a[kM][4], b[kN / 2][4];
+#pragma unroll
+          for (int i = 0; i < kM; ++i) ldmatrix_x4(a[i], a_addr + 2u * (16 * i * ldp + k));
+#pragma unroll
+          for (int j = 0; j < kN / 2; ++j) ldmatrix_x4(b[j], b_addr + 2u * (16 * j * ldp + k));
+#pragma unroll
+          for (int i = 0; i < kM; ++i)
+#pragma unroll
+            for (int j = 0; j < kN; ++j)
+              mma_16x8x16(sets[set][i][j], a[i], b[j / 2][(j % 2) * 2], b[j / 2][(j % 2) * 2 + 1]);
+        }
+      }
+    }
+    float (&acc)[kM][kN][4] = sets[0];
+#pragma unroll
+    for (int set = 1; set < kSets; ++set)
+#pragma unroll
+      for (int i = 0; i < kM; ++i)
+#pragma unroll
+        for (int j = 0; j < kN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] += sets[set][i][j][e];
+    const int g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int i = 0; i < kM; ++i)
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + 16 * i + g + 8 * h, c = c0 + 8 * j + 2 * q;
+          float v0 = alpha * acc[i][j][2 * h], v1 = alpha * acc[i][j][2 * h + 1];
+          if (kAddInput) {
+            const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(in + r * ld + c));
+            v0 += beta * old.x;
+            v1 += beta * old.y;
+          }
+          if (r == c) v0 += shift;  // only diagonal tiles meet these
+          if (r == c + 1) v1 += shift;
+          store_pair(out, r * ld + c, v0, v1);
+          if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
+            store_one(out, c * ld + r, v0);
+            store_one(out, (c + 1) * ld + r, v1);
+          }
+        }
+  }
+}
+
+template <bool kAddInput, typename OutT>
+__device__ __forceinline__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out,
+                                                  const bf16* in, int ld, float alpha, float beta, float shift = 0.f) {
+  // 32-row tiles issue 8 mma per 4 ldmatrix, 16-row tiles 2 per 2: prefer them once they keep
+  // at least half the warps busy.
+  const int big_tiles = Rp / 32;
+  if (2 * big_tiles * (big_tiles + 1) / 2 >= kWarps) {
+    symmetric_product<32, kAddInput>(Pa, Pb, ldp, K, Rp, out, in, ld, alpha, beta, shift);
+  } else {
+    symmetric_product<16, kAddInput>(Pa, Pb, ldp, K, Rp, out, in, ld, alpha, beta, shift);
+  }
+}
+
+// acc = rows [row0, row0 + 16 kTiles) of B times the 16-column strip of X at column c0, over k < Rp.
+// x_addr and b_addr are X's and B's shared addresses with this lane's ldmatrix offsets added.
+template <int kTiles, int Rp>
+__device__ __forceinline__ void strip_product(float (&acc)[kTiles][2][4], uint32_t x_addr, int ldx, uint32_t b_addr,
+                                              int ldb, int row0, int c0) {
+#pragma unroll 2
+  for (int k = 0; k < Rp; k += 16) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, x_addr + 2u * (k * ldx + c0));
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      uint32_t fa[4];
+      ldmatrix_x4(fa, b_addr + 2u * ((row0 + 16 * i) * ldb + k));
+      mma_16x8x16(acc[i][0], fa, b[0], b[1]);
+      mma_16x8x16(acc[i][1], fa, b[2], b[3]);
+    }
+  }
+}
+
+// Those rows of the strip <- acc + a * (their old value).
+template <int kTiles>
+__device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, const float (&acc)[kTiles][2][4],
+                                            float a) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        __nv_bfloat162* x =
+            reinterpret_cast<__nv_bfloat162*>(X + (row0 + 16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
+        const float2 old = __bfloat1622float2(*x);
+        *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
+      }
+}
+
+// X = B X + a X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all rows: it
+// reads only its strip of X, so it may overwrite the strip once its products are in registers.
+template <int kRowTiles>
+__device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+  const int warp = threadIdx.x / 32;
+  const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
+  for (int c0 = 16 * warp; c0 < Cs; c0 += 16 * kWarps) {
+    float acc[kRowTiles][2][4] = {};
+    strip_product<kRowTiles, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, 0, c0);
+    store_strip<kRowTiles>(X, ldx, 0, c0, acc, a);
+  }
+}
+
+// The same where X has at most kWarps / 2 strips (Cs <= 128): two warps per strip, each on half of
+// the rows, so that no warp idles. A warp's half of the strip is the other warp's k operand, so the
+// stores wait for a block barrier (every thread of the block must call this).
+template <int kRowTiles>
+__device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+  constexpr int kHalf = kRowTiles / 2;
+  const int warp = threadIdx.x / 32;
+  const int c0 = 16 * (warp / 2), row0 = 16 * kHalf * (warp % 2);
+  const bool active = c0 < Cs;
+  const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
+  float acc[kHalf][2][4] = {};
+  if (active) strip_product<kHalf, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, row0, c0);
+  __syncthreads();
+  if (active) store_strip<kHalf>(X, ldx, row0, c0, acc, a);
+}
+
+template <int kRowTiles>
+__device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+  if (Cs <= 16 * (kWarps / 2)) {
+    apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, a);
+  } else {
+    apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, a);
+  }
+}
+
+__device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float a) {
+  switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
+    case 1: apply_polynomial_any<2>(X, ldx, Cs, B, ldb, a); break;
+    case 2: apply_polynomial_any<4>(X, ldx, Cs, B, ldb, a); break;
+    case 3: apply_polynomial_any<6>(X, ldx, Cs, B, ldb, a); break;
+    default: apply_polynomial_any<8>(X, ldx, Cs, B, ldb, a); break;
+  }
+}
+
+// Calls f(v, r, c) for every element G[r][c], r < m, c < n, warps striding over rows and lanes over
+// columns. Loads go out kBatch at a time before any is used: one block reads a whole matrix, and
+// only many requests in flight cover the memory latency.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_element(const T* g, int m, int n, int64_t row_stride, int64_t col_stride,
+                                                 F&& f) {
+  constexpr int kBatch = 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane >= n) return;
+  int r = warp, c = lane;
+  while (r < m) {
+    float v[kBatch];
+    int rows[kBatch], cols[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      rows[u] = r;
+      cols[u] = c;
+      v[u] = r < m ? to_float(g[r * row_stride + c * col_stride]) : 0.f;
+      c += 32;
+      if (c >= n) {
+        c = lane;
+        r += kWarps;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (rows[u] < m) f(v[u], rows[u], cols[u]);
+  }
+}
+
+// Sum of `v` over the cluster's blocks (every thread gets it). `slot` is one shared float.
+template <int kCluster>
+__device__ __forceinline__ float cluster_sum(float v, float* slot) {
+  if (kCluster == 1) return v;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) *slot = v;
+  cluster.sync();
+  float total = 0.f;
+  for (int r = 0; r < kCluster; ++r) total += *cluster.map_shared_rank(slot, r);
+  cluster.sync();  // nobody rewrites `slot` before every block has read it
+  return total;
+}
+
+// A (bf16, every block) = sum over the cluster of the fp32 partial Gram matrices P. Block `rank`
+// reduces rows [rank*Rp/S, (rank+1)*Rp/S) and writes them into every block's A.
+template <int kCluster>
+__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int rows = Rp / kCluster, quads = Rp / 4;
+  cluster.sync();  // every partial is written
+  for (int e = threadIdx.x; e < rows * quads; e += kWarps * 32) {
+    const int i = rank * rows + e / quads, j = 4 * (e % quads);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < kCluster; ++r) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(P, r) + i * Rp + j);
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x, sum.y), hi = __floats2bfloat162_rn(sum.z, sum.w);
+#pragma unroll
+    for (int r = 0; r < kCluster; ++r) {
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(cluster.map_shared_rank(A, r) + i * lda + j);
+      dst[0] = lo;
+      dst[1] = hi;
+    }
+  }
+  cluster.sync();  // A is complete everywhere, and every partial has been read
+}
+
+// kGram: the Gram iteration. A template argument, so the standard iteration's kernel is compiled
+// without the Gram branch's code and registers.
+template <typename T, int kCluster, bool kGram>
+__global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_constant__ FusedParams params) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Ns5Problem& p = params.problem;
+  const int Rp = params.Rp, Cs = params.Cs, ldx = Cs + kRowPad, lda = Rp + kRowPad;
+  bf16* X = reinterpret_cast<bf16*>(smem);
+  bf16* A = X + Rp * ldx;
+  bf16* B = A + Rp * lda;
+  bf16* C = B + Rp * lda;  // C, D: Gram only
+  bf16* D = C + Rp * lda;
+  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 for cluster_sum
+  float* partials = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
+  const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
+  const bool transpose = p.transpose();
+  const T* G = static_cast<const T*>(p.in.data);
+  const int rank = static_cast<int>(blockIdx.x % kCluster);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // This block's slice of X's columns is a range of G's columns (or rows when transposed).
+  const int lo = rank * Cs, hi = min(lo + Cs, static_cast<int>(p.long_side()));
+  const int sub_m = transpose ? max(hi - lo, 0) : m, sub_n = transpose ? n : max(hi - lo, 0);
+  const int64_t sub_offset = static_cast<int64_t>(lo) * (transpose ? p.in.row_stride : p.in.col_stride);
+
+  for (int64_t b = blockIdx.x / kCluster; b < p.batch; b += gridDim.x / kCluster) {
+    const T* g = G + batch_offset(p.in, b) + sub_offset;
+    float sumsq = 0.f;
+    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int, int) { sumsq += v * v; });
+    const float total = cluster_sum<kCluster>(block_sum(sumsq, scratch), scratch + 32);
+    const float scale = 1.f / (sqrtf(total) + p.eps);
+
+    for (int e = threadIdx.x; e < Rp * ldx / 8; e += kWarps * 32) reinterpret_cast<uint4*>(X)[e] = make_uint4(0, 0, 0, 0);
+    __syncthreads();
+    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
+      X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v * scale);
+    });
+    __syncthreads();
+
+    // out = X X^T (bf16), summed over the cluster
+    const auto gram_matrix = [&](bf16* out) {
+      if (kCluster == 1) {
+        symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, 1.f, 0.f);
+      } else {
+        symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
+        cluster_reduce_gram<kCluster>(partials, Rp, out, lda);
+      }
+      __syncthreads();
+    };
+    if constexpr (!kGram) {
+      for (int s = 0; s < p.steps; ++s) {
+        const float ca = params.abc[3 * s], cb = params.abc[3 * s + 1], cc = params.abc[3 * s + 2];
+        gram_matrix(A);
+        symmetric_product<true>(A, A, lda, Rp, Rp, B, A, lda, cc, cb);
+        __syncthreads();
+        apply_polynomial(X, ldx, Cs, Rp, B, lda, ca);
+        __syncthreads();
+      }
+    } else if (p.steps > 0) {
+      // Every block of a cluster runs the Rp x Rp steps on the same R, so all keep the same Q.
+      bf16 *R = A, *poly = B, *Q = C, *spare = D;
+      bool stretch_start = true;
+      gram_matrix(R);
+      for (int s = 1; s <= p.steps; ++s) {
+        const float ca = params.abc[3 * s - 3], cb = params.abc[3 * s - 2], cc = params.abc[3 * s - 1];
+        symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);  // P = c R R + b R + a I
+        __syncthreads();
+        const bf16* P = poly;  // this step's P, wherever the swap below leaves it
+        if (stretch_start) {  // Q = P: P's buffer becomes Q's
+          bf16* t = Q; Q = poly; poly = t;
+        } else {
+          // Q = P Q in place, every element: P and Q commute only up to rounding, and mirroring one
+          // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
+          // inputs (bench/gram_rounding_emulation.py)
+          apply_polynomial(Q, lda, Rp, Rp, P, lda, 0.f);
+          __syncthreads();
+        }
+        stretch_start = false;
+        if (s == p.steps) break;
+        if ((params.restarts >> s) & 1u) {  // X = Q X, R = X X^T, Q = I
+          apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);
+          __syncthreads();
+          gram_matrix(R);
+          stretch_start = true;
+          continue;
+        }
+        symmetric_product<false>(P, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
+        __syncthreads();
+        symmetric_product<false>(spare, P, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
+        __syncthreads();
+      }
+      apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);  // the result Q X
+      __syncthreads();
+    }
+
+    T* out = static_cast<T*>(p.out) + b * m * n + (transpose ? static_cast<int64_t>(lo) * n : lo);
+    for (int r = warp; r < sub_m; r += kWarps)
+      for (int c = lane; c < sub_n; c += 32)
+        out[r * n + c] = from_float<T>(__bfloat162float(X[transpose ? c * ldx + r : r * ldx + c]));
+    __syncthreads();  // the next matrix reuses shared memory
+  }
+}
+
+template <typename T, int kCluster, bool kGram>
+cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, cudaStream_t stream) {
+  auto* kernel = ns5_fused_kernel<T, kCluster, kGram>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid * kCluster);
+  config.blockDim = dim3(kWarps * 32);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kCluster;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, params);
+}
+
+int64_t padded_long_side(int64_t C, int cluster) { return (C + 16 * cluster - 1) / (16 * cluster) * (16 * cluster); }
+
+// One algorithm's launch for every dtype and cluster size.
+template <bool kGram>
+cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32_t restarts, int cluster, size_t smem,
+                                   cudaStream_t stream) {
+  FusedParams params{};
+  params.problem = p;
+  params.restarts = restarts;
+  params.Rp = round_up(p.short_side(), 32);
+  params.Cs = static_cast<int>(padded_long_side(p.long_side(), cluster) / cluster);
+  for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];
+  const unsigned grid = static_cast<unsigned>(p.batch < (1 << 16) ? p.batch : (1 << 16));  // clusters
+  return dispatch_dtype(p.in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    switch (cluster) {
+      case 1: return launch_with<T, 1, kGram>(params, grid, smem, stream);
+      case 2: return launch_with<T, 2, kGram>(params, grid, smem, stream);
+      case 4: return launch_with<T, 4, kGram>(params, grid, smem, stream);
+      case 8: return launch_with<T, 8, kGram>(params, grid, smem, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+}  // namespace
+
+// Defined by ns5_fused_standard.cu and ns5_fused_gram.cu.
+cudaError_t launch_ns5_fused_standard(const Ns5Problem& p, const float* abc, int cluster, size_t smem,
+                                      cudaStream_t stream);
+cudaError_t launch_ns5_fused_gram(const Ns5Problem& p, const float* abc, uint32_t restarts, int cluster, size_t smem,
+                                  cudaStream_t stream);
+
+}  // namespace muonkern
