@@ -105,9 +105,10 @@ int env_int(const char* name, int fallback) {
 
 // The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
 // in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T is split
-// (gram_product; default 2048, 4-5% at 2048x8192 on an H100; 0 never), and the opt-in
-// MUONKERN_NS5_DEFER_SCALE=1 (Ns5Workspace; no measurable gain).
-bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 0) != 0; }
+// (gram_product; default 2048, 4-5% at 2048x8192 on an H100; 0 never), and
+// MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100, alternated 3
+// times, no change elsewhere).
+bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0; }
 int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 2048); }
 
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
@@ -218,7 +219,7 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 // fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
 // The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
 // output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
-// cost 45 us of 956). With MUONKERN_NS5_DEFER_SCALE=1, for one wide matrix X0 is bf16(G) unscaled
+// cost 45 us of 956). Unless MUONKERN_NS5_DEFER_SCALE=0, for one wide matrix X0 is bf16(G) unscaled
 // (Ns5Workspace): the first Gram product applies 1/s^2 and the first product with X0 (restart or
 // result) 1/s, as device-side alpha.
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
@@ -344,9 +345,9 @@ FusedOption fused_option(const Ns5Problem& p, const cudaDeviceProp& prop, bool g
 
 // Where the standard and the Gram iteration both fit the fused kernel, "auto" takes the Gram one
 // where the model says it is no slower, whatever the short side: on the fused kernel it saves
-// reductions over the cluster as well as FLOPs, and it measured 0.77-0.89 of the standard iteration's
-// time on 12 non-square shapes from 64x32x128 to 16x96x768 (H100, bench/NOTES.md), 1.10 on square
-// 48x128x128, which the model also leaves standard. The general path keeps the rule of ns5_use_gram
+// reductions over the cluster as well as FLOPs, and it measured 0.79-0.92 of the standard iteration's
+// time on 12 non-square shapes from 64x32x128 to 16x96x768, 1.10 on 48x128x128 and 1.09 on 48x96x128,
+// which the model leaves standard (H200, bench/ns5_fused_algorithms.py; bench/NOTES.md). The general path keeps the rule of ns5_use_gram
 // (small short sides lose there: many small products).
 // MUONKERN_NS5_PATH (read at every call): fused, general, symmetric, small, or "auto" when unset.
 std::string forced_path() {
@@ -466,7 +467,7 @@ std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<do
   for (const int64_t stride : G.strides()) append(&stride, sizeof(stride));
   s += '|';
   append(abc.data(), abc.size() * sizeof(double));  // the step count is abc.size() / 3
-  // the Gram iteration's opt-ins change its launches
+  // the Gram iteration's large-call options change its launches
   s += "|defer" + std::to_string(defer_scale_enabled()) + "|split" + std::to_string(split_gram_min_short_side());
   return s;
 }

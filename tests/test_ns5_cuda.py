@@ -381,7 +381,7 @@ def test_gram_zero_and_nonfinite_matrices(gen):
 
 # Norms of a 256 x 1024 Gaussian times these: ~5e-12 and ~5e11 fall outside the range [1e-10, 1e10]
 # where the normalize kernel defers one wide matrix's scale to the Gram products
-# (csrc/kernels/ns5_prep.cu; opt-in, MUONKERN_NS5_DEFER_SCALE=1); ~5e-10, ~5 and ~5e9 fall inside,
+# (csrc/kernels/ns5_prep.cu; the default, MUONKERN_NS5_DEFER_SCALE=0 turns it off); ~5e-10, ~5 and ~5e9 fall inside,
 # near both ends.
 @pytest.mark.parametrize("factor", [1e-14, 1e-12, 1e-2, 1e7, 1e9], ids=lambda f: f"x{f:g}")
 def test_gram_one_matrix_at_any_norm(gen, monkeypatch, factor):
