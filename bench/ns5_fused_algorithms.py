@@ -11,7 +11,7 @@ import os
 import torch
 
 import muonkern
-from muonkern.ops.ns5_route import ns5_route
+from muonkern.ops.ns5_routing import ns5_route
 
 SHAPES = [(12, 64, 768), (3, 768, 64), (4, 128, 512), (4, 512, 128), (8, 64, 512), (132, 64, 512),
           (48, 64, 256), (16, 96, 768), (1, 128, 600), (64, 32, 128), (24, 128, 384), (2, 128, 256),

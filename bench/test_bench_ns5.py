@@ -43,10 +43,10 @@ from measure import environment, markdown, rotating_inputs, shape_str, time_rota
 from muonkern.ops import triton_gram, triton_small, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
-from muonkern.ops.ns5_route import ns5_route
+from muonkern.ops.ns5_routing import ns5_route
 
 # Wide (1:4) and tall shapes where "auto" may pick the Gram iteration, and 12x64x768 (the fused
-# kernel's Gram iteration under MUONKERN_NS5_PATH=fused; cuBLASLt's without): timed with each algorithm.
+# kernel's Gram iteration, which "auto" takes there): timed with each algorithm.
 GRAM_SHAPES = [(768, 3072), (1024, 4096), (2048, 8192), (8, 1024, 4096), (4096, 1024), (12, 64, 768)]
 CPU_GRAM_SHAPES = [(512, 2048)]
 GPU_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192),

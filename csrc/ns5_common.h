@@ -56,13 +56,18 @@ inline std::vector<int64_t> gram_restart_steps(int64_t steps) {
   return restarts;
 }
 
-// FLOPs of one m x n matrix (ns5_flops of ns5_args.py: r = short side, c = long side).
-inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
-  const double r = static_cast<double>(std::min(m, n)), c = static_cast<double>(std::max(m, n));
+// FLOPs of one matrix with r rows in the products' inner r x r matrices and c columns (r may exceed
+// c: the fused kernel's count per block, c being a block's slice).
+inline double ns5_flops_sides(double r, double c, int64_t steps, bool gram) {
   if (!gram) return steps * (4.0 * r * r * c + 2.0 * r * r * r);
   if (steps == 0) return 0.0;
   const int64_t restarts = static_cast<int64_t>(gram_restart_steps(steps).size());
   return 2.0 * r * r * c * (2 + 2 * restarts) + 2.0 * r * r * r * (4 * steps - 3 * (restarts + 1));
+}
+
+// FLOPs of one m x n matrix (ns5_flops of ns5_args.py: r = short side, c = long side).
+inline double ns5_flops(int64_t m, int64_t n, int64_t steps, bool gram) {
+  return ns5_flops_sides(static_cast<double>(std::min(m, n)), static_cast<double>(std::max(m, n)), steps, gram);
 }
 
 // Whether algorithm "gram", or "auto" by the FLOP rule, runs the Gram iteration on m x n matrices

@@ -105,7 +105,7 @@ int env_int(const char* name, int fallback) {
 
 // The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
 // in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T is split
-// (gram_product; default 2048, 4-5% at 2048x8192 on an H100; 0 never), and
+// (gram_product; default 2048, 3-5% at 2048x8192 on an H100; 0 never), and
 // MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100, alternated 3
 // times, no change elsewhere).
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0; }
@@ -312,13 +312,14 @@ int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
   return cluster <= kFusedMaxCluster ? cluster : 0;
 }
 
-// Time on the fused kernel: a block's products (its Rp x Cs slice, the Rp x Rp ones whole) and the
+// Time on the fused kernel: a block's products (its Rp x C/S slice, the Rp x Rp ones whole) and the
 // reductions over the cluster, every step for the standard iteration, at the start and each restart
 // for the Gram one.
 double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
-  const int64_t R = (p.short_side() + 31) / 32 * 32, Cs = std::max<int64_t>(p.long_side() / cluster, R);
+  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32),
+               Cs = static_cast<double>(p.long_side()) / cluster;
   const double reductions = gram ? 1.0 + static_cast<double>(gram_restart_steps(p.steps).size()) : p.steps;
-  const double per_block = ns5_flops(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
+  const double per_block = ns5_flops_sides(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
   const double waves = std::ceil(static_cast<double>(p.batch * cluster) / prop.multiProcessorCount);
   return waves * (per_block + (cluster > 1 ? reductions * kClusterStepSeconds : 0.0));
 }
@@ -331,48 +332,41 @@ double general_seconds(const Ns5Problem& p, bool gram) {
   return general_launches(p, gram) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
 }
 
-// The fused kernel's option for one algorithm: its cluster size (0: does not fit) and modelled time.
-struct FusedOption {
-  bool gram;
-  int cluster;
-  double seconds;
-};
-
-FusedOption fused_option(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
-  const int cluster = fused_cluster(p, prop, gram);
-  return {gram, cluster, cluster > 0 ? fused_seconds(p, cluster, prop, gram) : INFINITY};
-}
-
-// Where the standard and the Gram iteration both fit the fused kernel, "auto" takes the Gram one
-// where the model says it is no slower, whatever the short side: on the fused kernel it saves
-// reductions over the cluster as well as FLOPs, and it measured 0.79-0.92 of the standard iteration's
-// time on 12 non-square shapes from 64x32x128 to 16x96x768, 1.10 on 48x128x128 and 1.09 on 48x96x128,
-// which the model leaves standard (H200, bench/ns5_fused_algorithms.py; bench/NOTES.md). The general path keeps the rule of ns5_use_gram
-// (small short sides lose there: many small products).
 // MUONKERN_NS5_PATH (read at every call): fused, general, symmetric, small, or "auto" when unset.
 std::string forced_path() {
   const char* forced = std::getenv("MUONKERN_NS5_PATH");
   return forced != nullptr && *forced != '\0' ? forced : "auto";
 }
 
+// One algorithm's route: the fused kernel where it fits and the model puts it ahead of the general
+// path (or MUONKERN_NS5_PATH=fused asks for it), else the general path.
+Ns5Route algorithm_route(const Ns5Problem& p, bool gram, const std::string& path, const cudaDeviceProp& prop) {
+  const Ns5Route general{"general", gram, 0};
+  if (path == "general") return general;
+  const int cluster = fused_cluster(p, prop, gram);
+  if (cluster == 0) return general;
+  if (path == "fused" || fused_seconds(p, cluster, prop, gram) <= general_seconds(p, gram)) return {"fused", gram, cluster};
+  return general;
+}
+
+// "auto" picks an algorithm, then routes it as that algorithm would be routed, so that ns5(G) equals
+// ns5(G, algorithm=<its pick>). The pick is ns5_use_gram's FLOP rule, except where both algorithms
+// would run on the fused kernel: there the Gram iteration wherever the model says it is no slower,
+// whatever the short side, since it saves reductions over the cluster as well as FLOPs. It measured
+// 0.79-0.92 of the standard iteration's time on 12 non-square shapes from 64x32x128 to 16x96x768,
+// 1.10 on 48x128x128 and 1.09 on 48x96x128, which the model leaves standard (H200,
+// bench/ns5_fused_algorithms.py; bench/NOTES.md). On the general path small short sides lose with
+// it (many small products), hence the rule there.
 Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, const std::string& path,
                      const cudaDeviceProp& prop) {
-  const bool rule_gram = ns5_use_gram(algorithm, p.m, p.n, p.steps);
-  const Ns5Route general{"general", rule_gram, 0};
-  if (path == "general") return general;
-  FusedOption best{false, 0, INFINITY};
-  if (algorithm == "gram" || algorithm == "standard") {
-    best = fused_option(p, prop, algorithm == "gram");
-  } else {  // auto
-    best = fused_option(p, prop, false);
-    if (p.m != p.n && p.steps > 0) {
-      const FusedOption gram = fused_option(p, prop, true);
-      if (gram.cluster > 0 && gram.seconds <= best.seconds) best = gram;
-    }
-  }
-  if (best.cluster == 0) return general;
-  if (path == "fused" || best.seconds <= general_seconds(p, rule_gram)) return {"fused", best.gram, best.cluster};
-  return general;
+  if (algorithm != "auto") return algorithm_route(p, algorithm == "gram", path, prop);
+  const Ns5Route by_rule = algorithm_route(p, ns5_use_gram(algorithm, p.m, p.n, p.steps), path, prop);
+  if (by_rule.gram || by_rule.cluster == 0 || p.m == p.n || p.steps == 0 || p.batch == 0) return by_rule;
+  const Ns5Route gram = algorithm_route(p, true, path, prop);
+  if (gram.cluster > 0 &&
+      fused_seconds(p, gram.cluster, prop, true) <= fused_seconds(p, by_rule.cluster, prop, false))
+    return gram;
+  return by_rule;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +506,7 @@ Ns5Route ns5_cuda_route(int64_t batch, int64_t m, int64_t n, int64_t steps, std:
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   const bool rule_gram = ns5_use_gram(algorithm, m, n, steps);
   if (batch > 0 && m > 0 && n > 0) {
-    if (auto op = triton_route(std::min(m, n), path, prop, rule_gram)) return {op->schema().name(), rule_gram, 0};
+    if (auto op = triton_route(std::min(m, n), path, prop, rule_gram)) return {op->operator_name().name, rule_gram, 0};
   }
   return choose_route(problem_sizes(batch, m, n, steps), algorithm, path, prop);
 }

@@ -31,7 +31,7 @@ from torch import nn
 
 from .ops import ns5
 from .ops.ns5_args import resolve_coefficients
-from .ops.ns5_route import ns5_route
+from .ops.ns5_routing import ns5_route
 
 __all__ = ["Muon", "muon_param_groups"]
 

@@ -7,7 +7,7 @@
 # the op's ns5 GPU tests (CUDA kernels, graphs, grouped, the symmetric Triton route); ns5-triton =
 # build + the stream-K Gram and ns5_small GPU tests + the Triton sanitizer cases; ns5-bench = build +
 # the ns5 benchmark + profiles of the Triton routes beside the op. ns5, ns5-triton and ns5-bench are
-# meant to fit one 10-minute call of a device session each (on an H200 the four Triton and grouped test
+# meant to fit a 10-minute run each (on an H200 the four Triton and grouped test
 # files together ran past 230 s). The study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
@@ -40,7 +40,7 @@ ns5_racecheck() {
   local log
   log="$(compute-sanitizer --tool racecheck python scripts/sanitize_ns5.py --racecheck 2>&1)"
   echo "$log"
-  grep -q "ns5 kernels ran" <<< "$log" && ! grep "Race reported" <<< "$log" | grep -vq nvjet
+  grep -q "ns5 kernels ran" <<< "$log" && [[ -z "$(grep "Race reported" <<< "$log" | grep -v nvjet)" ]]
 }
 sanitize() {  # sanitize SCRIPT...: memcheck and racecheck of each scripts/SCRIPT.py
   for script in "$@"; do

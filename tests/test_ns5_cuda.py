@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import muonkern
-from muonkern.ops.ns5_route import ns5_route
+from muonkern.ops.ns5_routing import ns5_route
 from ns5_cases import (DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, check_error, check_noncontiguous,
                        check_nonfinite_isolated, check_zero_matrices, ill_conditioned, noncontiguous_views, ns5,
                        assert_polar_margin, relative_difference, shape_id)
@@ -229,7 +229,7 @@ def test_backend_serves_cuda():
 # ---- algorithm="gram" and "auto" ---------------------------------------------------------------
 
 GRAM_SHAPES = [
-    (1024, 4096),       # 1:4, where gram saves the most FLOPs (auto on CUDA: standard at batch 1)
+    (1024, 4096),       # 1:4, where gram saves the most FLOPs
     (4096, 1024),       # tall: n x n Gram matrix, right products
     (4, 512, 2048),     # batched
     (2, 768, 3072),     # GPT-2's MLP shape
@@ -239,8 +239,10 @@ GRAM_SHAPES = [
 ]
 
 
+# The Gram tests below run on both paths (the `path` fixture): small shapes take the fused kernel
+# by default, and MUONKERN_NS5_PATH=general keeps the cuBLASLt Gram iteration covered on them.
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
-def test_gram_matches_float64(gen, shape):
+def test_gram_matches_float64(gen, path, shape):
     G = randn(gen, *shape, device="cuda")
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
@@ -350,12 +352,12 @@ def test_gram_distance_to_polar_factor(gen, shape, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gram_dtypes(gen, dtype):
+def test_gram_dtypes(gen, path, dtype):
     G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-def test_gram_steps_zero_and_cubic(gen):
+def test_gram_steps_zero_and_cubic(gen, path):
     G = randn(gen, 3, 192, 64, device="cuda")
     assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
     s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20, algorithm="gram").double())
@@ -370,11 +372,11 @@ def test_gram_empty(shape):
 
 
 @pytest.mark.parametrize("name", list(noncontiguous_views(torch.Generator(), "meta")), ids=str)
-def test_gram_noncontiguous(gen, name):
+def test_gram_noncontiguous(gen, path, name):
     check_noncontiguous(noncontiguous_views(gen, "cuda")[name], algorithm="gram")
 
 
-def test_gram_zero_and_nonfinite_matrices(gen):
+def test_gram_zero_and_nonfinite_matrices(gen, path):
     check_zero_matrices(gen, "cuda", shape=(3, 128, 256), algorithm="gram")
     check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 512), algorithm="gram")
 

@@ -18,7 +18,7 @@ import muonkern
 from muonkern.ops.fallback import gram_iteration, ns5_reference
 from muonkern.ops.ns5_args import (GRAM_MIN_SHORT_SIDE, choose_algorithm, gram_restart_steps, ns5_flops,
                                    step_coefficients)
-from muonkern.ops.ns5_route import ns5_route
+from muonkern.ops.ns5_routing import ns5_route
 from ns5_cases import (EMPTY_SHAPES, check_noncontiguous, check_nonfinite_isolated, check_zero_matrices,
                        ill_conditioned, noncontiguous_views, ns5, assert_polar_margin, relative_difference, shape_id)
 from reference import (BF16_RTOL, EXT_VS_FALLBACK_RTOL, GRAM_FLOAT64_RTOL, JORDAN,
@@ -156,11 +156,12 @@ def test_route_on_cpu_follows_the_rule(shape):
     assert ns5_route(torch.empty(shape), steps=0).algorithm == "standard"
 
 
-@pytest.mark.parametrize("bad,match", [(dict(G=torch.empty(4)), "rank >= 2"), (dict(algorithm="fast"), "algorithm")])
+@pytest.mark.parametrize("bad,match", [(dict(G=torch.empty(4)), "rank >= 2"), (dict(algorithm="fast"), "algorithm"),
+                                       (dict(steps=-1), "steps")])
 def test_route_rejects_bad_arguments(bad, match):
-    args = dict(G=torch.empty(2, 8), algorithm="auto") | bad
+    args = dict(G=torch.empty(2, 8), steps=5, algorithm="auto") | bad
     with pytest.raises(ValueError, match=match):
-        ns5_route(args["G"], algorithm=args["algorithm"])
+        ns5_route(args["G"], args["steps"], args["algorithm"])
 
 
 @pytest.mark.parametrize("shape", [(512, 1536), (1536, 512), (2, 512, 1024), (2, 24, 80)], ids=shape_id)

@@ -98,7 +98,7 @@ def test_cuda_equals_ns5_of_each(gen):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_takes_the_route_of_each(gen):
     """Where "auto" runs the Gram iteration on the fused kernel (64 x 768, wide and tall, on clusters
-    of 8 blocks whatever the batch), a group runs it too, and the outputs equal single calls bit for
+    of 8 blocks at these batch sizes, 1 to 3 matrices), a group runs it too, and the outputs equal single calls bit for
     bit: same algorithm, same cluster, and the fused kernel computes each matrix alone."""
     Gs = [torch.randn(s, generator=gen).cuda() for s in [(64, 768), (2, 64, 768), (768, 64)]]
     for G, out in zip(Gs, muonkern.ns5_grouped(Gs)):

@@ -21,6 +21,7 @@ import torch
 from muonkern.ops import triton_gram as tg
 from muonkern.ops import triton_graphs as tgr
 from muonkern.ops.fallback import ns5_reference
+from muonkern.ops.ns5_routing import ns5_route
 from interpreter import run_interpreter
 from ns5_cases import (assert_polar_margin, check_nonfinite_isolated, check_zero_matrices, ill_conditioned,
                        relative_difference, shape_id)
@@ -193,10 +194,11 @@ def test_ns5_op_routes_forced_symmetric_gram_calls(gen, monkeypatch):
     assert torch.equal(routed, torch.ops.muonkern.ns5_gram_symmetric(G))
     assert torch.equal(torch.ops.muonkern.ns5(G, algorithm="standard"), torch.ops.muonkern.ns5_symmetric(G))
     assert_ns5_output(routed, G)
-    # "auto" runs the cuBLASLt Gram iteration: bitwise the general path's, not the routed result
+    # "auto" runs the path ns5_route names (the fused kernel or cuBLASLt), not the routed result
     monkeypatch.setenv("MUONKERN_NS5_PATH", "auto")
+    route = ns5_route(G, algorithm="gram")
     auto = torch.ops.muonkern.ns5(G, algorithm="gram")
-    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
+    monkeypatch.setenv("MUONKERN_NS5_PATH", route.path)
     assert torch.equal(auto, torch.ops.muonkern.ns5(G, algorithm="gram"))
     assert not torch.equal(auto, routed)
 

@@ -5,7 +5,7 @@ from typing import List, Sequence
 
 import torch
 
-from .ns5_route import Ns5Route, ns5_route
+from .ns5_routing import Ns5Route, ns5_route
 from .registration import register
 
 _BACKEND = register()

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .ns5_args import check_ns5_args
-from .ns5_route import ns5_route
+from .ns5_routing import ns5_route
 
 NS5_GROUPED_SCHEMA = ('ns5_grouped(Tensor[] Gs, int steps=5, float[]? coefficients=None, '
                       'float eps=1e-07, str algorithm="auto") -> Tensor[]')

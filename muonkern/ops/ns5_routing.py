@@ -26,6 +26,8 @@ def ns5_route(G: torch.Tensor, steps: int = 5, algorithm: str = "auto") -> Ns5Ro
     environment); G's values are not read."""
     if G.dim() < 2:
         raise ValueError(f"ns5_route: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
+    if not 0 <= steps < 2**31:
+        raise ValueError(f"ns5_route: steps must be >= 0, got {steps}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"ns5_route: algorithm must be 'auto', 'standard' or 'gram', got {algorithm!r}")
     from .registration import register  # here, not at import: registration imports this module
