@@ -22,6 +22,11 @@ inline constexpr const char* kNs5Schema =
 // (a, b, c) of KellerJordan/Muon's quintic iteration.
 inline constexpr double kJordanCoefficients[3] = {3.4445, -4.7750, 2.0315};
 
+inline void check_ns5_algorithm(std::string_view algorithm) {
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "standard" || algorithm == "gram",
+                    "ns5: algorithm must be 'auto', 'standard' or 'gram', got '" + std::string(algorithm) + "'");
+}
+
 inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                            const std::optional<at::ArrayRef<double>>& coefficients, double eps,
                            std::string_view algorithm) {
@@ -36,8 +41,7 @@ inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                         std::to_string(coefficients ? coefficients->size() : 0));
   TORCH_CHECK_VALUE(eps > 0, "ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got " +
                                  python_float(eps));
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "standard" || algorithm == "gram",
-                    "ns5: algorithm must be 'auto', 'standard' or 'gram', got '" + std::string(algorithm) + "'");
+  check_ns5_algorithm(algorithm);
 }
 
 // ---- algorithm="gram" and the choice of algorithm="auto" ----------------------------------------

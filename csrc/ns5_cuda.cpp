@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
@@ -476,18 +477,34 @@ Ns5Problem problem_sizes(int64_t batch, int64_t m, int64_t n, int64_t steps) {
   return shape;
 }
 
+// A call's route, with the Triton op that serves it where one does.
+struct CallRoute {
+  Ns5Route route;
+  std::optional<c10::OperatorHandle> triton;
+};
+
+CallRoute call_route(const Ns5Problem& shape, std::string_view algorithm) {
+  const std::string path = forced_path();
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  if (shape.batch > 0 && shape.m > 0 && shape.n > 0) {
+    const bool rule_gram = ns5_use_gram(algorithm, shape.m, shape.n, shape.steps);
+    if (auto op = triton_route(std::min(shape.m, shape.n), path, prop, rule_gram))
+      return {{op->operator_name().name, rule_gram, 0}, op};
+  }
+  return {choose_route(shape, algorithm, path, prop), std::nullopt};
+}
+
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
                     double eps, c10::string_view algorithm) {
   check_ns5_args(G_in, steps, coefficients, eps, algorithm);
   const c10::cuda::CUDAGuard guard(G_in.device());
   const std::vector<double> abc = ns5_step_coefficients(steps, coefficients);
   const Ns5Problem shape = problem_sizes(ns5_batch(G_in), G_in.size(-2), G_in.size(-1), steps);
-  const Ns5Route route = ns5_cuda_route(shape.batch, shape.m, shape.n, steps, algorithm);
-  if (route.path != "fused" && route.path != "general")  // a Triton op's name
-    return c10::Dispatcher::singleton()
-        .findSchemaOrThrow(route.path.c_str(), "")
-        .typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>()
+  const CallRoute call = call_route(shape, algorithm);
+  if (call.triton)
+    return call.triton->typed<at::Tensor(const at::Tensor&, int64_t, std::optional<at::ArrayRef<double>>, double)>()
         .call(G_in, steps, coefficients, eps);
+  const Ns5Route& route = call.route;
   const bool gram = route.gram;
   if (route.cluster > 0) return ns5_fused(G_in, steps, abc, eps, route.cluster, gram);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
@@ -502,13 +519,11 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
 }  // namespace
 
 Ns5Route ns5_cuda_route(int64_t batch, int64_t m, int64_t n, int64_t steps, std::string_view algorithm) {
-  const std::string path = forced_path();
-  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  const bool rule_gram = ns5_use_gram(algorithm, m, n, steps);
-  if (batch > 0 && m > 0 && n > 0) {
-    if (auto op = triton_route(std::min(m, n), path, prop, rule_gram)) return {op->operator_name().name, rule_gram, 0};
-  }
-  return choose_route(problem_sizes(batch, m, n, steps), algorithm, path, prop);
+  TORCH_CHECK_VALUE(batch >= 0 && m >= 0 && n >= 0, "ns5_cuda_route: sizes must be >= 0");
+  TORCH_CHECK_VALUE(steps >= 0 && steps <= INT32_MAX, "ns5_cuda_route: steps must be in [0, 2^31), got ",
+                    steps);
+  check_ns5_algorithm(algorithm);
+  return call_route(problem_sizes(batch, m, n, steps), algorithm).route;
 }
 
 TORCH_LIBRARY_IMPL(muonkern, CUDA, m) { m.impl("ns5", &ns5_cuda); }

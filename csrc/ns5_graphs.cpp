@@ -32,13 +32,16 @@ namespace {
 constexpr int64_t kMaxGraphs = 64;
 constexpr size_t kMaxSignatures = 4096;
 
+// The normalize kernel's pointer arguments after its Ns5Problem: X, warp sums, sums, deferred scale.
+constexpr int kNormalizePointerArgs = 4;
+
 // The captured normalize launch and its arguments, so that a replay can read the caller's G in
 // place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums, deferred)).
 struct InputNode {
   cudaGraphNode_t node = nullptr;
   cudaKernelNodeParams params{};
   Ns5Problem problem{};
-  void* rest[4] = {};
+  void* rest[kNormalizePointerArgs] = {};
 };
 
 struct CachedGraph {
@@ -105,7 +108,8 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
     if (!ns5_is_normalize_kernel(found.params.func)) continue;
     found.node = node;
     std::memcpy(&found.problem, found.params.kernelParams[0], sizeof(Ns5Problem));
-    for (int i = 0; i < 4; ++i) std::memcpy(&found.rest[i], found.params.kernelParams[i + 1], sizeof(void*));
+    for (int i = 0; i < kNormalizePointerArgs; ++i)
+      std::memcpy(&found.rest[i], found.params.kernelParams[i + 1], sizeof(void*));
     if (found.problem.in.data != in.data_ptr()) return std::nullopt;
     return found;
   }
@@ -145,7 +149,8 @@ void point_input_at(CachedGraph& entry, const void* data) {
   InputNode& input = *entry.input;
   if (input.problem.in.data == data) return;
   input.problem.in.data = data;
-  void* args[] = {&input.problem, &input.rest[0], &input.rest[1], &input.rest[2], &input.rest[3]};
+  void* args[1 + kNormalizePointerArgs] = {&input.problem};
+  for (int i = 0; i < kNormalizePointerArgs; ++i) args[i + 1] = &input.rest[i];
   cudaKernelNodeParams params = input.params;
   params.kernelParams = args;
   params.extra = nullptr;

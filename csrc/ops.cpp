@@ -3,9 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <cstdint>
 #include <exception>
-#include <string_view>
 
 #include "dirquad.h"
 #include "ns5_common.h"
@@ -42,16 +40,12 @@ PyObject* ns5_cuda_route(PyObject*, PyObject* args) {
   long long batch = 0, m = 0, n = 0, steps = 0;
   const char* algorithm = nullptr;
   if (!PyArg_ParseTuple(args, "LLLLs", &batch, &m, &n, &steps, &algorithm)) return nullptr;
-  const std::string_view name(algorithm);
-  if (batch < 0 || m < 0 || n < 0 || steps < 0 || steps > INT32_MAX ||
-      (name != "auto" && name != "standard" && name != "gram")) {
-    PyErr_SetString(PyExc_ValueError, "ns5_cuda_route: expected sizes >= 0, 0 <= steps < 2^31 and algorithm "
-                                      "'auto', 'standard' or 'gram'");
-    return nullptr;
-  }
   try {
     const muonkern::Ns5Route route = muonkern::ns5_cuda_route(batch, m, n, steps, algorithm);
     return Py_BuildValue("(ssi)", route.path.c_str(), route.gram ? "gram" : "standard", route.cluster);
+  } catch (const c10::ValueError& e) {  // bad arguments
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {  // e.g. no CUDA device
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;

@@ -252,15 +252,8 @@ def test_gram_matches_float64(gen, path, shape):
 # R = X X^T reduced over the cluster at the start and at each restart, the R x R steps run by every
 # block of the cluster alike. Every shape here fits at every cluster size (the Gram iteration has two
 # more Rp x Rp buffers than the standard one: at short side 128 one block holds at most 352 columns, a
-# cluster of 2 at most 192), so none falls back to the general path.
-
-@pytest.mark.parametrize("shape", [s for s in GRAM_SHAPES if min(s[-2:]) <= 128], ids=shape_id)
-def test_fused_gram_matches_float64(gen, monkeypatch, shape):
-    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
-    G = randn(gen, *shape, device="cuda")
-    poison_allocator()
-    assert_ns5_output(ns5(G, algorithm="gram"), G)
-
+# cluster of 2 at most 192), so none falls back to the general path. (The float64, dtype and polar-factor
+# checks of the Gram iteration run on both paths further down, through the `path` fixture.)
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)],
@@ -284,14 +277,6 @@ def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
     assert_ns5_output(ns5(G, steps, coefficients, algorithm="gram"), G, steps, coefficients, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_gram_dtypes(gen, monkeypatch, dtype):
-    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
-    G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
-    assert_ns5_output(ns5(G, algorithm="gram"), G)
-    assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
-
-
 def test_fused_gram_many_restarts(gen, monkeypatch):
     """20 steps of the convergent cubic: restarts after steps 2, 4, ..., 18 (the restart mask's
     higher bits)."""
@@ -310,7 +295,7 @@ def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
 @pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned"])
 @pytest.mark.parametrize("shape", [(4, 128, 512), (4, 512, 128)], ids=shape_id)
 def test_fused_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
-    """As test_gram_distance_to_polar_factor, on the fused kernel (cluster of 8 here). With Q = P Q
+    """As test_gram_distance_to_polar_factor, on the fused kernel (clusters of 8 here). With Q = P Q
     mirrored from one triangle it measured 0.0202 and 0.0206 on the ill-conditioned inputs;
     bench/gram_rounding_emulation.py emulates both."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
@@ -342,9 +327,11 @@ def test_gram_polar_express(gen, shape):
 
 @pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned"])
 @pytest.mark.parametrize("shape", [(4, 128, 512), (4, 512, 128), (1024, 4096)], ids=shape_id)
-def test_gram_distance_to_polar_factor(gen, shape, kind):
+def test_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
     """As on CPU (tests/test_ns5_gram.py): no farther from the polar factor than the standard
-    iteration (here the CUDA kernels') by more than GRAM_POLAR_MARGIN."""
+    iteration (here the CUDA kernels') by more than GRAM_POLAR_MARGIN, on the cuBLASLt path (the fused
+    kernel's: test_fused_gram_distance_to_polar_factor)."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
     G = (randn(gen, *shape, dtype=torch.float64) if kind == "gaussian" else ill_conditioned(gen, *shape)).float().cuda()
     gram, standard = ns5(G, algorithm="gram"), ns5(G, algorithm="standard")
     assert torch.isfinite(gram).all()
@@ -355,6 +342,7 @@ def test_gram_distance_to_polar_factor(gen, shape, kind):
 def test_gram_dtypes(gen, path, dtype):
     G = randn(gen, 6, 64, 192, dtype=dtype, device="cuda")
     assert_ns5_output(ns5(G, algorithm="gram"), G)
+    assert_ns5_output(ns5(G, 0, algorithm="gram"), G, steps=0, rtol=NORMALIZE_RTOL)
 
 
 def test_gram_steps_zero_and_cubic(gen, path):
@@ -448,7 +436,7 @@ def test_gram_agrees_with_cpu(gen, shape):
 # "auto" on CUDA: choose_algorithm's rule on the general path; on the fused kernel the Gram iteration
 # wherever the cost model says it is no slower, whatever the short side (a matrix spread over a
 # cluster of 8 reduces over it 2 times in 5 steps instead of 5).
-@pytest.mark.parametrize("shape,path,algorithm", [
+@pytest.mark.parametrize("shape,expected_path,algorithm", [
     ((12, 64, 768), "fused", "gram"),
     ((3, 768, 64), "fused", "gram"),          # tall
     ((132, 64, 512), "fused", "gram"),        # one block per matrix: fewer FLOPs alone
@@ -457,10 +445,10 @@ def test_gram_agrees_with_cpu(gen, shape):
     ((48, 96, 128), "fused", "standard"),     # 3:4, more FLOPs for the Gram iteration
     ((1024, 4096), "general", "gram"),
     ((768, 768), "general", "standard")], ids=shape_id)
-def test_auto_route(shape, path, algorithm):
+def test_auto_route(shape, expected_path, algorithm):
     route = ns5_route(torch.empty(1, device="cuda").expand(*shape))
-    assert (route.path, route.algorithm) == (path, algorithm), route
-    assert (route.cluster > 0) == (path == "fused")
+    assert (route.path, route.algorithm) == (expected_path, algorithm), route
+    assert (route.cluster > 0) == (expected_path == "fused")
     assert ns5_route(torch.empty(shape, device="cuda"), algorithm="standard").algorithm == "standard"
 
 

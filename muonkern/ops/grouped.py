@@ -38,11 +38,17 @@ def shape_groups(Gs: Sequence[torch.Tensor], steps: int = 5,
     """Indices of ``Gs`` by (rows, cols) in wide orientation, dtype, device and the algorithm ns5
     runs for them ("standard" or "gram"; gram keeps tall matrices apart), in first-seen order."""
     groups: Dict[GroupKey, List[int]] = {}
+    chosen_for: Dict[Tuple[torch.Size, torch.device], str] = {}  # one route query per shape and device
     for i, G in enumerate(Gs):
         m, n = G.shape[-2:]
         # "auto" decides per tensor, as ns5(G) alone would (on CUDA the kernel's route, which may
         # take the Gram iteration on the fused kernel): each output equals ns5 of its input
-        chosen = ns5_route(G, steps, algorithm).algorithm
+        if algorithm != "auto":
+            chosen = algorithm
+        else:
+            if (G.shape, G.device) not in chosen_for:
+                chosen_for[G.shape, G.device] = ns5_route(G, steps, algorithm).algorithm
+            chosen = chosen_for[G.shape, G.device]
         tall = chosen == "gram" and m > n
         groups.setdefault((min(m, n), max(m, n), G.dtype, G.device, chosen, tall), []).append(i)
     return groups

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ns5_args import ALGORITHMS, resolve_algorithm
+from .ns5_args import check_ns5_args, resolve_algorithm
 
 
 class Ns5Route(NamedTuple):
@@ -24,12 +24,7 @@ class Ns5Route(NamedTuple):
 def ns5_route(G: torch.Tensor, steps: int = 5, algorithm: str = "auto") -> Ns5Route:
     """The route of ``ns5(G, steps, algorithm=algorithm)`` (under the current MUONKERN_NS5_*
     environment); G's values are not read."""
-    if G.dim() < 2:
-        raise ValueError(f"ns5_route: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
-    if not 0 <= steps < 2**31:
-        raise ValueError(f"ns5_route: steps must be >= 0, got {steps}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"ns5_route: algorithm must be 'auto', 'standard' or 'gram', got {algorithm!r}")
+    check_ns5_args(G, steps, None, 1e-7, algorithm)
     from .registration import register  # here, not at import: registration imports this module
     backend = register()
     m, n = G.shape[-2:]
