@@ -58,7 +58,7 @@ cudaError_t launch_ns5_fused(const Ns5Problem& p, const float* abc, const FusedG
 
 // ---- general path: the three products of each step run as cuBLASLt batched GEMMs ----
 // X (batch, R, C) bf16 <- G / (||G||_F + eps) per matrix, transposed when m > n. One cooperative
-// kernel; `scratch` holds ns5_normalize_scratch_floats(p) floats.
+// kernel; `scratch` holds ns5_normalize_scratch_floats(p) floats, 16-byte aligned.
 // With `deferred` (3 device floats; only where ns5_normalize_can_defer) X may be left as bf16(G),
 // unscaled: deferred then holds {1/s^2, 1/s, 0} for s = ||G||_F + eps, else {1, 1, 0} with X scaled.
 int64_t ns5_normalize_scratch_floats(const Ns5Problem& p);
