@@ -1,6 +1,6 @@
 // CUDA kernel of muonkern::ns5: picks the fused one-launch kernel for small matrices, the general
 // path (normalize kernel, three cuBLASLt batched GEMMs per step with the polynomial in alpha/beta,
-// finish kernel) or the Gram iteration on the same pieces, replays launch-bound calls from CUDA
+// finish kernel) or the Gram iteration on the same pieces, replays calls from CUDA
 // graphs (ns5_graphs.h), and turns torch tensors into the torch-free launch structs of kernels/.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -123,10 +123,19 @@ struct Ns5Workspace {
   const float* scale = nullptr;
 };
 
+// R x R buffers of each algorithm: A, B (general path); R, B, P R and two Q (Gram iteration).
+constexpr int kGeneralSquareBuffers = 2;
+constexpr int kGramSquareBuffers = 5;
+
+int64_t workspace_elements(const Ns5Problem& p, int square_buffers) {
+  const int64_t R = p.short_side(), C = p.long_side();
+  return p.batch * (2 * R * C + square_buffers * R * R);
+}
+
 Ns5Workspace normalized_workspace(const Ns5Problem& p, const at::TensorOptions& device, int square_buffers,
                                   bool defer_scale, cudaStream_t stream) {
   const int64_t R = p.short_side(), C = p.long_side();
-  const int64_t elements = p.batch * (2 * R * C + square_buffers * R * R);
+  const int64_t elements = workspace_elements(p, square_buffers);
   const int64_t scale_at = (elements + 7) / 8 * 8;  // 16-byte aligned, after the matrices; 8 bf16 hold the 3 floats
   defer_scale = defer_scale && defer_scale_enabled() && ns5_normalize_can_defer(p);
   Ns5Workspace w;
@@ -165,7 +174,7 @@ ResultLaunch finish_launch(const Ns5Problem& p, const Ns5Workspace& w, const __n
 // layout); otherwise the finish kernel is.
 ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                          at::ScalarType out_dtype, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, device, 2, /*defer_scale=*/false, stream);
+  Ns5Workspace w = normalized_workspace(p, device, kGeneralSquareBuffers, /*defer_scale=*/false, stream);
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
   __nv_bfloat16 *A = w.squares[0], *B = w.squares[1];
   const bool last_writes_out = !p.transpose() && out_dtype == at::kBFloat16;
@@ -225,7 +234,7 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 // result) 1/s, as device-side alpha.
 ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& abc, const at::TensorOptions& device,
                                 at::ScalarType out_dtype, cudaStream_t stream) {
-  Ns5Workspace w = normalized_workspace(p, device, 5, /*defer_scale=*/p.steps > 0, stream);
+  Ns5Workspace w = normalized_workspace(p, device, kGramSquareBuffers, /*defer_scale=*/p.steps > 0, stream);
   // X0's pending scales: w.scale (1/s^2) for its Gram product, x_scale (1/s) for Q X0, null once
   // applied (or none)
   const float* x_scale = w.scale != nullptr ? w.scale + 1 : nullptr;
@@ -442,12 +451,21 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA graphs (ns5_graphs.cpp) for the multi-launch paths where the host's launches take at least
-// half as long as the GPU's work: there the direct call waits on the host. The fused path is a single
-// launch already.
+// CUDA graphs (ns5_graphs.cpp) for the multi-launch paths: where the host's launches take at least
+// half as long as the GPU's work, the direct call waits on the host (768x768: 0.082 against 0.296
+// ms); elsewhere the GPU still starts a graph's kernels closer together (2048x8192 and 8x1024x4096:
+// 2% on an H100), and those graphs count their workspace against a memory budget. The fused path is
+// a single launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
   const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
   return general_launches(shape, gram) * kLaunchSeconds >= 0.5 * gpu;
+}
+
+// Bytes a graph of a call that is not launch-bound counts against the budget (ns5_graph_replay): its
+// bf16 workspace (a buffer for G only where some G has to be copied).
+int64_t graph_budgeted_bytes(const Ns5Problem& shape, bool gram) {
+  if (launch_bound(shape, gram)) return 0;
+  return 2 * workspace_elements(shape, gram ? kGramSquareBuffers : kGeneralSquareBuffers);
 }
 
 // Everything that fixes the launches of a call.
@@ -508,8 +526,9 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
   const bool gram = route.gram;
   if (route.cluster > 0) return ns5_fused(G_in, steps, abc, eps, route.cluster, gram);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
-  if (G_in.numel() > 0 && ns5_graph_wanted(launch_bound(shape, gram))) {
-    if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body)) return *out;
+  if (G_in.numel() > 0 && ns5_graph_wanted()) {
+    if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body, graph_budgeted_bytes(shape, gram)))
+      return *out;
   }
   at::Tensor out = empty_output(G_in);
   if (out.numel() > 0) body(G_in).run(out, at::cuda::getCurrentCUDAStream());

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/strides.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -25,12 +26,13 @@
 namespace muonkern {
 namespace {
 
-// Launch-bound calls are small, so their graphs hold little memory; the cap bounds a process that
-// sees many shapes. It counts captured graphs only: signatures seen once (a call count, no GPU
-// memory) are tracked up to kMaxSignatures, so shapes that pass by once never keep a recurring
-// shape from its graph.
+// The cap bounds a process that sees many shapes. It counts captured graphs only: signatures seen
+// once (a call count, no GPU memory) are tracked up to kMaxSignatures, so shapes that pass by once
+// never keep a recurring shape from its graph. Graphs of calls that are not launch-bound (large
+// ones) also count their memory against ns5_graph_budget_bytes().
 constexpr int64_t kMaxGraphs = 64;
 constexpr size_t kMaxSignatures = 4096;
+constexpr int64_t kDefaultGraphBudgetMiB = 1024;
 
 // The normalize kernel's pointer arguments after its Ns5Problem: X, warp sums, sums, deferred scale.
 constexpr int kNormalizePointerArgs = 4;
@@ -49,17 +51,35 @@ struct CachedGraph {
   bool failed = false;  // capture threw once: this signature runs directly from then on
   int calls = 0;
   std::unique_ptr<at::cuda::CUDAGraph> graph;
+  // The graph's own input: read by the graph itself where `input` is nullopt, else allocated only
+  // while some G has to be copied (G's captured layout: in_sizes, in_strides).
   at::Tensor in;
+  std::vector<int64_t> in_sizes, in_strides;
   ResultLaunch result;
   std::optional<InputNode> input;  // nullopt: the graph reads `in`, so replays copy G into it
 };
 
 std::mutex cache_mutex;
-std::atomic<int64_t> graph_slots{0};  // graphs captured (or being captured), at most kMaxGraphs
+std::atomic<int64_t> graph_slots{0};     // graphs captured (or being captured), at most kMaxGraphs
+std::atomic<int64_t> budgeted_bytes{0};  // held by those of calls that are not launch-bound
 
-bool reserve_graph_slot() {
-  if (graph_slots.fetch_add(1) < kMaxGraphs) return true;
+// MUONKERN_NS5_GRAPH_MB (read at every call; default 1024).
+int64_t ns5_graph_budget_bytes() {
+  const char* value = std::getenv("MUONKERN_NS5_GRAPH_MB");
+  const int64_t mib = value != nullptr && *value != '\0' ? std::atoll(value) : kDefaultGraphBudgetMiB;
+  return mib * (int64_t{1} << 20);
+}
+
+void release_graph_slot(int64_t bytes) {
+  budgeted_bytes.fetch_sub(bytes);
   graph_slots.fetch_sub(1);
+}
+
+bool reserve_graph_slot(int64_t bytes) {
+  const bool counted = graph_slots.fetch_add(1) < kMaxGraphs;
+  const bool within_budget = budgeted_bytes.fetch_add(bytes) + bytes <= ns5_graph_budget_bytes() || bytes == 0;
+  if (counted && within_budget) return true;
+  release_graph_slot(bytes);
   return false;
 }
 
@@ -116,12 +136,19 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
   return std::nullopt;
 }
 
+// A buffer for G in the graph's input layout.
+at::Tensor input_buffer(const CachedGraph& entry, const at::Tensor& G) {
+  return at::empty_strided(entry.in_sizes, entry.in_strides, G.options());
+}
+
 void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side, const Ns5Body& body) {
   // G's own layout where it is dense (a transposed view, say), so the graph runs the launches a
   // direct call on G runs.
-  entry.in = G.is_non_overlapping_and_dense()
-                 ? at::empty_strided(G.sizes(), G.strides(), G.options())
-                 : at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
+  entry.in_sizes = G.sizes().vec();
+  const c10::DimVector contiguous = c10::contiguous_strides(G.sizes());
+  entry.in_strides = G.is_non_overlapping_and_dense() ? G.strides().vec()
+                                                      : std::vector<int64_t>(contiguous.begin(), contiguous.end());
+  entry.in = input_buffer(entry, G);
   auto graph = std::make_unique<at::cuda::CUDAGraph>(/*keep_graph=*/true);  // searched for the input node
   const c10::cuda::CUDAStreamGuard on_side(side);
   // Thread-local: other threads may keep calling CUDA while this one captures.
@@ -142,6 +169,8 @@ void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStrea
   entry.input = find_input_node(graph->raw_cuda_graph(), entry.in);
   graph->instantiate();
   entry.graph = std::move(graph);
+  // Replays point the normalize launch at G or at a buffer allocated then (redirect_input).
+  if (entry.input) entry.in = at::Tensor();
 }
 
 // Sets the input the graph's normalize launch reads (replays keep the last one set).
@@ -160,19 +189,21 @@ void point_input_at(CachedGraph& entry, const void* data) {
 // The graph reads G in place where G has the captured layout and a 16-byte aligned start (the
 // kernel may read 16-byte vectors); otherwise it reads its own input, a copy of G.
 void redirect_input(CachedGraph& entry, const at::Tensor& G, cudaStream_t stream) {
-  const bool in_place = entry.input && G.strides() == entry.in.strides() &&
+  const bool in_place = entry.input && G.strides() == at::IntArrayRef(entry.in_strides) &&
                         reinterpret_cast<uintptr_t>(G.data_ptr()) % 16 == 0;
   if (in_place) {
     point_input_at(entry, G.data_ptr());
     return;
   }
+  if (!entry.in.defined()) entry.in = input_buffer(entry, G);  // kept for later copies
   if (entry.input) point_input_at(entry, entry.in.data_ptr());
   copy_into(entry.in, G, stream);
 }
 
 }  // namespace
 
-std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body) {
+std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body,
+                                           int64_t budgeted) {
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return std::nullopt;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(G.get_device());
   const std::string key = signature + "|dev" + std::to_string(G.get_device()) + "|stream" + std::to_string(stream.id());
@@ -193,11 +224,12 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   if (!entry->graph) {
     if (entry->calls < 2) ++entry->calls;  // stops at 2: a signature refused a slot keeps asking
     if (entry->calls < 2) return std::nullopt;
-    if (!reserve_graph_slot()) return std::nullopt;  // cache full: later calls of this signature run directly
+    // cache full or over budget: this call runs directly, a later one asks again
+    if (!reserve_graph_slot(budgeted)) return std::nullopt;
     try {
       capture(*entry, G, side, body);
     } catch (...) {
-      graph_slots.fetch_sub(1);
+      release_graph_slot(budgeted);
       throw;
     }
   }
@@ -208,10 +240,9 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   return out;
 }
 
-bool ns5_graph_wanted(bool launch_bound) {
+bool ns5_graph_wanted() {
   const char* value = std::getenv("MUONKERN_NS5_GRAPH");
-  if (value != nullptr && std::strcmp(value, "0") == 0) return false;
-  return launch_bound || (value != nullptr && std::strcmp(value, "all") == 0);
+  return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
 int64_t ns5_cached_graphs() { return graph_slots.load(); }

@@ -22,7 +22,7 @@ PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
   return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
 }
 
-// muonkern._C.ns5_cached_graphs(): CUDA graphs the ns5 op has captured for launch-bound calls
+// muonkern._C.ns5_cached_graphs(): CUDA graphs the ns5 op has captured
 // (csrc/ns5_graphs.h); 0 in a build without CUDA.
 PyObject* ns5_cached_graphs(PyObject*, PyObject*) {
 #ifdef MUONKERN_WITH_CUDA

@@ -1,6 +1,6 @@
 """The ns5 op's CUDA-graph cache (csrc/ns5_graphs.cpp).
 
-Launch-bound calls on the general path and the Gram iteration run directly the first time and are
+Calls on the general path and the Gram iteration run directly the first time and are
 captured on the second, then replayed. A replay must return bitwise what the direct launches
 (MUONKERN_NS5_GRAPH=0) return, on a fresh input every call, into a fresh tensor that no later call
 overwrites. Each test uses shapes of its own: the cache is per process, and a graph captured by
@@ -148,3 +148,25 @@ def test_shapes_seen_once_leave_room_for_graphs(gen, monkeypatch):
     outs = [ns5(G, algorithm="standard") for _ in range(2)]
     assert cached_graphs() == before + 1
     assert torch.equal(outs[1], direct(monkeypatch, [G], "standard")[0])
+
+
+def test_large_calls_replay_within_the_memory_budget(gen, monkeypatch):
+    """A call that is not launch-bound (2040x2056 standard, ~260 GFLOP against 17 launches) replays
+    from a graph too, while graphs of such calls hold at most MUONKERN_NS5_GRAPH_MB; with a budget
+    of 0 it runs directly, and asks again once there is room."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    shape = (2040, 2056)
+    inputs = [randn(gen, *shape, device="cuda") for _ in range(3)]
+    before = cached_graphs()
+    monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", "0")
+    for G in inputs:
+        ns5(G, algorithm="standard")
+    assert cached_graphs() == before, "a graph past the memory budget was captured"
+    # room whatever earlier tests' graphs hold (this one holds 33 MB)
+    monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", str(1 << 20))
+    outs = [ns5(G, algorithm="standard") for G in inputs]
+    assert cached_graphs() == before + 1
+    for out, expected in zip(outs, direct(monkeypatch, inputs, "standard")):
+        assert torch.equal(out, expected)
+    assert_ns5_output(outs[-1], inputs[-1])
