@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/strides.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -51,10 +50,9 @@ struct CachedGraph {
   bool failed = false;  // capture threw once: this signature runs directly from then on
   int calls = 0;
   std::unique_ptr<at::cuda::CUDAGraph> graph;
-  // The graph's own input: read by the graph itself where `input` is nullopt, else allocated only
-  // while some G has to be copied (G's captured layout: in_sizes, in_strides).
+  // The graph's own input (input_buffer): read by the graph itself where `input` is nullopt, else
+  // allocated only once some G has to be copied.
   at::Tensor in;
-  std::vector<int64_t> in_sizes, in_strides;
   ResultLaunch result;
   std::optional<InputNode> input;  // nullopt: the graph reads `in`, so replays copy G into it
 };
@@ -136,19 +134,17 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
   return std::nullopt;
 }
 
-// A buffer for G in the graph's input layout.
-at::Tensor input_buffer(const CachedGraph& entry, const at::Tensor& G) {
-  return at::empty_strided(entry.in_sizes, entry.in_strides, G.options());
+// The graph's input buffer: G's own layout where G is dense (a transposed view, say), so the graph
+// runs the launches a direct call on G runs; contiguous otherwise. The same for every G of a
+// signature, which holds G's sizes and strides.
+at::Tensor input_buffer(const at::Tensor& G) {
+  return G.is_non_overlapping_and_dense()
+             ? at::empty_strided(G.sizes(), G.strides(), G.options())
+             : at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side, const Ns5Body& body) {
-  // G's own layout where it is dense (a transposed view, say), so the graph runs the launches a
-  // direct call on G runs.
-  entry.in_sizes = G.sizes().vec();
-  const c10::DimVector contiguous = c10::contiguous_strides(G.sizes());
-  entry.in_strides = G.is_non_overlapping_and_dense() ? G.strides().vec()
-                                                      : std::vector<int64_t>(contiguous.begin(), contiguous.end());
-  entry.in = input_buffer(entry, G);
+  entry.in = input_buffer(G);
   auto graph = std::make_unique<at::cuda::CUDAGraph>(/*keep_graph=*/true);  // searched for the input node
   const c10::cuda::CUDAStreamGuard on_side(side);
   // Thread-local: other threads may keep calling CUDA while this one captures.
@@ -189,13 +185,13 @@ void point_input_at(CachedGraph& entry, const void* data) {
 // The graph reads G in place where G has the captured layout and a 16-byte aligned start (the
 // kernel may read 16-byte vectors); otherwise it reads its own input, a copy of G.
 void redirect_input(CachedGraph& entry, const at::Tensor& G, cudaStream_t stream) {
-  const bool in_place = entry.input && G.strides() == at::IntArrayRef(entry.in_strides) &&
+  const bool in_place = entry.input && G.is_non_overlapping_and_dense() &&  // the captured layout
                         reinterpret_cast<uintptr_t>(G.data_ptr()) % 16 == 0;
   if (in_place) {
     point_input_at(entry, G.data_ptr());
     return;
   }
-  if (!entry.in.defined()) entry.in = input_buffer(entry, G);  // kept for later copies
+  if (!entry.in.defined()) entry.in = input_buffer(G);  // kept for later copies
   if (entry.input) point_input_at(entry, entry.in.data_ptr());
   copy_into(entry.in, G, stream);
 }
