@@ -28,8 +28,6 @@
 
 #include <cooperative_groups.h>
 
-#include <type_traits>
-
 #include "ns5_device.cuh"
 #include "ns5_kernels.h"
 

@@ -182,7 +182,8 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   static_assert(kRowsPerPass % 4 == 0, "a unit's partial sums fill whole float4s");
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
     float s = 0.f;
-    // 32-byte aligned: the scratch is, and each matrix's partials start at a multiple of 8 floats
+    // 16-byte aligned, as float4 needs: the launch checks the scratch, and each matrix's partials
+    // start at a multiple of 8 floats
     const float4* partials = reinterpret_cast<const float4*>(warp_sumsq + b * units * kRowsPerPass);
     const int64_t count = units * (kRowsPerPass / 4);
 #pragma unroll 8
