@@ -244,6 +244,8 @@ GRAM_SHAPES = [
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
 def test_gram_matches_float64(gen, path, shape):
     G = randn(gen, *shape, device="cuda")
+    if ns5_route(G, algorithm="gram").path != path:  # too large for the fused kernel
+        pytest.skip("runs the general path: the general case covers it")
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
@@ -254,6 +256,14 @@ def test_gram_matches_float64(gen, path, shape):
 # more Rp x Rp buffers than the standard one: at short side 128 one block holds at most 352 columns, a
 # cluster of 2 at most 192), so none falls back to the general path. (The float64, dtype and polar-factor
 # checks of the Gram iteration run on both paths further down, through the `path` fixture.)
+# assert_fused_gram checks each case's route: a forced path that does not fit would run the general
+# path silently.
+
+def assert_fused_gram(G: torch.Tensor, steps: int = 5, cluster: int | None = None) -> None:
+    route = ns5_route(G, steps, "gram")
+    assert route.path == "fused", f"{tuple(G.shape)} leaves the fused kernel: {route}"
+    assert cluster is None or route.cluster == cluster, f"{tuple(G.shape)}: cluster {route.cluster}, not {cluster}"
+
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)],
@@ -262,6 +272,7 @@ def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
     G = randn(gen, *shape, device="cuda")
+    assert_fused_gram(G, cluster=int(cluster))
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
@@ -274,6 +285,7 @@ def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
 def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = randn(gen, 8, 64, 512, device="cuda")
+    assert_fused_gram(G, steps)
     assert_ns5_output(ns5(G, steps, coefficients, algorithm="gram"), G, steps, coefficients, rtol=rtol)
 
 
@@ -282,12 +294,15 @@ def test_fused_gram_many_restarts(gen, monkeypatch):
     higher bits)."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = randn(gen, 3, 64, 192, device="cuda")
+    assert_fused_gram(G, 20)
     s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20, algorithm="gram").double())
     assert (s - 1).abs().max().item() <= ORTHO_TOL
 
 
 def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    for shape in [(3, 40, 256), (5, 96, 200)]:
+        assert_fused_gram(torch.empty(shape, device="cuda"))
     check_zero_matrices(gen, "cuda", shape=(3, 40, 256), algorithm="gram")
     check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 200), algorithm="gram")
 
@@ -300,6 +315,7 @@ def test_fused_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
     bench/gram_rounding_emulation.py emulates both."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = (randn(gen, *shape, dtype=torch.float64) if kind == "gaussian" else ill_conditioned(gen, *shape)).float().cuda()
+    assert_fused_gram(G, cluster=8)
     gram, standard = ns5(G, algorithm="gram"), ns5(G, algorithm="standard")
     assert torch.isfinite(gram).all()
     assert_polar_margin(gram, standard, G, "standard")
@@ -387,12 +403,14 @@ def test_gram_one_matrix_at_any_norm(gen, monkeypatch, factor):
 
 # Without a restart (steps <= 3) the deferred 1/s rides on the last product: straight into a bf16 or
 # fp32 output, or before the finish kernel (fp16). An odd element count (41 x 4101) takes the
-# normalize kernel's element-by-element copy instead of 16-byte vectors.
+# normalize kernel's element-by-element copy instead of 16-byte vectors. Pinned to the general path,
+# which alone has the normalize kernel: 41 x 4101 would take the fused one.
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("shape,dtype", [((256, 1024), torch.float32), ((256, 1024), torch.bfloat16),
                                          ((256, 1024), torch.float16), ((41, 4101), torch.float32)],
                          ids=["fp32", "bf16", "fp16", "fp32-odd"])
 def test_gram_one_matrix_without_restart(gen, monkeypatch, steps, shape, dtype):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
     monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
     G = randn(gen, *shape, dtype=dtype, device="cuda")
     poison_allocator()
