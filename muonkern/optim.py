@@ -133,9 +133,10 @@ class Muon(torch.optim.Optimizer):
         counts = [v.numel() // (v.shape[-2] * v.shape[-1]) for v in views]
         stacked = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in views])
         world = _world_size(self.process_group)
-        # "auto" decided on the whole batch, so every world size runs the same algorithm
-        algorithm = ns5_route(stacked, group["ns_steps"]).algorithm
         if world > 1:
+            # "auto" decided on the whole batch, not on each rank's share: every world size runs the
+            # algorithm one process runs (ns5 of the batch)
+            algorithm = ns5_route(stacked, group["ns_steps"]).algorithm
             rank = dist.get_rank(self.process_group)
             share = -(-stacked.shape[0] // world)
             padded = torch.cat([stacked, stacked.new_zeros(share * world - stacked.shape[0], *stacked.shape[1:])])
@@ -145,7 +146,7 @@ class Muon(torch.optim.Optimizer):
             dist.all_gather(gathered, mine, group=self.process_group)
             result = torch.cat(gathered)[:stacked.shape[0]]
         else:
-            result = ns5(stacked, group["ns_steps"], coefficients, algorithm=algorithm)
+            result = ns5(stacked, group["ns_steps"], coefficients)
         return list(result.split(counts))
 
     @staticmethod
