@@ -3,9 +3,10 @@
 GPU (the baseline shapes, fp32 inputs):
   muonkern            torch.ops.muonkern.ns5 (our kernels; path chosen by the op, see MUONKERN_NS5_PATH),
                       algorithm="auto" (the default); labelled "muonkern (auto: gram)" where auto runs
-                      the Gram iteration. Launch-bound calls replay a cached CUDA graph
+                      the Gram iteration. Multi-launch calls replay cached CUDA graphs (launch-bound
+                      ones always, others within MUONKERN_NS5_GRAPH_MB)
   muonkern direct     the same with MUONKERN_NS5_GRAPH=0 (every kernel launched by the host), timed on
-                      GRAPH_SHAPES, where the op replays graphs
+                      GRAPH_SHAPES, the launch-bound ones, where graphs save most
   muonkern standard   algorithm="standard" and algorithm="gram" side by side, on the Gram shapes only
   muonkern gram       (GRAM_SHAPES; TFLOP/s of every row count the standard iteration's FLOPs)
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
@@ -128,7 +129,7 @@ def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:
 def test_ns5_cuda(time_ns5, monkeypatch, shape, impl):
     if impl == "muonkern direct":
         if tuple(shape) not in GRAPH_SHAPES:
-            pytest.skip("the op replays graphs on GRAPH_SHAPES only")
+            pytest.skip("direct launches are timed on GRAPH_SHAPES only (launch-bound)")
         monkeypatch.setenv("MUONKERN_NS5_GRAPH", "0")
         time_ns5(_muonkern, shape, impl, "cuda")
         return

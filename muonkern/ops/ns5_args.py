@@ -37,7 +37,7 @@ GRAM_RESTART_INTERVAL = 2
 # "auto" takes gram where its FLOP count (ns5_flops) is at most (1 - GRAM_MIN_SAVING) of the standard
 # iteration's and the short side is at least GRAM_MIN_SHORT_SIDE; square matrices never. With 5 steps
 # that is aspect ratio >= 3 (1:3 saves 26%, 1:4 33%, 1:8 46%). The rule holds on CUDA too, where the
-# op replays launch-bound calls from CUDA graphs (csrc/ns5_graphs.h), so the Gram iteration's many
+# op replays multi-launch calls from CUDA graphs (csrc/ns5_graphs.h), so the Gram iteration's many
 # small products cost no more host time than the standard iteration's few large ones. Measured on an
 # H100 (ms, standard / gram, bench/test_bench_ns5.py): 768×3072 0.136 / 0.125, 1024×4096 0.242 /
 # 0.197, 4096×1024 0.264 / 0.214, 8×1024×4096 1.48 / 1.01, 2048×8192 1.28 / 0.87. On CUDA the fused
