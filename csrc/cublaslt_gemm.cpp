@@ -36,7 +36,7 @@ struct GemmShapeHash {
 
 struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;  // d is c unless strides differ
   cublasLtMatmulAlgo_t algo{};                    // the heuristic's first choice until timed
   std::vector<cublasLtMatmulAlgo_t> candidates;  // what timing picks from
   bool timed = false;
@@ -79,7 +79,7 @@ cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan,
           CUBLAS_STATUS_SUCCESS &&
       cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
           CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, &split, &check) ==
+      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, &split, &check) ==
           CUBLAS_STATUS_SUCCESS &&
       check.workspaceSize <= workspace)
     return split;
@@ -110,13 +110,16 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
   plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
   plan.b = make_layout(CUDA_R_16BF, nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
   plan.c = make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_c, batch);
+  plan.d = s.stride_d < 0 || s.stride_d == s.stride_c
+               ? plan.c
+               : make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_d, batch);
   cublasLtMatmulPreference_t pref;
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                              &workspace, sizeof(workspace)));
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, pref,
                                                        kCandidates, results, &found));
   cublasLtMatmulPreferenceDestroy(pref);
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
@@ -144,7 +147,7 @@ cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, cons
   float best_ms = std::numeric_limits<float>::infinity();
   for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
     const auto run = [&] {
-      return cublasLtMatmul(handle, plan.desc, alpha, A, plan.a, B, plan.b, beta, C, plan.c, D, plan.c, &algo,
+      return cublasLtMatmul(handle, plan.desc, alpha, A, plan.a, B, plan.b, beta, C, plan.c, D, plan.d, &algo,
                             workspace, workspace_size, stream);
     };
     if (run() != CUBLAS_STATUS_SUCCESS) continue;
@@ -172,7 +175,7 @@ void run_gemm(const GemmShape& s, const float* alpha, const __nv_bfloat16* A, co
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   cublasLtMatmulDesc_t desc;
-  cublasLtMatrixLayout_t a, b, c;
+  cublasLtMatrixLayout_t a, b, c, d;
   cublasLtMatmulAlgo_t algo;
   {
     const std::lock_guard<std::mutex> lock(plans_mutex);
@@ -184,9 +187,9 @@ void run_gemm(const GemmShape& s, const float* alpha, const __nv_bfloat16* A, co
       plan.algo = fastest(handle, plan, alpha, A, B, beta, C, D, workspace, workspace_size, stream);
       plan.timed = true;
     }
-    desc = plan.desc, a = plan.a, b = plan.b, c = plan.c, algo = plan.algo;
+    desc = plan.desc, a = plan.a, b = plan.b, c = plan.c, d = plan.d, algo = plan.algo;
   }
-  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, c, &algo, workspace,
+  MUONKERN_CUBLAS_CHECK(cublasLtMatmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, d, &algo, workspace,
                                        workspace_size, stream));
 }
 

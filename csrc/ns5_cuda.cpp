@@ -79,6 +79,16 @@ struct Ns5Products {
       : gram{CUBLAS_OP_T, CUBLAS_OP_N, R, R, C, C, C, R, R * C, R * C, R * R, batch, device},
         square{CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, R, R, R, R * R, R * R, R * R, batch, device},
         apply{CUBLAS_OP_N, CUBLAS_OP_N, C, R, R, C, R, C, R * C, R * R, R * C, batch, device} {}
+  // M X for two X of one matrix each in one launch (batch 1): X and C at in[0] and in[0] + in_stride,
+  // D at out[0] and out[0] + out_stride; M repeated (stride 0)
+  GemmShape square_pair(int64_t in_stride, int64_t out_stride) const {
+    GemmShape s = square;
+    s.stride_a = 0;
+    s.stride_b = s.stride_c = in_stride;
+    s.stride_d = out_stride;
+    s.batch = 2;
+    return s;
+  }
   GemmShape result(bool transposed, cudaDataType out_type) const {
     const int64_t R = square.m, C = apply.m;
     GemmShape s = transposed ? GemmShape{CUBLAS_OP_N, CUBLAS_OP_T, R, C, R, R, C, R, R * R, R * C, R * C, apply.batch,
@@ -123,7 +133,8 @@ struct Ns5Workspace {
   const float* scale = nullptr;
 };
 
-// R x R buffers of each algorithm: A, B (general path); R, B, P R and two Q (Gram iteration).
+// R x R buffers of each algorithm: A, B (general path); two Q, R, P R and B (Gram iteration, in this
+// order: ns5_gram_iteration's paired products need R after either Q and P R after either Q).
 constexpr int kGeneralSquareBuffers = 2;
 constexpr int kGramSquareBuffers = 5;
 
@@ -227,6 +238,8 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 // At a stretch's first step P is written whole straight into Q's buffer (its a I by the diagonal
 // kernel). Later steps keep only B = b R + c R R and apply P through beta, P M = B M + a M: one launch
 // fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
+// For one matrix, P Q and P R of such a step are one launch (square_pair): an R x R product alone
+// leaves SMs idle up to R ~ 1500 (1024x4096's ran 128 tiles of 128x64 on 132 SMs).
 // The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
 // output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
 // cost 45 us of 956). Unless MUONKERN_NS5_DEFER_SCALE=0, for one wide matrix X0 is bf16(G) unscaled
@@ -240,8 +253,9 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   const float* x_scale = w.scale != nullptr ? w.scale + 1 : nullptr;
   const float* zero = w.scale != nullptr ? w.scale + 2 : nullptr;
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
-  __nv_bfloat16 *Rm = w.squares[0], *B_later = w.squares[1], *PR = w.squares[2];
-  __nv_bfloat16* Qs[2] = {w.squares[3], w.squares[4]};
+  __nv_bfloat16* Qs[2] = {w.squares[0], w.squares[1]};
+  __nv_bfloat16 *Rm = w.squares[2], *PR = w.squares[3], *B_later = w.squares[4];
+  const bool paired = p.batch == 1;
   const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
   const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
   int cur = 0, q = 0;
@@ -255,15 +269,21 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
     __nv_bfloat16* PB = stretch_start ? Qs[q] : B_later;
     const float shift = stretch_start ? 0.f : a;
     gemm(products.square, c, Rm, Rm, b, Rm, PB, stream);
+    const bool restart = std::find(restarts.begin(), restarts.end(), s) != restarts.end();
     if (stretch_start) {
       C10_CUDA_CHECK(launch_add_diagonal(PB, p.batch, p.short_side(), a, stream));
+    } else if (paired && s < p.steps && !restart) {  // [Q', P R] = P [Q, R]
+      gemm(products.square_pair(Rm - Qs[q], PR - Qs[1 - q]), 1.f, PB, Qs[q], shift, Qs[q], Qs[1 - q], stream);
+      q = 1 - q;
+      gemm(products.square, 1.f, PR, PB, shift, PR, Rm, stream);  // (P R) P
+      continue;
     } else {
       gemm(products.square, 1.f, PB, Qs[q], shift, Qs[q], Qs[1 - q], stream);  // P Q
       q = 1 - q;
     }
     stretch_start = false;
     if (s == p.steps) break;
-    if (std::find(restarts.begin(), restarts.end(), s) != restarts.end()) {
+    if (restart) {
       scaled_product(products.apply, x_scale, zero, w.X[cur], Qs[q], w.X[1 - cur], stream);
       x_scale = nullptr;
       cur = 1 - cur;

@@ -417,6 +417,21 @@ def test_gram_one_matrix_without_restart(gen, monkeypatch, steps, shape, dtype):
     assert_ns5_output(ns5(G, steps, algorithm="gram"), G, steps)
 
 
+# One matrix runs a step's P Q and P R as one launch (a batch of two with P repeated), in the steps
+# of a stretch that are neither its first nor its last: step 4 of 5 (restart after 2), step 6 of 7
+# (restarts after 2 and 4). A batch of two matrices runs them apart, so the first matrix's result
+# there is the same arithmetic up to the products' rounding.
+@pytest.mark.parametrize("steps", [5, 7])
+def test_gram_one_matrix_paired_products(gen, monkeypatch, steps):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
+    G = randn(gen, 2, 384, 1536, device="cuda")
+    poison_allocator()
+    one = ns5(G[0], steps, algorithm="gram")
+    assert_ns5_output(one, G[0], steps)
+    diff = relative_difference(one, ns5(G, steps, algorithm="gram")[0])
+    assert diff <= BF16_RTOL, f"one matrix vs a batch of two: relative difference {diff:.4g}"
+
+
 def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):
     """One wide matrix (the deferred-scale normalize): zeros give zeros, inf or NaN a non-finite output."""
     monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")

@@ -6,7 +6,8 @@ namespace muonkern {
 size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster, bool gram) {
   const int64_t R = m < n ? m : n, C = m < n ? n : m;
   if (R > kFusedMaxShortSide || R < 1) return 0;
-  const int64_t Rp = round_up(R, 32), Cs = padded_long_side(C, cluster) / cluster, squares = gram ? 4 : 2;
+  const FusedExtents extents = fused_extents(R, C, cluster);
+  const int64_t Rp = extents.Rp, Cs = extents.Cs, squares = gram ? 4 : 2;
   const int64_t bf16_bytes = 2 * Rp * (Cs + kRowPad) + 2 * squares * Rp * (Rp + kRowPad);
   return static_cast<size_t>(bf16_bytes + 64 * sizeof(float) + (cluster > 1 ? 4 * Rp * Rp : 0));
 }

@@ -58,7 +58,6 @@ __device__ __forceinline__ void store_pair(float* out, int i, float v0, float v1
 __device__ __forceinline__ void store_one(bf16* out, int i, float v) { out[i] = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store_one(float* out, int i, float v) { out[i] = v; }
 
-__host__ __device__ constexpr int round_up(int64_t x, int to) { return static_cast<int>((x + to - 1) / to * to); }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -164,8 +163,10 @@ __device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K
             v0 += beta * old.x;
             v1 += beta * old.y;
           }
-          if (r == c) v0 += shift;  // only diagonal tiles meet these
-          if (r == c + 1) v1 += shift;
+          if (ti == tj) {  // only diagonal tiles hold diagonal elements
+            if (r == c) v0 += shift;
+            if (r == c + 1) v1 += shift;
+          }
           store_pair(out, r * ld + c, v0, v1);
           if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
             store_one(out, c * ld + r, v0);
@@ -383,15 +384,15 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     });
     __syncthreads();
 
-    // out = X X^T (bf16), summed over the cluster
+    // out = X X^T (bf16), summed over the cluster; complete in every block on return
     const auto gram_matrix = [&](bf16* out) {
       if (kCluster == 1) {
         symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, 1.f, 0.f);
+        __syncthreads();
       } else {
         symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
-        cluster_reduce_gram<kCluster>(partials, Rp, out, lda);
+        cluster_reduce_gram<kCluster>(partials, Rp, out, lda);  // ends on a cluster barrier
       }
-      __syncthreads();
     };
     if constexpr (!kGram) {
       for (int s = 0; s < p.steps; ++s) {
@@ -405,10 +406,11 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     } else if (p.steps > 0) {
       // Every block of a cluster runs the Rp x Rp steps on the same R, so all keep the same Q.
       bf16 *R = A, *poly = B, *Q = C, *spare = D;
-      bool stretch_start = true;
       gram_matrix(R);
       for (int s = 1; s <= p.steps; ++s) {
         const float ca = params.abc[3 * s - 3], cb = params.abc[3 * s - 2], cc = params.abc[3 * s - 1];
+        const bool stretch_start = s == 1 || ((params.restarts >> (s - 1)) & 1u);
+        const bool restart = (params.restarts >> s) & 1u, last = s == p.steps;
         symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);  // P = c R R + b R + a I
         __syncthreads();
         const bf16* P = poly;  // this step's P, wherever the swap below leaves it
@@ -417,17 +419,16 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         } else {
           // Q = P Q in place, every element: P and Q commute only up to rounding, and mirroring one
           // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
-          // inputs (bench/gram_rounding_emulation.py)
+          // inputs (bench/gram_rounding_emulation.py). Only Q X, at a restart or the end, reads Q
+          // before the next barrier: P R below reads P and R, and writes the spare.
           apply_polynomial(Q, lda, Rp, Rp, P, lda, 0.f);
-          __syncthreads();
+          if (restart || last) __syncthreads();
         }
-        stretch_start = false;
-        if (s == p.steps) break;
-        if ((params.restarts >> s) & 1u) {  // X = Q X, R = X X^T, Q = I
+        if (last) break;
+        if (restart) {  // X = Q X, R = X X^T, Q = I
           apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);
           __syncthreads();
           gram_matrix(R);
-          stretch_start = true;
           continue;
         }
         symmetric_product<false>(P, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
@@ -467,7 +468,16 @@ cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, c
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 
-int64_t padded_long_side(int64_t C, int cluster) { return (C + 16 * cluster - 1) / (16 * cluster) * (16 * cluster); }
+// A block's shared-memory extents (the header comment): the padded short side Rp and the columns Cs
+// of each of the cluster's slices.
+// (64-bit: sizes are checked against shared memory before they are narrowed to the kernel's ints)
+struct FusedExtents {
+  int64_t Rp, Cs;
+};
+FusedExtents fused_extents(int64_t short_side, int64_t long_side, int cluster) {
+  const int64_t padded_long = (long_side + 16 * cluster - 1) / (16 * cluster) * (16 * cluster);
+  return {(short_side + 31) / 32 * 32, padded_long / cluster};
+}
 
 // One algorithm's launch for every dtype and cluster size.
 template <bool kGram>
@@ -476,8 +486,9 @@ cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32
   FusedParams params{};
   params.problem = p;
   params.restarts = restarts;
-  params.Rp = round_up(p.short_side(), 32);
-  params.Cs = static_cast<int>(padded_long_side(p.long_side(), cluster) / cluster);
+  const FusedExtents extents = fused_extents(p.short_side(), p.long_side(), cluster);
+  params.Rp = static_cast<int>(extents.Rp);
+  params.Cs = static_cast<int>(extents.Cs);
   for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];
   const unsigned grid = static_cast<unsigned>(p.batch < (1 << 16) ? p.batch : (1 << 16));  // clusters
   return dispatch_dtype(p.in.dtype, [&](auto tag) {

@@ -5,7 +5,9 @@
 //              With a `deferred` pointer (one wide, row-contiguous matrix) the sum pass writes
 //              bf16(G) unscaled and the scale pass is skipped: the scale goes to deferred[] =
 //              {1/s^2, 1/s, 0}, s = ||G|| + eps, for the Gram iteration's first GEMMs to apply as
-//              device-side alpha (and beta = 0). 96 instead of 160 MB at 2048x8192 fp32.
+//              device-side alpha (and beta = 0). 96 instead of 160 MB at 2048x8192 fp32. With one
+//              matrix, each block sums its own units and every block adds the blocks' sums after
+//              the one grid sync (no pass of one block over the per-warp sums, no second sync).
 //   finish:    out = X transposed back and cast to G's dtype.
 // Where no transpose is needed and each matrix is one row-major span, both stream it flat, 16
 // elements per thread in flight, in 16-byte vectors where the addresses allow (the common wide,
@@ -141,19 +143,51 @@ template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_constant__ Ns5Problem p, bf16* X,
                                                                  float* warp_sumsq, float* sumsq, float* deferred) {
   __shared__ float tile[kTile][kTile + 1];
+  __shared__ float block_scratch[32];
   const cg::grid_group grid = cg::this_grid();
   const TileGrid tg(p);
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const T* G = static_cast<const T*>(p.in.data);
+  const int64_t mn = p.m * p.n, chunks = (mn + kChunk - 1) / kChunk;
+
+  if (deferred != nullptr) {  // one matrix, flat (ns5_normalize_can_defer): X gets bf16(G) unscaled
+    // This block's sum over its units, then every block adds all blocks' sums in the same fixed
+    // order, so all agree bit for bit (and the result is deterministic).
+    float partial = 0.f;
+    for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) partial += chunk_sumsq<T, kVector>(G, t * kChunk, mn, X);
+    partial = block_sum(partial, block_scratch);
+    float* block_sumsq = warp_sumsq;  // gridDim.x <= TileGrid(p).total floats: it fits
+    if (threadIdx.x == 0) block_sumsq[blockIdx.x] = partial;
+    grid.sync();
+    float total = 0.f;
+    for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += kThreads) total += block_sumsq[i];
+    total = block_sum(total, block_scratch);
+    const float norm = sqrtf(total), inv = 1.f / (norm + p.eps);
+    if (norm >= kDeferredMinNorm && norm <= kDeferredMaxNorm) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        deferred[0] = inv * inv;
+        deferred[1] = inv;
+        deferred[2] = 0.f;
+      }
+      return;
+    }
+    // Out of range: X scaled here, and the GEMMs' scales are 1. Backwards: L2 still holds the last reads.
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      deferred[0] = deferred[1] = 1.f;
+      deferred[2] = 0.f;
+    }
+    for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x)
+      chunk_convert<kVector>(G, X, (chunks - 1 - t) * kChunk, mn, inv);
+    return;
+  }
 
   // Each warp sums its part of a work unit (a flat chunk or a tile): no block barrier per unit, and a
   // fixed summation order.
   const bool flat = rows_contiguous(p);
-  const int64_t mn = p.m * p.n, chunks = (mn + kChunk - 1) / kChunk;
   const int64_t units = flat ? chunks : tg.per_matrix;  // per matrix
   for (int64_t t = blockIdx.x; flat && t < p.batch * chunks; t += gridDim.x) {
     const int64_t b = t / chunks, base = (t % chunks) * kChunk;
-    float partial = chunk_sumsq<T, kVector>(G + batch_offset(p.in, b), base, mn, deferred != nullptr ? X + b * mn : nullptr);
+    float partial = chunk_sumsq<T, kVector>(G + batch_offset(p.in, b), base, mn, nullptr);
     for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
     if (tx == 0) warp_sumsq[t * kRowsPerPass + ty] = partial;
   }
@@ -178,36 +212,23 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
   // thread in 16-byte loads, then the block's. The whole grid waits on this (a large matrix has tens
   // of thousands of partial sums: one warp alone took ~100 us; one float per load, 8 in flight, left
   // 16 round trips to L2 per thread at 2048x8192).
-  __shared__ float block_scratch[32];
-  static_assert(kRowsPerPass % 4 == 0, "a unit's partial sums fill whole float4s");
+  static_assert(kRowsPerPass % 4 == 0, "a unit's partial sums fill whole 16-byte packs");
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
     float s = 0.f;
-    // 16-byte aligned, as float4 needs: the launch checks the scratch, and each matrix's partials
+    // 16-byte aligned, as the 16-byte loads need: the launch checks the scratch, and each matrix's partials
     // start at a multiple of 8 floats
-    const float4* partials = reinterpret_cast<const float4*>(warp_sumsq + b * units * kRowsPerPass);
+    const auto* partials = reinterpret_cast<const Pack<float, 4>*>(warp_sumsq + b * units * kRowsPerPass);
     const int64_t count = units * (kRowsPerPass / 4);
 #pragma unroll 8
     for (int64_t t = threadIdx.x; t < count; t += kThreads) {
-      const float4 v = partials[t];
-      s += (v.x + v.y) + (v.z + v.w);
+      const Pack<float, 4> v = partials[t];
+      s += (v.v[0] + v.v[1]) + (v.v[2] + v.v[3]);
     }
     s = block_sum(s, block_scratch);
     if (threadIdx.x == 0) sumsq[b] = s;
   }
   grid.sync();
 
-  if (deferred != nullptr) {  // one matrix, flat: X holds bf16(G) already
-    const float norm = sqrtf(sumsq[0]);
-    const float inv = 1.f / (norm + p.eps);
-    // Every block decides alike (sumsq is final after the grid sync).
-    const bool in_range = norm >= kDeferredMinNorm && norm <= kDeferredMaxNorm;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      deferred[0] = in_range ? inv * inv : 1.f;
-      deferred[1] = in_range ? inv : 1.f;
-      deferred[2] = 0.f;
-    }
-    if (in_range) return;
-  }
   const int64_t R = p.short_side(), C = p.long_side();
   const bool transpose = p.transpose();
   for (int64_t t = blockIdx.x; flat && !transpose && t < p.batch * chunks; t += gridDim.x) {
@@ -314,7 +335,7 @@ bool ns5_normalize_can_defer(const Ns5Problem& p) { return p.batch == 1 && !p.tr
 
 cudaError_t launch_ns5_normalize(const Ns5Problem& p, bf16* X, float* scratch, float* deferred, cudaStream_t stream) {
   if (deferred != nullptr && !ns5_normalize_can_defer(p)) return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(scratch) % 16 != 0) return cudaErrorMisalignedAddress;  // float4 reads
+  if (reinterpret_cast<uintptr_t>(scratch) % 16 != 0) return cudaErrorMisalignedAddress;  // 16-byte reads
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto* kernel = vectorizable<T>(p.in, p.m * p.n) ? ns5_normalize_kernel<T, true> : ns5_normalize_kernel<T, false>;
