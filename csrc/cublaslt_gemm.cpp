@@ -135,35 +135,70 @@ bool timing_disabled() {
   return value != nullptr && std::strcmp(value, "0") == 0;
 }
 
-// Times each candidate on the call's own operands (3 runs after a warm-up) and keeps the fastest.
-// Reruns must not change the result: callers skip this where D is C with a nonzero beta.
+// Timing: each candidate runs kTimedRuns times as one CUDA graph. Launched one by one from the host,
+// GEMMs of a few microseconds ran at the host's pace, every candidate timed alike and the pick was
+// noise (768x3072's X X^T took 8.6 to 13.4 us between processes on one kind of H100).
+constexpr int kTimedRuns = 5;
+
+// Milliseconds of one replay of `run` x kTimedRuns captured on `side` (infinite where capture or
+// replay fails: that candidate is not picked).
+template <typename Run>
+float replay_ms(cudaStream_t side, const Run& run, cudaEvent_t start, cudaEvent_t stop) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  bool ok = cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  if (ok) {
+    for (int i = 0; i < kTimedRuns; ++i) ok = run(side) == CUBLAS_STATUS_SUCCESS && ok;
+    ok = cudaStreamEndCapture(side, &graph) == cudaSuccess && ok;
+  }
+  ok = ok && cudaGraphInstantiateWithFlags(&exec, graph, 0) == cudaSuccess;
+  // the first replay uploads the graph: only the second is timed
+  ok = ok && cudaGraphLaunch(exec, side) == cudaSuccess && cudaEventRecord(start, side) == cudaSuccess &&
+       cudaGraphLaunch(exec, side) == cudaSuccess && cudaEventRecord(stop, side) == cudaSuccess &&
+       cudaEventSynchronize(stop) == cudaSuccess;
+  float ms = std::numeric_limits<float>::infinity();
+  if (ok) C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  (void)cudaGetLastError();  // a failed capture leaves no error behind for the next CUDA call
+  return ms;
+}
+
+// Times each candidate on the call's own operands and keeps the fastest. Capture needs a stream
+// other than the legacy default, so the runs go to a side stream ordered after `stream`, and
+// `stream` waits for them. Reruns must not change the result: callers skip this where D is C with a
+// nonzero beta.
 cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, const float* alpha, const void* A,
                              const void* B, const float* beta, const void* C, void* D, void* workspace,
                              size_t workspace_size, cudaStream_t stream) {
-  cudaEvent_t start, stop;
+  cudaStream_t side;
+  cudaEvent_t start, stop, order;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   C10_CUDA_CHECK(cudaEventCreate(&start));
   C10_CUDA_CHECK(cudaEventCreate(&stop));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&order, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(order, stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(side, order, 0));
   cublasLtMatmulAlgo_t best = plan.algo;
   float best_ms = std::numeric_limits<float>::infinity();
   for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
-    const auto run = [&] {
+    const auto run = [&](cudaStream_t on) {
       return cublasLtMatmul(handle, plan.desc, alpha, A, plan.a, B, plan.b, beta, C, plan.c, D, plan.d, &algo,
-                            workspace, workspace_size, stream);
+                            workspace, workspace_size, on);
     };
-    if (run() != CUBLAS_STATUS_SUCCESS) continue;
-    C10_CUDA_CHECK(cudaEventRecord(start, stream));
-    for (int i = 0; i < 3; ++i) MUONKERN_CUBLAS_CHECK(run());
-    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
-    C10_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (run(side) != CUBLAS_STATUS_SUCCESS) continue;  // not for these operands
+    const float ms = replay_ms(side, run, start, stop);
     if (ms < best_ms) {
       best_ms = ms;
       best = algo;
     }
   }
+  C10_CUDA_CHECK(cudaEventRecord(order, side));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(stream, order, 0));
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  cudaEventDestroy(order);
+  cudaStreamDestroy(side);  // released once its work is done
   return best;
 }
 
