@@ -410,7 +410,8 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
       for (int s = 1; s <= p.steps; ++s) {
         const float ca = params.abc[3 * s - 3], cb = params.abc[3 * s - 2], cc = params.abc[3 * s - 1];
         const bool stretch_start = s == 1 || ((params.restarts >> (s - 1)) & 1u);
-        const bool restart = (params.restarts >> s) & 1u, last = s == p.steps;
+        // (no restart bit is read at the last step: s may be 32 there, past the mask's width)
+        const bool last = s == p.steps, restart = !last && ((params.restarts >> s) & 1u);
         symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);  // P = c R R + b R + a I
         __syncthreads();
         const bf16* P = poly;  // this step's P, wherever the swap below leaves it
