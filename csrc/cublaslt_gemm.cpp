@@ -125,7 +125,8 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
                             "x" + std::to_string(s.k) + " bf16 GEMM with output type " + std::to_string(s.out_type));
   plan.algo = with_split_k(handle, plan, results[0].algo, s, workspace);
-  plan.candidates.push_back(plan.algo);
+  // the split-K variant of the first choice where there is one, then the heuristic's list
+  if (std::memcmp(&plan.algo, &results[0].algo, sizeof(plan.algo)) != 0) plan.candidates.push_back(plan.algo);
   for (int i = 0; i < found; ++i) plan.candidates.push_back(results[i].algo);
   return plans.emplace(s, plan).first->second;
 }

@@ -270,13 +270,12 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
     const float shift = stretch_start ? 0.f : a;
     gemm(products.square, c, Rm, Rm, b, Rm, PB, stream);
     const bool restart = std::find(restarts.begin(), restarts.end(), s) != restarts.end();
+    const bool pair = paired && !stretch_start && s < p.steps && !restart;  // P Q and P R in one launch
     if (stretch_start) {
       C10_CUDA_CHECK(launch_add_diagonal(PB, p.batch, p.short_side(), a, stream));
-    } else if (paired && s < p.steps && !restart) {  // [Q', P R] = P [Q, R]
+    } else if (pair) {  // [Q', P R] = P [Q, R]
       gemm(products.square_pair(Rm - Qs[q], PR - Qs[1 - q]), 1.f, PB, Qs[q], shift, Qs[q], Qs[1 - q], stream);
       q = 1 - q;
-      gemm(products.square, 1.f, PR, PB, shift, PR, Rm, stream);  // (P R) P
-      continue;
     } else {
       gemm(products.square, 1.f, PB, Qs[q], shift, Qs[q], Qs[1 - q], stream);  // P Q
       q = 1 - q;
@@ -291,8 +290,8 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
       stretch_start = true;
       continue;
     }
-    gemm(products.square, 1.f, PB, Rm, shift, Rm, PR, stream);  // P R
-    gemm(products.square, 1.f, PR, PB, shift, PR, Rm, stream);  // (P R) P
+    if (!pair) gemm(products.square, 1.f, PB, Rm, shift, Rm, PR, stream);  // P R
+    gemm(products.square, 1.f, PR, PB, shift, PR, Rm, stream);              // (P R) P
   }
   if (result_type) {
     // out = Q X0: wide, D = Xc Q as `apply`; tall, D = Q Xc^T (A and B swap roles)
@@ -334,7 +333,7 @@ bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bo
 int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
   const int forced = env_int("MUONKERN_NS5_CLUSTER", 0);
   if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return fused_fits(p, forced, prop, gram) ? forced : 0;
-  const int64_t Rp = (p.short_side() + 31) / 32 * 32, C = p.long_side();
+  const int64_t Rp = fused_extents(p.short_side(), p.long_side(), 1).Rp, C = p.long_side();
   int cluster = 1;
   while (cluster < kFusedMaxCluster && p.batch * cluster * 2 <= prop.multiProcessorCount && C / (2 * cluster) >= Rp)
     cluster *= 2;
@@ -346,7 +345,7 @@ int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
 // reductions over the cluster, every step for the standard iteration, at the start and each restart
 // for the Gram one.
 double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bool gram) {
-  const double R = static_cast<double>((p.short_side() + 31) / 32 * 32),
+  const double R = static_cast<double>(fused_extents(p.short_side(), p.long_side(), cluster).Rp),
                Cs = static_cast<double>(p.long_side()) / cluster;
   const double reductions = gram ? 1.0 + static_cast<double>(gram_restart_steps(p.steps).size()) : p.steps;
   const double per_block = ns5_flops_sides(R, Cs, p.steps, gram) / kFusedFlopsPerSm;
@@ -358,8 +357,13 @@ double fused_seconds(const Ns5Problem& p, int cluster, const cudaDeviceProp& pro
 // launches (Gram, whose R, restarts and output add a few more).
 double general_launches(const Ns5Problem& p, bool gram) { return gram ? 6 + 4 * p.steps : 3 * p.steps + 2; }
 
+// The general path's GEMM time, at kGeneralGemmFlops.
+double general_gemm_seconds(const Ns5Problem& p, bool gram) {
+  return p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
+}
+
 double general_seconds(const Ns5Problem& p, bool gram) {
-  return general_launches(p, gram) * kLaunchSeconds + p.batch * ns5_flops(p.m, p.n, p.steps, gram) / kGeneralGemmFlops;
+  return general_launches(p, gram) * kLaunchSeconds + general_gemm_seconds(p, gram);
 }
 
 // MUONKERN_NS5_PATH (read at every call): fused, general, symmetric, small, or "auto" when unset.
@@ -387,11 +391,12 @@ Ns5Route algorithm_route(const Ns5Problem& p, bool gram, const std::string& path
 // 1.10 on 48x128x128 and 1.09 on 48x96x128, which the model leaves standard (H200,
 // bench/ns5_fused_algorithms.py; bench/NOTES.md). On the general path small short sides lose with
 // it (many small products), hence the rule there.
-Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, const std::string& path,
-                     const cudaDeviceProp& prop) {
-  if (algorithm != "auto") return algorithm_route(p, algorithm == "gram", path, prop);
-  const Ns5Route by_rule = algorithm_route(p, ns5_use_gram(algorithm, p.m, p.n, p.steps), path, prop);
-  if (by_rule.gram || by_rule.cluster == 0 || p.m == p.n || p.steps == 0 || p.batch == 0) return by_rule;
+// `rule_gram`: ns5_use_gram's answer for this call (the named algorithm unless "auto").
+Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
+                      const cudaDeviceProp& prop) {
+  const Ns5Route by_rule = algorithm_route(p, rule_gram, path, prop);
+  if (algorithm != "auto" || by_rule.gram || by_rule.cluster == 0 || p.m == p.n || p.steps == 0 || p.batch == 0)
+    return by_rule;
   const Ns5Route gram = algorithm_route(p, true, path, prop);
   if (gram.cluster > 0 &&
       fused_seconds(p, gram.cluster, prop, true) <= fused_seconds(p, by_rule.cluster, prop, false))
@@ -448,13 +453,9 @@ ResultLaunch ns5_body(const at::Tensor& G_in, int64_t steps, const std::vector<d
               : ns5_general(p, abc, G.options(), G.scalar_type(), stream);
 }
 
-at::Tensor empty_output(const at::Tensor& G) {
-  return at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster,
                      bool gram) {
-  at::Tensor out = empty_output(G_in);
+  at::Tensor out = contiguous_like(G_in);
   if (out.numel() == 0) return out;
   const at::Tensor G = launch_layout(G_in);
   const Ns5Problem p = describe(G, out.data_ptr(), steps, eps);
@@ -477,8 +478,7 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
 // 2% on an H100), and those graphs count their workspace against a memory budget. The fused path is
 // a single launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
-  const double gpu = shape.batch * ns5_flops(shape.m, shape.n, shape.steps, gram) / kGeneralGemmFlops;
-  return general_launches(shape, gram) * kLaunchSeconds >= 0.5 * gpu;
+  return general_launches(shape, gram) * kLaunchSeconds >= 0.5 * general_gemm_seconds(shape, gram);
 }
 
 // Bytes a graph of a call that is not launch-bound counts against the budget (ns5_graph_replay): its
@@ -524,12 +524,12 @@ struct CallRoute {
 CallRoute call_route(const Ns5Problem& shape, std::string_view algorithm) {
   const std::string path = forced_path();
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  const bool rule_gram = ns5_use_gram(algorithm, shape.m, shape.n, shape.steps);
   if (shape.batch > 0 && shape.m > 0 && shape.n > 0) {
-    const bool rule_gram = ns5_use_gram(algorithm, shape.m, shape.n, shape.steps);
     if (auto op = triton_route(std::min(shape.m, shape.n), path, prop, rule_gram))
       return {{op->operator_name().name, rule_gram, 0}, op};
   }
-  return {choose_route(shape, algorithm, path, prop), std::nullopt};
+  return {choose_route(shape, algorithm, rule_gram, path, prop), std::nullopt};
 }
 
 at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::ArrayRef<double>> coefficients,
@@ -550,7 +550,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body, graph_budgeted_bytes(shape, gram)))
       return *out;
   }
-  at::Tensor out = empty_output(G_in);
+  at::Tensor out = contiguous_like(G_in);
   if (out.numel() > 0) body(G_in).run(out, at::cuda::getCurrentCUDAStream());
   return out;
 }

@@ -140,7 +140,7 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
 at::Tensor input_buffer(const at::Tensor& G) {
   return G.is_non_overlapping_and_dense()
              ? at::empty_strided(G.sizes(), G.strides(), G.options())
-             : at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
+             : contiguous_like(G);
 }
 
 void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side, const Ns5Body& body) {
@@ -231,9 +231,13 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   }
   redirect_input(*entry, G, stream.stream());
   entry->graph->replay();
-  at::Tensor out = at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = contiguous_like(G);
   entry->result.run(out, stream.stream());
   return out;
+}
+
+at::Tensor contiguous_like(const at::Tensor& G) {
+  return at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 bool ns5_graph_wanted() {

@@ -39,6 +39,10 @@ using Ns5Body = std::function<ResultLaunch(const at::Tensor& G)>;
 std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body,
                                            int64_t budgeted);
 
+// An uninitialized contiguous tensor of G's sizes and options: the op's output, and a graph's input
+// buffer where G is not dense.
+at::Tensor contiguous_like(const at::Tensor& G);
+
 // Whether calls go through ns5_graph_replay: unless MUONKERN_NS5_GRAPH=0 (read at every call).
 bool ns5_graph_wanted();
 

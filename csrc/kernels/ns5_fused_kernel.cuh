@@ -469,17 +469,6 @@ cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, c
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 
-// A block's shared-memory extents (the header comment): the padded short side Rp and the columns Cs
-// of each of the cluster's slices.
-// (64-bit: sizes are checked against shared memory before they are narrowed to the kernel's ints)
-struct FusedExtents {
-  int64_t Rp, Cs;
-};
-FusedExtents fused_extents(int64_t short_side, int64_t long_side, int cluster) {
-  const int64_t padded_long = (long_side + 16 * cluster - 1) / (16 * cluster) * (16 * cluster);
-  return {(short_side + 31) / 32 * 32, padded_long / cluster};
-}
-
 // One algorithm's launch for every dtype and cluster size.
 template <bool kGram>
 cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32_t restarts, int cluster, size_t smem,

@@ -49,6 +49,15 @@ struct FusedGram {
   bool enabled;
   uint32_t restarts;
 };
+// A block's shared-memory extents: the short side padded to Rp (a multiple of 32) and the columns Cs
+// of each of the cluster's slices of the long side (a multiple of 16).
+struct FusedExtents {
+  int64_t Rp, Cs;
+};
+inline FusedExtents fused_extents(int64_t short_side, int64_t long_side, int cluster) {
+  const int64_t padded_long = (long_side + 16 * cluster - 1) / (16 * cluster) * (16 * cluster);
+  return {(short_side + 31) / 32 * 32, padded_long / cluster};
+}
 // Shared memory per block for an m x n problem split over `cluster` blocks, for the Gram iteration
 // (two more Rp x Rp buffers) or the standard one (0: short side too long).
 size_t ns5_fused_smem_bytes(int64_t m, int64_t n, int cluster, bool gram);
