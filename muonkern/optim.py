@@ -31,7 +31,7 @@ from torch import nn
 
 from .ops import ns5
 from .ops.ns5_args import resolve_coefficients
-from .ops.ns5_routing import ns5_route
+from .ops.ns5_routing import checked_route
 
 __all__ = ["Muon", "muon_param_groups"]
 
@@ -136,7 +136,7 @@ class Muon(torch.optim.Optimizer):
         if world > 1:
             # "auto" decided on the whole batch, not on each rank's share: every world size runs the
             # algorithm one process runs (ns5 of the batch)
-            algorithm = ns5_route(stacked, group["ns_steps"]).algorithm
+            algorithm = checked_route(stacked, group["ns_steps"], "auto").algorithm
             rank = dist.get_rank(self.process_group)
             share = -(-stacked.shape[0] // world)
             padded = torch.cat([stacked, stacked.new_zeros(share * world - stacked.shape[0], *stacked.shape[1:])])

@@ -45,18 +45,16 @@ ns5_racecheck() {
 sanitize() {  # sanitize SCRIPT...: memcheck and racecheck of each scripts/SCRIPT.py
   for script in "$@"; do
     for tool in memcheck racecheck; do
-      if [[ "$script" == sanitize_ns5 && "$tool" == racecheck ]]; then
-        step sanitize_ns5_racecheck ns5_racecheck
-      else
-        step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python "scripts/$script.py"
-      fi
+      step "${script}_${tool}" compute-sanitizer --tool "$tool" --error-exitcode 3 python "scripts/$script.py"
     done
   done
 }
 if [[ "$phase" == all || "$phase" == tests ]]; then
   step gpu_tests python -m pytest -q -rs -s "${ns5_tests[@]}" tests/test_dirquad.py tests/test_curvature_cuda.py \
     tests/test_taylor_cuda.py tests/test_taylor_layers.py
-  sanitize sanitize_ns5 sanitize_ns5_triton sanitize_dirquad sanitize_taylor sanitize_taylor_layers
+  step sanitize_ns5_memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_ns5.py
+  step sanitize_ns5_racecheck ns5_racecheck
+  sanitize sanitize_ns5_triton sanitize_dirquad sanitize_taylor sanitize_taylor_layers
 fi
 if [[ "$phase" == ns5 ]]; then
   step gpu_tests_ns5 python -m pytest -q -rs "${ns5_op_tests[@]}"

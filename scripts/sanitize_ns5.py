@@ -53,8 +53,9 @@ args = parser.parse_args()
 if args.racecheck:
     os.environ["MUONKERN_NS5_GEMM_TUNE"], os.environ["MUONKERN_NS5_SPLITK"] = "0", "0"
 cases = [case for case in CASES if case[0] in args.paths]
-# the Gram iteration's large-call pieces: the deferred scale of one wide matrix, the split X X^T (from a
-# short side of 256 here, so the split case stays small enough for racecheck)
+# the Gram iteration's large-call pieces: the deferred scale of one wide matrix (the default, set so an
+# inherited MUONKERN_NS5_DEFER_SCALE=0 cannot skip it), the split X X^T (from a short side of 256 here,
+# so the split case stays small enough for racecheck)
 os.environ["MUONKERN_NS5_DEFER_SCALE"], os.environ["MUONKERN_NS5_SPLIT_GRAM"] = "1", "256"
 for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster

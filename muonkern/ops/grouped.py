@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .ns5_args import check_ns5_args
-from .ns5_routing import ns5_route
+from .ns5_routing import checked_route
 
 NS5_GROUPED_SCHEMA = ('ns5_grouped(Tensor[] Gs, int steps=5, float[]? coefficients=None, '
                       'float eps=1e-07, str algorithm="auto") -> Tensor[]')
@@ -43,12 +43,10 @@ def shape_groups(Gs: Sequence[torch.Tensor], steps: int = 5,
         m, n = G.shape[-2:]
         # "auto" decides per tensor, as ns5(G) alone would (on CUDA the kernel's route, which may
         # take the Gram iteration on the fused kernel): each output equals ns5 of its input
-        if algorithm != "auto":
-            chosen = algorithm
-        else:
-            if (G.shape, G.device) not in chosen_for:
-                chosen_for[G.shape, G.device] = ns5_route(G, steps, algorithm).algorithm
-            chosen = chosen_for[G.shape, G.device]
+        key = (G.shape, G.device)
+        if algorithm == "auto" and key not in chosen_for:
+            chosen_for[key] = checked_route(G, steps, "auto").algorithm
+        chosen = chosen_for[key] if algorithm == "auto" else algorithm
         tall = chosen == "gram" and m > n
         groups.setdefault((min(m, n), max(m, n), G.dtype, G.device, chosen, tall), []).append(i)
     return groups

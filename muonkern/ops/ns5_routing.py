@@ -25,6 +25,11 @@ def ns5_route(G: torch.Tensor, steps: int = 5, algorithm: str = "auto") -> Ns5Ro
     """The route of ``ns5(G, steps, algorithm=algorithm)`` (under the current MUONKERN_NS5_*
     environment); G's values are not read."""
     check_ns5_args(G, steps, None, 1e-7, algorithm)
+    return checked_route(G, steps, algorithm)
+
+
+def checked_route(G: torch.Tensor, steps: int, algorithm: str) -> Ns5Route:
+    """ns5_route for arguments the caller has checked (ns5_grouped's, the optimizer's own batches)."""
     from .registration import register  # here, not at import: registration imports this module
     backend = register()
     m, n = G.shape[-2:]
