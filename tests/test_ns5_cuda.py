@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import muonkern
+from muonkern.ops.ns5_args import choose_algorithm
 from muonkern.ops.ns5_routing import ns5_route
 from ns5_cases import (DTYPES, EMPTY_SHAPES, ERROR_CASES, ERROR_IDS, check_error, check_noncontiguous,
                        check_nonfinite_isolated, check_zero_matrices, ill_conditioned, noncontiguous_views, ns5,
@@ -27,6 +28,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 PATHS = ["fused", "general"]
+
+# Tests of which kernel and algorithm a call takes: with another backend CUDA tensors run the fallback.
+cuda_kernels = pytest.mark.skipif(muonkern.backend() != "cuda",
+                                  reason=f"backend is {muonkern.backend()!r}: CUDA tensors run the fallback")
 
 # The benchmark's baseline shapes at moderate sizes, then orientations, edge sizes and batch layouts.
 SHAPES = [
@@ -220,9 +225,8 @@ def test_cuda_graph_replay(gen, path, shape):
         assert torch.equal(static_out, ns5(fresh))
 
 
+@cuda_kernels
 def test_backend_serves_cuda():
-    if muonkern.backend() != "cuda":
-        pytest.skip(f"backend is {muonkern.backend()!r}: CUDA tensors run the fallback")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("muonkern::ns5", "CUDA")
 
 
@@ -240,12 +244,17 @@ GRAM_SHAPES = [
 
 
 # The Gram tests below run on both paths (the `path` fixture): small shapes take the fused kernel
-# by default, and MUONKERN_NS5_PATH=general keeps the cuBLASLt Gram iteration covered on them.
-@pytest.mark.parametrize("shape", GRAM_SHAPES, ids=shape_id)
-def test_gram_matches_float64(gen, path, shape):
+# by default, and MUONKERN_NS5_PATH=general keeps the cuBLASLt Gram iteration covered on them. Here the
+# fused case runs the shapes whose short side fits the fused kernel (kFusedMaxShortSide, 128) only.
+GRAM_PATH_CASES = [(p, s) for s in GRAM_SHAPES for p in PATHS if p == "general" or min(s[-2:]) <= 128]
+
+
+@pytest.mark.parametrize("path_name,shape", GRAM_PATH_CASES, ids=lambda v: v if isinstance(v, str) else shape_id(v))
+def test_gram_matches_float64(gen, monkeypatch, path_name, shape):
+    monkeypatch.setenv("MUONKERN_NS5_PATH", path_name)
     G = randn(gen, *shape, device="cuda")
-    if ns5_route(G, algorithm="gram").path != path:  # too large for the fused kernel
-        pytest.skip("runs the general path: the general case covers it")
+    if muonkern.backend() == "cuda":
+        assert ns5_route(G, algorithm="gram").path == path_name, ns5_route(G, algorithm="gram")
     poison_allocator()
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
@@ -265,6 +274,7 @@ def assert_fused_gram(G: torch.Tensor, steps: int = 5, cluster: int | None = Non
     assert cluster is None or route.cluster == cluster, f"{tuple(G.shape)}: cluster {route.cluster}, not {cluster}"
 
 
+@cuda_kernels
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)],
                          ids=shape_id)
@@ -279,6 +289,7 @@ def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
 
 # Restart schedules (gram_restart_steps): 1 or 3 steps none, 5 after step 2, 6 after steps 2 and 4;
 # the Polar Express schedule's per-step coefficients.
+@cuda_kernels
 @pytest.mark.parametrize("steps,coefficients,rtol",
                          [(1, None, None), (3, None, None), (6, None, None), (5, POLAR_EXPRESS, POLAR_RTOL)],
                          ids=["1-step", "3-steps", "6-steps", "polar-express"])
@@ -289,6 +300,7 @@ def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
     assert_ns5_output(ns5(G, steps, coefficients, algorithm="gram"), G, steps, coefficients, rtol=rtol)
 
 
+@cuda_kernels
 def test_fused_gram_many_restarts(gen, monkeypatch):
     """20 steps of the convergent cubic: restarts after steps 2, 4, ..., 18 (the restart mask's
     higher bits)."""
@@ -299,6 +311,7 @@ def test_fused_gram_many_restarts(gen, monkeypatch):
     assert (s - 1).abs().max().item() <= ORTHO_TOL
 
 
+@cuda_kernels
 def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     for shape in [(3, 40, 256), (5, 96, 200)]:
@@ -307,6 +320,7 @@ def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
     check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 200), algorithm="gram")
 
 
+@cuda_kernels
 @pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned"])
 @pytest.mark.parametrize("shape", [(4, 128, 512), (4, 512, 128)], ids=shape_id)
 def test_fused_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
@@ -321,11 +335,13 @@ def test_fused_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
     assert_polar_margin(gram, standard, G, "standard")
 
 
+@cuda_kernels
 def test_fused_gram_near_the_general_gram(gen, monkeypatch):
     """The same iteration on both paths: within bf16 rounding of each other, and no farther from the
     polar factor than the standard iteration by more than the Gram margin."""
     G = randn(gen, 16, 96, 768, device="cuda")
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    assert_fused_gram(G)
     fused = ns5(G, algorithm="gram")
     monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
     general = ns5(G, algorithm="gram")
@@ -469,6 +485,7 @@ def test_gram_agrees_with_cpu(gen, shape):
 # "auto" on CUDA: choose_algorithm's rule on the general path; on the fused kernel the Gram iteration
 # wherever the cost model says it is no slower, whatever the short side (a matrix spread over a
 # cluster of 8 reduces over it 2 times in 5 steps instead of 5).
+@cuda_kernels
 @pytest.mark.parametrize("shape,expected_path,algorithm", [
     ((12, 64, 768), "fused", "gram"),
     ((3, 768, 64), "fused", "gram"),          # tall
@@ -482,14 +499,17 @@ def test_auto_route(shape, expected_path, algorithm):
     route = ns5_route(torch.empty(1, device="cuda").expand(*shape))
     assert (route.path, route.algorithm) == (expected_path, algorithm), route
     assert (route.cluster > 0) == (expected_path == "fused")
-    assert ns5_route(torch.empty(shape, device="cuda"), algorithm="standard").algorithm == "standard"
 
 
+@cuda_kernels
 @pytest.mark.parametrize("shape", [(1024, 4096), (4, 1024, 4096), (4096, 1024), (512, 1024), (12, 64, 768),
                                    (3, 768, 64)], ids=shape_id)
 def test_auto_runs_the_chosen_algorithm(gen, shape):
     G = randn(gen, *shape, device="cuda")
-    chosen = ns5_route(G).algorithm
+    route = ns5_route(G)
+    chosen = route.algorithm
+    if route.path == "general":  # the FLOP rule there (the fused picks: test_auto_route)
+        assert chosen == choose_algorithm(*shape[-2:], 5), route
     auto = ns5(G, algorithm="auto")
     assert torch.equal(auto, ns5(G, algorithm=chosen))
     assert torch.equal(auto, torch.ops.muonkern.ns5(G))  # the schema default

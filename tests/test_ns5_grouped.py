@@ -102,10 +102,10 @@ def test_cuda_takes_the_route_of_each(gen):
     of 8 blocks at these batch sizes, 1 to 3 matrices), a group runs it too, and the outputs equal single calls bit for
     bit: same algorithm, same cluster, and the fused kernel computes each matrix alone."""
     Gs = [torch.randn(s, generator=gen).cuda() for s in [(64, 768), (2, 64, 768), (768, 64)]]
-    for G in Gs:
-        assert ns5_route(G) == ("fused", "gram", 8), tuple(G.shape)
-    for G, out in zip(Gs, muonkern.ns5_grouped(Gs)):
-        assert torch.equal(out, muonkern.ns5(G))
+    if muonkern.backend() == "cuda":  # another backend runs CUDA tensors on the fallback
+        for G in Gs:
+            assert ns5_route(G) == ("fused", "gram", 8), tuple(G.shape)
+    _check_equal_to_single_calls(Gs, exact=True)
 
 
 def test_inside_torch_compile_fullgraph(gen):
