@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -92,8 +94,9 @@ cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan,
 std::mutex plans_mutex;
 
 // Called under plans_mutex.
-GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspace) {
+GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   static std::unordered_map<GemmShape, GemmPlan, GemmShapeHash> plans;
+  if (s.stride_d == s.stride_c) s.stride_d = -1;  // one plan whether D's stride is C's implied or given
   auto it = plans.find(s);
   if (it != plans.end()) return it->second;
   GemmPlan plan;
@@ -110,9 +113,7 @@ GemmPlan& gemm_plan(const GemmShape& s, cublasLtHandle_t handle, size_t workspac
   plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
   plan.b = make_layout(CUDA_R_16BF, nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
   plan.c = make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_c, batch);
-  plan.d = s.stride_d < 0 || s.stride_d == s.stride_c
-               ? plan.c
-               : make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_d, batch);
+  plan.d = s.stride_d < 0 ? plan.c : make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_d, batch);
   cublasLtMatmulPreference_t pref;
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -158,11 +159,33 @@ float replay_ms(cudaStream_t side, const Run& run, cudaEvent_t start, cudaEvent_
        cudaGraphLaunch(exec, side) == cudaSuccess && cudaEventRecord(stop, side) == cudaSuccess &&
        cudaEventSynchronize(stop) == cudaSuccess;
   float ms = std::numeric_limits<float>::infinity();
-  if (ok) C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  if (ok && cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) ms = std::numeric_limits<float>::infinity();
   if (exec != nullptr) cudaGraphExecDestroy(exec);
   if (graph != nullptr) cudaGraphDestroy(graph);
   (void)cudaGetLastError();  // a failed capture leaves no error behind for the next CUDA call
   return ms;
+}
+
+// The timing's side stream and events, released on every way out (a failed CUDA call throws).
+struct StreamDestroyer {
+  void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
+};
+struct EventDestroyer {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+using UniqueStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDestroyer>;
+using UniqueEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDestroyer>;
+
+UniqueStream new_stream() {
+  cudaStream_t s;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return UniqueStream(s);
+}
+
+UniqueEvent new_event(unsigned flags) {
+  cudaEvent_t e;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, flags));
+  return UniqueEvent(e);
 }
 
 // Times each candidate on the call's own operands and keeps the fastest. Capture needs a stream
@@ -172,12 +195,11 @@ float replay_ms(cudaStream_t side, const Run& run, cudaEvent_t start, cudaEvent_
 cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, const float* alpha, const void* A,
                              const void* B, const float* beta, const void* C, void* D, void* workspace,
                              size_t workspace_size, cudaStream_t stream) {
-  cudaStream_t side;
-  cudaEvent_t start, stop, order;
-  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-  C10_CUDA_CHECK(cudaEventCreate(&start));
-  C10_CUDA_CHECK(cudaEventCreate(&stop));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&order, cudaEventDisableTiming));
+  const UniqueStream side_owner = new_stream();
+  const UniqueEvent start_owner = new_event(cudaEventDefault), stop_owner = new_event(cudaEventDefault),
+                    order_owner = new_event(cudaEventDisableTiming);
+  cudaStream_t side = side_owner.get();
+  cudaEvent_t start = start_owner.get(), stop = stop_owner.get(), order = order_owner.get();
   C10_CUDA_CHECK(cudaEventRecord(order, stream));
   C10_CUDA_CHECK(cudaStreamWaitEvent(side, order, 0));
   cublasLtMatmulAlgo_t best = plan.algo;
@@ -196,11 +218,7 @@ cublasLtMatmulAlgo_t fastest(cublasLtHandle_t handle, const GemmPlan& plan, cons
   }
   C10_CUDA_CHECK(cudaEventRecord(order, side));
   C10_CUDA_CHECK(cudaStreamWaitEvent(stream, order, 0));
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaEventDestroy(order);
-  cudaStreamDestroy(side);  // released once its work is done
-  return best;
+  return best;  // the side stream is released once its work is done
 }
 
 // alpha and beta point to host or device floats as s.device_scalars says; `rerun_safe`: rerunning

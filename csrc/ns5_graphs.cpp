@@ -33,9 +33,6 @@ constexpr int64_t kMaxGraphs = 64;
 constexpr size_t kMaxSignatures = 4096;
 constexpr int64_t kDefaultGraphBudgetMiB = 1024;
 
-// The normalize kernel's pointer arguments after its Ns5Problem: X, warp sums, sums, deferred scale.
-constexpr int kNormalizePointerArgs = 4;
-
 // The captured normalize launch and its arguments, so that a replay can read the caller's G in
 // place instead of a copy of it (ns5_normalize_kernel(Ns5Problem, X, warp sums, sums, deferred)).
 struct InputNode {
@@ -246,5 +243,6 @@ bool ns5_graph_wanted() {
 }
 
 int64_t ns5_cached_graphs() { return graph_slots.load(); }
+int64_t ns5_graph_bytes() { return budgeted_bytes.load(); }
 
 }  // namespace muonkern

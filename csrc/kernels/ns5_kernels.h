@@ -78,6 +78,8 @@ cudaError_t launch_ns5_normalize(const Ns5Problem& p, __nv_bfloat16* X, float* s
 // pointers into the scratch, the deferred-scale pointer). Graph replays redirect its input
 // (csrc/ns5_graphs.cpp).
 bool ns5_is_normalize_kernel(const void* func);
+// The normalize kernel's pointer arguments after its Ns5Problem: X, warp sums, sums, deferred scale.
+constexpr int kNormalizePointerArgs = 4;
 // out (batch, m, n) <- X (batch, R, C), transposed back and cast to the output dtype.
 cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaStream_t stream);
 
