@@ -49,5 +49,7 @@ bool ns5_graph_wanted();
 // How many graphs this process has captured, counting one another thread is capturing (tests read it
 // through muonkern._C.ns5_cached_graphs).
 int64_t ns5_cached_graphs();
+// Bytes those graphs count against MUONKERN_NS5_GRAPH_MB (muonkern._C.ns5_graph_bytes).
+int64_t ns5_graph_bytes();
 
 }  // namespace muonkern

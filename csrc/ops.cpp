@@ -32,6 +32,16 @@ PyObject* ns5_cached_graphs(PyObject*, PyObject*) {
 #endif
 }
 
+// muonkern._C.ns5_graph_bytes(): the memory those graphs count against MUONKERN_NS5_GRAPH_MB; 0
+// without CUDA.
+PyObject* ns5_graph_bytes(PyObject*, PyObject*) {
+#ifdef MUONKERN_WITH_CUDA
+  return PyLong_FromLongLong(muonkern::ns5_graph_bytes());
+#else
+  return PyLong_FromLongLong(0);
+#endif
+}
+
 #ifdef MUONKERN_WITH_CUDA
 // muonkern._C.ns5_cuda_route(batch, m, n, steps, algorithm) -> (path, algorithm, cluster): what the
 // CUDA kernel of ns5 runs for `batch` m x n matrices on the current device (csrc/ns5_route.h);
@@ -56,6 +66,7 @@ PyObject* ns5_cuda_route(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
     {"ns5_cached_graphs", ns5_cached_graphs, METH_NOARGS, "ns5_cached_graphs() -> int"},
+    {"ns5_graph_bytes", ns5_graph_bytes, METH_NOARGS, "ns5_graph_bytes() -> int"},
 #ifdef MUONKERN_WITH_CUDA
     {"ns5_cuda_route", ns5_cuda_route, METH_VARARGS,
      "ns5_cuda_route(batch, m, n, steps, algorithm) -> (path, 'gram' | 'standard', cluster)"},

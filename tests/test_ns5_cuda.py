@@ -71,19 +71,6 @@ def test_matches_float64(gen, monkeypatch, path_name, shape):
     assert_ns5_output(ns5(G), G)  # every element finite and within budget: nothing left unwritten
 
 
-@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 600), (2, 1, 50)],
-                         ids=shape_id)
-def test_fused_cluster_sizes(gen, monkeypatch, cluster, shape):
-    """The fused kernel spreads a matrix over a cluster of 1-8 blocks (MUONKERN_NS5_CLUSTER forces
-    the size); every size computes the same iteration."""
-    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
-    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
-    G = randn(gen, *shape, device="cuda")
-    poison_allocator()
-    assert_ns5_output(ns5(G), G)
-
-
 @pytest.mark.parametrize("algorithm", ["standard", "gram", "auto"])
 def test_large_general(gen, algorithm):
     """A large batch (4 of the benchmark's 1024x4096: auto takes gram there) with each algorithm."""
@@ -259,32 +246,40 @@ def test_gram_matches_float64(gen, monkeypatch, path_name, shape):
     assert_ns5_output(ns5(G, algorithm="gram"), G)
 
 
-# ---- the Gram iteration on the fused kernel (forced with MUONKERN_NS5_PATH=fused) -----------------
-# R = X X^T reduced over the cluster at the start and at each restart, the R x R steps run by every
-# block of the cluster alike. Every shape here fits at every cluster size (the Gram iteration has two
-# more Rp x Rp buffers than the standard one: at short side 128 one block holds at most 352 columns, a
-# cluster of 2 at most 192), so none falls back to the general path. (The float64, dtype and polar-factor
-# checks of the Gram iteration run on both paths further down, through the `path` fixture.)
-# assert_fused_gram checks each case's route: a forced path that does not fit would run the general
+# ---- the fused kernel's clusters, and the Gram iteration on it (MUONKERN_NS5_PATH=fused) ----------
+# For the Gram iteration, R = X X^T is reduced over the cluster at the start and at each restart,
+# the R x R steps run by every block of the cluster alike. Every shape here fits at every cluster size
+# (the Gram iteration has two more Rp x Rp buffers than the standard one: at short side 128 one block
+# holds at most 352 columns, a cluster of 2 at most 192; the standard one takes 1x128x600 at every
+# size), so none falls back to the general path. (The float64, dtype and polar-factor checks of the
+# Gram iteration run on both paths further down, through the `path` fixture.)
+# assert_fused_route checks each case's route: a forced path that does not fit would run the general
 # path silently.
 
-def assert_fused_gram(G: torch.Tensor, steps: int = 5, cluster: int | None = None) -> None:
-    route = ns5_route(G, steps, "gram")
+def assert_fused_route(G: torch.Tensor, steps: int = 5, cluster: int | None = None, algorithm: str = "gram") -> None:
+    route = ns5_route(G, steps, algorithm)
     assert route.path == "fused", f"{tuple(G.shape)} leaves the fused kernel: {route}"
     assert cluster is None or route.cluster == cluster, f"{tuple(G.shape)}: cluster {route.cluster}, not {cluster}"
 
 
+CLUSTER_SHAPES = [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)]
+
+
 @cuda_kernels
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("shape", [(12, 64, 768), (2, 96, 130), (3, 700, 40), (1, 128, 192), (2, 1, 50)],
-                         ids=shape_id)
-def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
+@pytest.mark.parametrize("algorithm,shape",
+                         [("standard", s) for s in [*CLUSTER_SHAPES, (1, 128, 600)]] +
+                         [("gram", s) for s in CLUSTER_SHAPES],
+                         ids=lambda v: shape_id(v) if isinstance(v, tuple) else v)
+def test_fused_cluster_sizes(gen, monkeypatch, cluster, algorithm, shape):
+    """The fused kernel spreads a matrix over a cluster of 1-8 blocks (MUONKERN_NS5_CLUSTER forces
+    the size); every size computes the same iteration."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
     G = randn(gen, *shape, device="cuda")
-    assert_fused_gram(G, cluster=int(cluster))
+    assert_fused_route(G, cluster=int(cluster), algorithm=algorithm)
     poison_allocator()
-    assert_ns5_output(ns5(G, algorithm="gram"), G)
+    assert_ns5_output(ns5(G, algorithm=algorithm), G)
 
 
 # Restart schedules (gram_restart_steps): 1 or 3 steps none, 5 after step 2, 6 after steps 2 and 4;
@@ -296,7 +291,7 @@ def test_fused_gram_cluster_sizes(gen, monkeypatch, cluster, shape):
 def test_fused_gram_schedules(gen, monkeypatch, steps, coefficients, rtol):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = randn(gen, 8, 64, 512, device="cuda")
-    assert_fused_gram(G, steps)
+    assert_fused_route(G, steps)
     assert_ns5_output(ns5(G, steps, coefficients, algorithm="gram"), G, steps, coefficients, rtol=rtol)
 
 
@@ -306,7 +301,7 @@ def test_fused_gram_many_restarts(gen, monkeypatch):
     higher bits)."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = randn(gen, 3, 64, 192, device="cuda")
-    assert_fused_gram(G, 20)
+    assert_fused_route(G, 20)
     s = torch.linalg.svdvals(ns5(G, 20, [1.5, -0.5, 0.0] * 20, algorithm="gram").double())
     assert (s - 1).abs().max().item() <= ORTHO_TOL
 
@@ -315,7 +310,7 @@ def test_fused_gram_many_restarts(gen, monkeypatch):
 def test_fused_gram_zero_and_nonfinite_matrices(gen, monkeypatch):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     for shape in [(3, 40, 256), (5, 96, 200)]:
-        assert_fused_gram(torch.empty(shape, device="cuda"))
+        assert_fused_route(torch.empty(shape, device="cuda"))
     check_zero_matrices(gen, "cuda", shape=(3, 40, 256), algorithm="gram")
     check_nonfinite_isolated(gen, "cuda", shape=(5, 96, 200), algorithm="gram")
 
@@ -329,7 +324,7 @@ def test_fused_gram_distance_to_polar_factor(gen, monkeypatch, shape, kind):
     bench/gram_rounding_emulation.py emulates both."""
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
     G = (randn(gen, *shape, dtype=torch.float64) if kind == "gaussian" else ill_conditioned(gen, *shape)).float().cuda()
-    assert_fused_gram(G, cluster=8)
+    assert_fused_route(G, cluster=8)
     gram, standard = ns5(G, algorithm="gram"), ns5(G, algorithm="standard")
     assert torch.isfinite(gram).all()
     assert_polar_margin(gram, standard, G, "standard")
@@ -341,7 +336,7 @@ def test_fused_gram_near_the_general_gram(gen, monkeypatch):
     polar factor than the standard iteration by more than the Gram margin."""
     G = randn(gen, 16, 96, 768, device="cuda")
     monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
-    assert_fused_gram(G)
+    assert_fused_route(G)
     fused = ns5(G, algorithm="gram")
     monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
     general = ns5(G, algorithm="gram")

@@ -170,3 +170,31 @@ def test_large_calls_replay_within_the_memory_budget(gen, monkeypatch):
     for out, expected in zip(outs, direct(monkeypatch, inputs, "standard")):
         assert torch.equal(out, expected)
     assert_ns5_output(outs[-1], inputs[-1])
+
+
+def test_memory_budget_boundary(gen, monkeypatch):
+    """A graph is captured only where the budget holds it on top of the graphs held already: a budget
+    (whole MiB) short of that by up to a MiB refuses it, the next MiB up takes it. Two signatures of
+    one size: the same 2040x2056 call with two values of eps."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    mib = 1 << 20
+    G = randn(gen, 2040, 2056, device="cuda")
+    graphs, held = cached_graphs(), muonkern._C.ns5_graph_bytes()
+    monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", str(1 << 20))
+    for _ in range(2):  # a signature's second call captures
+        ns5(G, eps=3e-7)
+    size = muonkern._C.ns5_graph_bytes() - held
+    assert cached_graphs() == graphs + 1 and size > 0, f"no graph counted ({size} bytes)"
+    held += size
+    monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", str((held + size - 1) // mib))
+    for _ in range(2):
+        ns5(G, eps=4e-7)
+    assert cached_graphs() == graphs + 1, "a graph past the budget was captured"
+    assert muonkern._C.ns5_graph_bytes() == held, "a refused graph's bytes stayed counted"
+    monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", str(-(-(held + size) // mib)))
+    out = ns5(G, eps=4e-7)  # the signature asks again
+    assert cached_graphs() == graphs + 2 and muonkern._C.ns5_graph_bytes() == held + size
+    with monkeypatch.context() as env:
+        env.setenv("MUONKERN_NS5_GRAPH", "0")
+        assert torch.equal(out, ns5(G, eps=4e-7)), "the replay differs from the direct call"
