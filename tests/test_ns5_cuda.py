@@ -431,7 +431,12 @@ def test_gram_one_matrix_without_restart(gen, monkeypatch, steps, shape, dtype):
 # One matrix runs a step's P Q and P R as one launch (a batch of two with P repeated), in the steps
 # of a stretch that are neither its first nor its last: step 4 of 5 (restart after 2), step 6 of 7
 # (restarts after 2 and 4). A batch of two matrices runs them apart, so the first matrix's result
-# there is the same arithmetic up to the products' rounding.
+# there is the same arithmetic up to the products' rounding (other GEMM algorithms, other fp32 sums
+# before each bf16 rounding). Measured on an H100 over 12 inputs: worst 0.0083 (5 steps) and 0.0129
+# (7 steps), median 0.0073 and 0.0111; budget PAIRED_RTOL about 2x the worst.
+PAIRED_RTOL = 0.026
+
+
 @pytest.mark.parametrize("steps", [5, 7])
 def test_gram_one_matrix_paired_products(gen, monkeypatch, steps):
     monkeypatch.setenv("MUONKERN_NS5_PATH", "general")
@@ -440,7 +445,7 @@ def test_gram_one_matrix_paired_products(gen, monkeypatch, steps):
     one = ns5(G[0], steps, algorithm="gram")
     assert_ns5_output(one, G[0], steps)
     diff = relative_difference(one, ns5(G, steps, algorithm="gram")[0])
-    assert diff <= BF16_RTOL, f"one matrix vs a batch of two: relative difference {diff:.4g}"
+    assert diff <= PAIRED_RTOL, f"one matrix vs a batch of two: relative difference {diff:.4g}"
 
 
 def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):

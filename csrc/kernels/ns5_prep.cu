@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(kThreads) ns5_normalize_kernel(const __grid_co
 
   if (deferred != nullptr) {  // one matrix, flat (ns5_normalize_can_defer): X gets bf16(G) unscaled
     // This block's sum over its units, then every block adds all blocks' sums in the same fixed
-    // order, so all agree bit for bit (and the result is deterministic).
+    // order, so all agree bit for bit. Deterministic for a given grid: the grid follows the SM
+    // count, so another kind of GPU may round the norm differently (by an ulp or so).
     float partial = 0.f;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) partial += chunk_sumsq<T, kVector>(G, t * kChunk, mn, X);
     partial = block_sum(partial, block_scratch);
