@@ -62,6 +62,14 @@ class Context:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` on every rank, in rank order (picklable objects)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (picklable objects)."""
         if not self.active:

@@ -66,8 +66,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..ops import ns5
+from .distributed import Context
 
 METHODS = ("gd", "muon_polar", "muon_ns5", "sign")
 POLAR_RANK_TOL = 1e-12
@@ -256,36 +258,54 @@ def _row(method: str, rule: str, sim_loss: torch.Tensor, sim_nds: torch.Tensor, 
     return row
 
 
-def run_quadratic(cfg) -> dict:
+def _setting_rows(cfg, grid: torch.Tensor, alpha_sigma: float, alpha_w: float, bar) -> list[dict]:
+    """The rows of one (alpha_sigma, alpha_w): every instance, method and step-size rule."""
+    T = cfg.quad_steps
+    w, sigma = curvatures(cfg.quad_groups, cfg.quad_group_size, alpha_w, alpha_sigma)
+    loss0 = float(0.5 * (w * sigma ** 2).sum())
+    closed = {}
+    for method, form in CLOSED_FORMS.items():
+        runs = [form(w, sigma, float(lr), T) for lr in grid]
+        i = _best(torch.stack([r["loss"][-1] for r in runs]))
+        closed[(method, "grid")] = dict(runs[i], lr=float(grid[i]))
+        closed[(method, "line_search")] = dict(line_search_modes(w, sigma, method, T), lr=None)
+    rows = []
+    for instance in range(cfg.quad_instances):
+        problem = make_problem(cfg.quad_m, cfg.quad_n, cfg.quad_groups, cfg.quad_group_size, alpha_w,
+                               alpha_sigma, seed=instance)
+        for method in METHODS:
+            sim = simulate(problem, method, grid, T)
+            i = _best(sim["loss"][:, -1])
+            line = simulate(problem, method, None, T)
+            for rule, loss, nds, lr in (("grid", sim["loss"][i], sim["nds"][i], float(grid[i])),
+                                        ("line_search", line["loss"][0], line["nds"][0], None)):
+                row = _row(method, rule, loss, nds, lr, loss0, closed.get((method, rule)))
+                rows.append(dict(alpha_sigma=alpha_sigma, alpha_w=alpha_w, instance=instance, **row))
+            bar.update(1)
+    return rows
+
+
+def run_quadratic(cfg, ctx: Context | None = None) -> dict:
     """E5: for every alignment alpha_sigma, heterogeneity level alpha_w, instance, method and
     step-size rule ("line_search": exact line search; "grid": the best constant step of the grid),
     the loss after T steps and the average NDS, simulated on matrices, with the closed forms (mode
     coordinates) for gd and muon_polar. Returns {"settings": ..., "rows": [...]}; the fields are
-    documented in muonkern/study/SCHEMA.md."""
+    documented in muonkern/study/SCHEMA.md.
+
+    Under torchrun (`ctx` active) every rank simulates its share of the (alpha_sigma, alpha_w)
+    settings and all ranks end with every row, in the same order as one process: at the paper's
+    sizes this part takes hours of CPU time, longer than a collective may wait on idle ranks."""
+    ctx = ctx or Context()
     grid = lr_grid(cfg.quad_lr_min, cfg.quad_lr_max, cfg.quad_lr_per_decade)
-    T = cfg.quad_steps
-    rows = []
-    for alpha_sigma, alpha_w in ((s, a) for s in cfg.quad_alpha_sigmas for a in cfg.quad_alpha_ws):
-        w, sigma = curvatures(cfg.quad_groups, cfg.quad_group_size, alpha_w, alpha_sigma)
-        loss0 = float(0.5 * (w * sigma ** 2).sum())
-        closed = {}
-        for method, form in CLOSED_FORMS.items():
-            runs = [form(w, sigma, float(lr), T) for lr in grid]
-            i = _best(torch.stack([r["loss"][-1] for r in runs]))
-            closed[(method, "grid")] = dict(runs[i], lr=float(grid[i]))
-            closed[(method, "line_search")] = dict(line_search_modes(w, sigma, method, T), lr=None)
-        for instance in range(cfg.quad_instances):
-            problem = make_problem(cfg.quad_m, cfg.quad_n, cfg.quad_groups, cfg.quad_group_size, alpha_w,
-                                   alpha_sigma, seed=instance)
-            for method in METHODS:
-                sim = simulate(problem, method, grid, T)
-                i = _best(sim["loss"][:, -1])
-                line = simulate(problem, method, None, T)
-                for rule, loss, nds, lr in (("grid", sim["loss"][i], sim["nds"][i], float(grid[i])),
-                                            ("line_search", line["loss"][0], line["nds"][0], None)):
-                    row = _row(method, rule, loss, nds, lr, loss0, closed.get((method, rule)))
-                    rows.append(dict(alpha_sigma=alpha_sigma, alpha_w=alpha_w, instance=instance, **row))
-    settings = dict(m=cfg.quad_m, n=cfg.quad_n, groups=cfg.quad_groups, group_size=cfg.quad_group_size,
-                    alpha_sigmas=list(cfg.quad_alpha_sigmas), alpha_ws=list(cfg.quad_alpha_ws), steps=T,
-                    instances=cfg.quad_instances, lr_grid=[float(v) for v in grid])
-    return {"settings": settings, "rows": rows}
+    settings = [(s, a) for s in cfg.quad_alpha_sigmas for a in cfg.quad_alpha_ws]
+    mine = list(range(ctx.rank, len(settings), ctx.world))
+    with tqdm(total=len(mine) * cfg.quad_instances * len(METHODS), desc="quadratic problems", unit="run",
+              mininterval=2.0, disable=not ctx.is_main) as bar:
+        done = {i: _setting_rows(cfg, grid, *settings[i], bar) for i in mine}
+    for part in ctx.gather(done):
+        done.update(part)
+    rows = [row for i in range(len(settings)) for row in done[i]]
+    settings_out = dict(m=cfg.quad_m, n=cfg.quad_n, groups=cfg.quad_groups, group_size=cfg.quad_group_size,
+                        alpha_sigmas=list(cfg.quad_alpha_sigmas), alpha_ws=list(cfg.quad_alpha_ws),
+                        steps=cfg.quad_steps, instances=cfg.quad_instances, lr_grid=[float(v) for v in grid])
+    return {"settings": settings_out, "rows": rows}

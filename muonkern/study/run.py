@@ -1,8 +1,8 @@
 """Runs the whole study: the learning-rate sweep, every (optimizer, alpha, seed) training run with its
 probes, and the stylized quadratic problems; finished pieces are kept in DIR/runs/*.json and not
 recomputed (a file made under another configuration, or a corrupt one, stops the study with a
-message saying so). Under torchrun every rank trains, rank 0 alone reads and writes files and
-shows progress.
+message saying so). Under torchrun every rank trains and takes a share of the quadratic problems;
+rank 0 alone reads and writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -126,11 +126,11 @@ def run_study(cfg: StudyConfig, out: Path, ctx: Context | None = None) -> dict |
                         store, run_name(optimizer, alpha, seed), identity, bar, cfg.steps,
                         f"{optimizer} alpha={alpha:g} seed={seed}",
                         lambda: train_run(cfg, optimizer, alpha, seed, lrs, ctx, progress=bar))
+    quadratic = store.load("quadratic", cfg.quadratic_identity())
+    if quadratic is None:
+        quadratic = run_quadratic(cfg, ctx)  # every rank takes a share of the problems
+        store.save("quadratic", cfg.quadratic_identity(), quadratic)
     if not ctx.is_main:
         return None
-    quadratic = store.read("quadratic", cfg.quadratic_identity())
-    if quadratic is None:
-        quadratic = run_quadratic(cfg)
-        store.save("quadratic", cfg.quadratic_identity(), quadratic)
     return {"config": cfg.to_dict(), "world_size": ctx.world, "lrs": lrs, "lr_sweep": sweep_records,
             "runs": runs, "quadratic": quadratic}
