@@ -514,6 +514,16 @@ def test_errors(gen):
             C.directional_quadratics(loss_fn, params, u, batch_size=bad_batch)
     with pytest.raises(ValueError, match="scalar"):
         C.hvp(lambda p: p["b2"] * 2, params, u, method="rev_rev")
+    for bad_value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"directions\[1\]\['w2'\] has non-finite"):
+            C.directional_quadratics(loss_fn, params, [u, dict(u, w2=u["w2"].clone().fill_(bad_value))])
+        with pytest.raises(ValueError, match=r"params\['b1'\] has non-finite"):
+            C.hvp(loss_fn, dict(params, b1=params["b1"].clone().fill_(bad_value)), u)
+    low = {k: v.to(torch.bfloat16) for k, v in params.items()}
+    with pytest.raises(ValueError, match="finite_diff.*bfloat16"):
+        C.hvp(loss_fn, low, u, method="finite_diff")
+    with pytest.raises(ValueError, match="finite_diff.*float16"):
+        C.finite_diff_step(dict(params, b2=params["b2"].half()), u)
 
 
 def test_finite_diff_gain_is_the_exact_gradients_in_float32():

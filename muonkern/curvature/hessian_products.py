@@ -144,7 +144,9 @@ class RevRevEngine:
 def finite_diff_step(params: Params, v: Params) -> float:
     """Step h of the central difference (g(θ+hv) − g(θ−hv)) / 2h used by ``hvp``.
 
-    h = cbrt(eps) · max(1, ‖θ‖) / ‖v‖, eps the machine epsilon of the widest parameter dtype.
+    h = cbrt(eps) · max(1, ‖θ‖) / ‖v‖, eps the machine epsilon of the narrowest parameter dtype
+    (float32 or float64: with bfloat16 or float16 the step would be a fifth or a tenth of ‖θ‖,
+    far outside the quadratic regime, so those raise ValueError).
     The step in parameter space, ‖hv‖ = cbrt(eps)·max(1, ‖θ‖), balances the truncation error
     O(‖hv‖²) of the central difference against the rounding error O(eps/‖hv‖) of the gradient
     difference; both are then O(eps^(2/3)) relative (≈ 4e-11 in float64, ≈ 2.5e-5 in float32,
@@ -156,6 +158,10 @@ def finite_diff_step(params: Params, v: Params) -> float:
 
 def _step_length(params: Dict[str, torch.Tensor]) -> float:
     """‖hv‖ = cbrt(eps)·max(1, ‖θ‖): one per probe, whatever the vectors."""
+    low = sorted({str(t.dtype) for t in params.values() if t.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ValueError(f"method='finite_diff' needs float32 or float64 parameters, got {', '.join(low)}: "
+                         "its step would leave the quadratic regime; use 'rev_rev' or 'fwd_rev'")
     eps = max(torch.finfo(t.dtype).eps for t in params.values())
     return eps ** (1.0 / 3.0) * max(1.0, _norm(params))
 

@@ -32,7 +32,16 @@ def check_params(params: Params) -> Dict[str, torch.Tensor]:
                 f"all parameters must be on one device; params[{name!r}] is on {t.device}, "
                 f"others on {device}")
         out[name] = t.detach()
+    check_finite(out, "params")
     return out
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming the first tensor with a NaN or infinity (one device sync for all)."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if not bool(finite.all()):
+        name = list(tensors)[int((~finite).nonzero()[0])]
+        raise ValueError(f"{what}[{name!r}] has non-finite values (NaN or infinity)")
 
 
 def check_like(params: Dict[str, torch.Tensor], v: Params, what: str) -> Dict[str, torch.Tensor]:
@@ -57,6 +66,7 @@ def check_like(params: Dict[str, torch.Tensor], v: Params, what: str) -> Dict[st
         if t.is_complex():
             raise TypeError(f"{what}[{name!r}] is complex; only real directions are supported")
         out[name] = t.detach().to(dtype=p.dtype, device=p.device)
+    check_finite(out, what)
     return out
 
 
