@@ -201,13 +201,17 @@ def e6_heatmap(results: dict, path: Path) -> Path:
     fig, axes = plt.subplots(len(parts), 2, figsize=(11, 4.6 * len(parts)), squeeze=False)
     for row, part in zip(axes, parts):
         groups = e6[part]["groups"]
-        scale = max(abs(v) for o in OPTIMIZERS for r in e6[part][o] for v in r if v is not None) or 1.0
         for ax, o in zip(row, OPTIMIZERS):
             M = np.array([[np.nan if v is None else v for v in r] for r in e6[part][o]])
+            # a colour scale per optimizer: their NDS differ by orders of magnitude, and one shared
+            # scale left the smaller one white (the cell labels carry the values)
+            scale = float(np.nanmax(np.abs(M))) if np.isfinite(M).any() else 1.0
+            scale = scale or 1.0
             im = ax.imshow(M, cmap="RdBu_r", vmin=-scale, vmax=scale)
             ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(groups)), groups, fontsize=7)
-            ax.set(title=f"{LABELS[o]}: Δ_aᵀH_abΔ_b / ‖Δ‖² (alpha = {e6['alpha']:g})", xlabel="group b", ylabel="group a")
+            ax.set(title=f"{LABELS[o]}: Δ_aᵀH_abΔ_b / ‖Δ‖² (alpha = {e6['alpha']:g}; colours ±{scale:.2g})",
+                   xlabel="group b", ylabel="group a")
             for i in range(len(groups)):
                 for j in range(len(groups)):
                     if np.isfinite(M[i, j]):
