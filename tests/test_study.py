@@ -73,6 +73,13 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["probes"] == probes
     assert main(["--out", str(out), *SMALL, "--set", "seeds=0"]) == 0  # fewer seeds: a subset, still no work
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    # another probe method reuses the stored runs (it changes results only by rounding), and the
+    # report names the method that made them, not the one asked for now
+    assert results["provenance"] == {"world_sizes": [1], "probe_methods": ["rev_rev"]}
+    assert main(["--out", str(out), *SMALL, "--set", "probe_method=taylor"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    assert json.loads((out / "results.json").read_text())["provenance"]["probe_methods"] == ["rev_rev"]
+    assert "exact second derivatives (rev_rev)" in (out / "report.md").read_text()
 
     assert main(["--out", str(out), *SMALL, "--set", "momentum=0.9"]) == 2
     assert "different configuration" in capsys.readouterr().err

@@ -45,6 +45,7 @@ def test_two_processes_match_one(tmp_path):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["provenance"]["world_sizes"] == [1] and two["provenance"]["world_sizes"] == [2]
     # the quadratic problems, split between the ranks (three settings: rank 0 takes two), come back
     # whole and in one process's order; the same CPU arithmetic, so the same numbers
     assert [(r["alpha_w"], r["method"], r["rule"]) for r in two["quadratic"]["rows"]] == \

@@ -16,6 +16,12 @@ def _g(v, digits=4) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
 
 
+def _listing(values: list) -> str:
+    """1 / "1 and 2" / "rev_rev, taylor and unrecorded": what the stored runs recorded."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
 def _setup(r: dict) -> list[str]:
     c = r["config"]
     data = {"pcfg": f"the Zipf-PCFG language (muonkern.data.zipf_pcfg: {c['vocab_size']} terminal tokens in "
@@ -29,7 +35,7 @@ def _setup(r: dict) -> list[str]:
              f"- Model: GPT (muonkern.models) with {c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
              f"context {c['context']}: {r['model_parameters']:,} parameters.",
              f"- Training: {c['steps']} steps of batch {c['batch_size']}×{c['context']}, constant learning rates, no "
-             f"weight decay, on {r['world_size']} data-parallel process(es). Muon (momentum {c['momentum']}, Nesterov, "
+             f"weight decay, on {_listing(r['provenance']['world_sizes'])} data-parallel process(es). Muon (momentum {c['momentum']}, Nesterov, "
              f"ns5) on the hidden matrices with AdamW (betas {list(c['betas'])}) on embeddings, head and norms; AdamW "
              f"on everything. Both optimizers of a seed start from the same initialization and see the same batches; "
              f"seeds {list(c['seeds'])}.",
@@ -39,7 +45,7 @@ def _setup(r: dict) -> list[str]:
              f"checkpoint reaching each matched-loss level (multiples of {c['ladder_step']:g} nats) and every "
              f"{c['probe_every']} steps, the update Δ the optimizer applies next is probed on a fixed batch of "
              f"{c['probe_batch_size']} sequences from the training distribution with exact second derivatives "
-             f"({c['probe_method']}): g·Δ, ΔᵀHΔ, ‖Δ‖², NDS, predicted and actual loss change, the within/cross split by "
+             f"({_listing(r['provenance']['probe_methods'])}): g·Δ, ΔᵀHΔ, ‖Δ‖², NDS, predicted and actual loss change, the within/cross split by "
              f"transformer block and by parameter kind.",
              "- Statistics: 95% Student-t intervals over independent replicates (seeds; or (alpha, seed) units, pooled "
              f"over alphas, for F1–F3 and F5); 'comparable' = geometric-mean ratio within ×{COMPARABLE}. With one "

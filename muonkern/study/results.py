@@ -51,6 +51,7 @@ def build(data: dict, analysis: dict) -> dict:
               for (o, a, s), r in data["runs"].items()]
     return _clean({
         "schema": SCHEMA, "config": data["config"], "world_size": data["world_size"],
+        "provenance": data["provenance"],
         "model_parameters": model_parameters(data["config"]), "lrs": data["lrs"], "lr_sweep": data["lr_sweep"],
         "curves": curves, "probes": flat_probes(data["runs"]), "matched": analysis["matched"],
         "experiments": {"units": units, "e3": analysis["e3"], "e4": analysis["e4"], "e5": analysis["e5"],
@@ -110,7 +111,7 @@ def write(results: dict, out: Path) -> list[Path]:
 
 PROBE_FIELDS = PROBE_SCALARS + ("groups_block", "blocks_block", "group_norm_sq_block", "groups_kind", "blocks_kind",
                                 "group_norm_sq_kind")
-TOP_LEVEL = ("schema", "config", "world_size", "model_parameters", "lrs", "lr_sweep", "curves", "probes", "matched",
+TOP_LEVEL = ("schema", "config", "world_size", "provenance", "model_parameters", "lrs", "lr_sweep", "curves", "probes", "matched",
              "experiments", "quadratic", "findings")
 EXPERIMENTS = ("units", "e3", "e4", "e5", "e6", "taylor")
 FINDING_IDS = ("F1", "F2", "F3", "F4", "F5", "F6")

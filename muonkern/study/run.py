@@ -72,6 +72,15 @@ class RunStore:
         tmp.replace(path)  # an interrupted write leaves no half file
 
 
+def provenance(runs: dict) -> dict:
+    """How the stored runs were made: their data-parallel world sizes and probe methods, as each run
+    recorded them ("unrecorded" for runs saved before they did). Runs are reused across invocations,
+    so the current configuration need not be what made them."""
+    made = [r.get("made", {}) for r in runs.values()]
+    return {"world_sizes": sorted({m.get("world_size", "unrecorded") for m in made}, key=str),
+            "probe_methods": sorted({m.get("probe_method", "unrecorded") for m in made})}
+
+
 def _train_or_load(store: RunStore, name: str, identity: dict, bar, steps: int, label: str, train):
     result = store.load(name, identity)
     if result is None:
@@ -111,7 +120,8 @@ def _sweep(cfg: StudyConfig, store: RunStore, ctx: Context, bar) -> tuple[dict, 
 
 def run_study(cfg: StudyConfig, out: Path, ctx: Context | None = None) -> dict | None:
     """Everything the report needs (on rank 0; None on the other ranks):
-    {"config", "world_size", "lrs", "lr_sweep", "runs": {(optimizer, alpha, seed): result}, "quadratic"}."""
+    {"config", "world_size", "provenance", "lrs", "lr_sweep", "runs": {(optimizer, alpha, seed): result},
+    "quadratic"}."""
     ctx = ctx or Context(device=cfg.device)
     store = RunStore(Path(out) / "runs", ctx)
     with tqdm(total=0, desc="study", unit="step", mininterval=2.0, disable=not ctx.is_main) as bar:
@@ -132,5 +142,6 @@ def run_study(cfg: StudyConfig, out: Path, ctx: Context | None = None) -> dict |
         store.save("quadratic", cfg.quadratic_identity(), quadratic)
     if not ctx.is_main:
         return None
-    return {"config": cfg.to_dict(), "world_size": ctx.world, "lrs": lrs, "lr_sweep": sweep_records,
+    return {"config": cfg.to_dict(), "world_size": ctx.world, "provenance": provenance(runs), "lrs": lrs,
+            "lr_sweep": sweep_records,
             "runs": runs, "quadratic": quadratic}

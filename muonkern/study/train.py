@@ -106,4 +106,6 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
         if progress is not None:
             progress.update(1)
     train_loss = ctx.mean_(torch.stack(train_losses).double()).tolist() if train_losses else []
-    return {"evals": evals, "train_loss": train_loss, "probes": records}
+    # how this run was made, for a report over runs that may come from earlier invocations
+    made = {"world_size": ctx.world, "probe_method": cfg.probe_method if probes else None}
+    return {"evals": evals, "train_loss": train_loss, "probes": records, "made": made}
