@@ -1,7 +1,7 @@
 """muonkern.optim.Muon under torch.distributed (gloo, CPU), 2 and 4 processes against one process.
 
 Each world size starts its processes once (torch.multiprocessing.start_processes, "spawn"), and
-every process runs both modes, saving what it ends with to a file in a tmp_path:
+every process runs the three modes, saving what it ends with to a file in a tmp_path:
 
   * data-parallel: plain parameters, identical on every rank (same seed), gradients identical on
     every rank (same seed per step, as DDP's averaged gradients are). Muon splits every same-shape
@@ -11,6 +11,8 @@ every process runs both modes, saving what it ends with to a file in a tmp_path:
     DTensors with the same placement; Muon gathers each matrix whole, orthogonalizes it and shards
     it back. Several first dimensions are not divisible by the world size (9 rows, 3 experts, 6
     conv filters, 10 and 11 AdamW rows).
+  * different parameters per rank (seeded by rank): sharing must refuse on every rank, and
+    distribute=False must train each rank's parameters exactly as one process does.
 
 Tolerances against the single-process run:
   * DTensor: exact (torch.equal). Every matrix shape occurs in one parameter only, so the single
@@ -77,9 +79,9 @@ DT_GROUPS = DP_GROUPS
 OPTIONS = dict(lr=0.02, momentum=0.9, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.01)
 
 
-def _train(specs, groups, mesh=None):
+def _train(specs, groups, mesh=None, seed=0, distribute=True):
     """Builds the parameters (plain, or sharded on `mesh`), runs STEPS Muon steps with seeded
-    gradients, returns {name: full final tensor}."""
+    gradients, returns {name: full final tensor}. `seed` draws other parameters and gradients."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     from muonkern.optim import Muon
@@ -87,12 +89,12 @@ def _train(specs, groups, mesh=None):
     def place(t):
         return t if mesh is None else distribute_tensor(t, mesh, [Shard(0)])
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     params = {name: nn.Parameter(place(torch.randn(shape, generator=gen))) for name, (shape, _) in specs.items()}
     opt = Muon([{"params": [params[n] for n, (_, g) in specs.items() if g == i], **options}
-                for i, options in enumerate(groups)], **OPTIONS)
+                for i, options in enumerate(groups)], distribute=distribute, **OPTIONS)
     for step in range(STEPS):
-        gen = torch.Generator().manual_seed(1000 + step)
+        gen = torch.Generator().manual_seed(1000 + step + 10000 * seed)
         for name, (shape, _) in specs.items():
             params[name].grad = place(torch.randn(shape, generator=gen))
         opt.step()
@@ -131,7 +133,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         mesh = init_device_mesh("cpu", (world,))
         dt = _train(DT_SPECS, DT_GROUPS, mesh)
-        torch.save({"dp": dp, "dp_ns5_matrices": dp_counted, "dtensor": dt}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+        # Different parameters on every rank (as under pipeline or tensor parallelism): sharing the
+        # orthogonalization must refuse on every rank alike, and distribute=False trains each alone.
+        try:
+            _train(DP_SPECS, DP_GROUPS, seed=rank)
+            refused = ""
+        except RuntimeError as err:
+            refused = str(err)
+        own = _train(DP_SPECS, DP_GROUPS, seed=rank, distribute=False)
+        torch.save({"dp": dp, "dp_ns5_matrices": dp_counted, "dtensor": dt, "refused": refused, "own": own},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -242,6 +254,23 @@ def test_dtensor_matches_single_process(distributed, single_process):
     for rank, result in enumerate(results):
         for name in expected:
             assert torch.equal(result["dtensor"][name], expected[name]), (world, rank, name)
+
+
+def test_different_parameters_per_rank(distributed):
+    """Ranks that hold different matrices: sharing the orthogonalization refuses on every rank (it
+    would hand each rank another's updates), and distribute=False trains each rank's own parameters
+    as one process would (exact: the same ns5 calls)."""
+    world, results = distributed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rank, result in enumerate(results):
+            assert "hold different matrices" in result["refused"], (world, rank, result["refused"])
+            alone = _train(DP_SPECS, DP_GROUPS, seed=rank)
+            for name in alone:
+                assert torch.equal(result["own"][name], alone[name]), (world, rank, name)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_single_process_run_moves_every_parameter(single_process):
