@@ -77,6 +77,7 @@ class StudyConfig:
     # ---- execution
     seeds: tuple = (0, 1)
     device: str = "cpu"
+    checkpoint_every: int = 500   # snapshot of an unfinished run every so many steps (0: none)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -89,7 +90,7 @@ class StudyConfig:
         """The fields that determine one training run (optimizer, alpha and seed aside)."""
         # the learning rates enter as the run's "lrs" (configured or chosen by the sweep); the HVP
         # method and batching change results only by rounding
-        skip = {"alphas", "seeds", "device", "probe_hvp_batch", "probe_method", "lr_sweep", "sweep_steps",
+        skip = {"alphas", "seeds", "device", "checkpoint_every", "probe_hvp_batch", "probe_method", "lr_sweep", "sweep_steps",
                 "sweep_seed", "sweep_adamw_lrs", "sweep_muon_lrs", "sweep_muon_adamw_lrs", "muon_lr",
                 "muon_adamw_lr", "adamw_lr"}
         return {k: v for k, v in self.to_dict().items() if k not in skip and not k.startswith("quad_")}

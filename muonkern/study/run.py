@@ -1,7 +1,7 @@
 """Runs the whole study: the learning-rate sweep, every (optimizer, alpha, seed) training run with its
 probes, and the stylized quadratic problems; finished pieces are kept in DIR/runs/*.json and not
-recomputed (a file made under another configuration, or a corrupt one, stops the study with a
-message saying so). Under torchrun every rank trains and takes a share of the quadratic problems;
+recomputed, and an unfinished run resumes from its snapshot (checkpoint.py); a file made under
+another configuration, or a corrupt one, stops the study with a message saying so. Under torchrun every rank trains and takes a share of the quadratic problems;
 rank 0 alone reads and writes files and shows progress.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import sweep
 from .analysis import OPTIMIZERS
+from .checkpoint import RunCheckpoint
 from .config import StudyConfig
 from .distributed import Context
 from .quadratic import run_quadratic
@@ -81,14 +82,18 @@ def provenance(runs: dict) -> dict:
             "probe_methods": sorted({m.get("probe_method", "unrecorded") for m in made})}
 
 
-def _train_or_load(store: RunStore, name: str, identity: dict, bar, steps: int, label: str, train):
+def _train_or_load(store: RunStore, name: str, identity: dict, bar, steps: int, label: str, train,
+                   checkpoint_every: int):
+    """The stored result, or `train(checkpoint)` resumed from the run's snapshot if it has one."""
     result = store.load(name, identity)
     if result is None:
         bar.total = (bar.total or 0) + steps
         bar.set_postfix_str(label)
         bar.refresh()
-        result = train()
+        checkpoint = RunCheckpoint(store.directory / f"{name}.partial.pt", identity, store.ctx, checkpoint_every)
+        result = train(checkpoint)
         store.save(name, identity, result)
+        checkpoint.discard()
     return result
 
 
@@ -104,8 +109,10 @@ def _sweep(cfg: StudyConfig, store: RunStore, ctx: Context, bar) -> tuple[dict, 
                         "seed": cfg.sweep_seed, "lrs": lrs, "probes": False}
             result = _train_or_load(store, sweep.point_name(optimizer, point), identity, bar, steps,
                                     f"sweep {optimizer} {point}",
-                                    lambda: train_run(cfg, optimizer, cfg.val_alpha, cfg.sweep_seed, lrs, ctx,
-                                                      probes=False, steps=steps, progress=bar))
+                                    lambda checkpoint: train_run(cfg, optimizer, cfg.val_alpha, cfg.sweep_seed, lrs,
+                                                                 ctx, probes=False, steps=steps, progress=bar,
+                                                                 checkpoint=checkpoint),
+                                    cfg.checkpoint_every)
             loss = sweep.final_loss(result["evals"]) if ctx.is_main else None
             losses.append(loss)
             records.append({"optimizer": optimizer, **point, "final_val_loss": loss,
@@ -135,7 +142,9 @@ def run_study(cfg: StudyConfig, out: Path, ctx: Context | None = None) -> dict |
                     runs[(optimizer, alpha, seed)] = _train_or_load(
                         store, run_name(optimizer, alpha, seed), identity, bar, cfg.steps,
                         f"{optimizer} alpha={alpha:g} seed={seed}",
-                        lambda: train_run(cfg, optimizer, alpha, seed, lrs, ctx, progress=bar))
+                        lambda checkpoint: train_run(cfg, optimizer, alpha, seed, lrs, ctx, progress=bar,
+                                                     checkpoint=checkpoint),
+                        cfg.checkpoint_every)
     quadratic = store.load("quadratic", cfg.quadratic_identity())
     if quadratic is None:
         quadratic = run_quadratic(cfg, ctx)  # every rank takes a share of the problems

@@ -64,7 +64,8 @@ def _sources(cfg: StudyConfig, alpha: float, seed: int):
     return lambda size, role: corpus.batches(size, cfg.context, split[role], seed=stream_seed[role])
 
 
-def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context) -> Streams:
+def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context, skip: int = 0) -> Streams:
+    """The run's streams; the training stream after its first `skip` batches (a resumed run)."""
     ctx.check_divisible(batch_size=cfg.batch_size, probe_batch_size=cfg.probe_batch_size)
     batches = _sources(cfg, alpha, seed)
     device = ctx.device
@@ -73,8 +74,9 @@ def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context) -> Str
         return tuple(ctx.shard(t).to(device) for t in batch)
 
     def train():
-        for batch in batches(cfg.batch_size, "train"):
-            yield local(batch)
+        for i, batch in enumerate(batches(cfg.batch_size, "train")):
+            if i >= skip:
+                yield local(batch)
 
     val_source = batches(cfg.batch_size, "val")
     val = [local(next(val_source)) for _ in range(cfg.val_batches)]

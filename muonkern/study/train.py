@@ -21,6 +21,7 @@ import torch
 from ..models import GPT, GPTConfig
 from ..optim import Muon, muon_param_groups
 from .analysis import OPTIMIZERS
+from .checkpoint import RunCheckpoint
 from .config import StudyConfig
 from .distributed import Context
 from .probe import measure, partitions
@@ -55,21 +56,33 @@ def level_indices(val: float, best: float, step: float) -> list[int]:
 
 
 def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: dict, ctx: Context,
-              probes: bool = True, steps: int | None = None, progress=None) -> dict:
-    """{"evals": [[step, val_loss], ...], "train_loss": [...], "probes": [record, ...]}."""
+              probes: bool = True, steps: int | None = None, progress=None,
+              checkpoint: RunCheckpoint | None = None) -> dict:
+    """{"evals": [[step, val_loss], ...], "train_loss": [...], "probes": [record, ...], "made": ...}.
+    With `checkpoint`, resumes from its snapshot if there is one and saves one when it is due."""
     steps = cfg.steps if steps is None else steps
-    streams = make_streams(cfg, alpha, seed, ctx)
+    resumed = checkpoint.load() if checkpoint is not None else None
+    streams = make_streams(cfg, alpha, seed, ctx, skip=resumed["step"] if resumed else 0)
     torch.manual_seed(seed)  # the same initialization for both optimizers
     model = GPT(GPTConfig(vocab_size=streams.vocab_size, context=cfg.context, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, d_model=cfg.d_model)).to(ctx.device)
     opt = make_optimizer(optimizer, model, cfg, lrs)
     groups = partitions(model)
     params = list(model.parameters())
-    evals, train_losses, records = [], [], []
-    val = best = _evaluate(model, streams.val, ctx)
-    evals.append([0, val])
-    levels: list[int] = []
-    step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        step, evals, records, levels = resumed["step"], resumed["evals"], resumed["records"], resumed["levels"]
+        val, best = resumed["val"], resumed["best"]
+        train_losses = list(resumed["train_losses"].to(ctx.device).unbind())
+        if progress is not None:
+            progress.update(step)
+    else:
+        evals, train_losses, records = [], [], []
+        val = best = _evaluate(model, streams.val, ctx)
+        evals.append([0, val])
+        levels: list[int] = []
+        step = 0
     while True:
         kinds = []
         if probes and levels:
@@ -105,6 +118,10 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
                 best = val
         if progress is not None:
             progress.update(1)
+        if checkpoint is not None and checkpoint.due(step) and step < steps:
+            checkpoint.save(dict(step=step, evals=evals, records=records, levels=levels, val=val, best=best,
+                                 train_losses=torch.stack(train_losses).cpu(), model=model.state_dict(),
+                                 optimizer=opt.state_dict()))
     train_loss = ctx.mean_(torch.stack(train_losses).double()).tolist() if train_losses else []
     # how this run was made, for a report over runs that may come from earlier invocations
     made = {"world_size": ctx.world, "probe_method": cfg.probe_method if probes else None}
