@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <cstdio>
 #include <string>
 
@@ -27,7 +28,11 @@ inline std::string python_dtype_name(at::ScalarType t) {
     case at::kBool: return "torch.bool";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t);
+    default: {  // torch.float8_e5m2 and the like: c10 spells them Float8_e5m2
+      std::string name = c10::toString(t);
+      for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return "torch." + name;
+    }
   }
 }
 

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -32,15 +33,21 @@ inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                            std::string_view algorithm) {
   TORCH_CHECK_VALUE(G.dim() >= 2, std::string("ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape ") +
                                       shape_string(G.sizes()));
-  TORCH_CHECK_TYPE(at::isFloatingType(G.scalar_type()),
-                   std::string("ns5: expected a real floating-point tensor, got dtype ") + python_dtype_name(G.scalar_type()));
+  const at::ScalarType dtype = G.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   std::string("ns5: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
+                               "got dtype ") + python_dtype_name(dtype));
   TORCH_CHECK_VALUE(steps >= 0, "ns5: steps must be >= 0, got " + std::to_string(steps));
   TORCH_CHECK_VALUE(!coefficients.has_value() || static_cast<int64_t>(coefficients->size()) == 3 * steps,
                     "ns5: coefficients must hold 3*steps = " + std::to_string(3 * steps) +
                         " values (one (a, b, c) triple per step), got " +
                         std::to_string(coefficients ? coefficients->size() : 0));
-  TORCH_CHECK_VALUE(eps > 0, "ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got " +
-                                 python_float(eps));
+  if (coefficients.has_value())
+    for (const double c : *coefficients)
+      TORCH_CHECK_VALUE(std::isfinite(c), "ns5: coefficients must be finite (one is NaN or infinite)");
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps),
+                    "ns5: eps must be positive and finite (it keeps a zero matrix from dividing by zero), got " +
+                        python_float(eps));
   check_ns5_algorithm(algorithm);
 }
 

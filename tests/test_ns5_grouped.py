@@ -10,6 +10,7 @@ import torch
 
 import muonkern
 from muonkern.ops.ns5_routing import ns5_route
+from ns5_cases import EMPTY_SHAPES
 from reference import EXT_VS_FALLBACK_RTOL, GROUPED_CUDA_ATOL
 
 # wide, tall (joins the wide group transposed), a batch of the wide shape, square, another tall
@@ -58,9 +59,16 @@ def test_noncontiguous_inputs(gen):
 def test_empty_list_and_empty_tensors(gen):
     assert muonkern.ns5_grouped([]) == []
     G = torch.randn(4, 8, generator=gen)
-    out = muonkern.ns5_grouped([torch.randn(0, 4, 8), G])
-    assert out[0].shape == (0, 4, 8)
-    assert torch.equal(out[1], muonkern.ns5(G))
+    empties = [torch.randn(s) for s in EMPTY_SHAPES] + [torch.randn(5, 0), torch.randn(0, 5)]
+    out = muonkern.ns5_grouped([*empties, G])  # zero-sized sides too: as ns5 of each
+    assert [o.shape for o in out[:-1]] == [e.shape for e in empties]
+    assert all(torch.equal(o, muonkern.ns5(e)) for o, e in zip(out, empties))
+    assert torch.equal(out[-1], muonkern.ns5(G))
+    # an empty list still checks the options
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        muonkern.ns5_grouped([], steps=-1)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        muonkern.ns5_grouped([], algorithm="fast")
 
 
 @pytest.mark.parametrize("bad,err,match", [

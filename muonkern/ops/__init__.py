@@ -5,6 +5,7 @@ from typing import List, Sequence
 
 import torch
 
+from .ns5_args import check_ns5_options, resolve_coefficients
 from .ns5_routing import Ns5Route, ns5_route
 from .registration import register
 
@@ -26,8 +27,8 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     """Quintic Newton-Schulz orthogonalization of every matrix in G (shape (..., m, n)).
 
     X = G / (||G||_F + eps) per matrix, then `steps` times: A = X X^T, B = b A + c A A,
-    X = a X + B X, with one (a, b, c) triple per step (`coefficients`, flattened; default
-    KellerJordan/Muon's (3.4445, -4.7750, 2.0315)). Wide orientation is used internally
+    X = a X + B X, with one (a, b, c) triple per step (`coefficients`: flattened, a list of
+    triples, "jordan" or "polar_express"; default KellerJordan/Muon's (3.4445, -4.7750, 2.0315)). Wide orientation is used internally
     (m > n works on the transpose; the Gram algorithm multiplies from the right instead). bf16 operands, fp32 accumulation; the result has G's
     dtype and shape and is contiguous.
 
@@ -38,8 +39,7 @@ def ns5(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] | None = 
     where the fused kernel's cost model says it is no slower; :func:`ns5_route` tells which path and algorithm a
     call takes).
     """
-    coeffs = None if coefficients is None else [float(c) for c in coefficients]
-    return torch.ops.muonkern.ns5(G, steps, coeffs, eps, algorithm)
+    return torch.ops.muonkern.ns5(G, steps, resolve_coefficients(coefficients, steps), eps, algorithm)
 
 
 def ns5_grouped(Gs: Sequence[torch.Tensor], steps: int = 5, coefficients: Sequence[float] | None = None,
@@ -48,9 +48,10 @@ def ns5_grouped(Gs: Sequence[torch.Tensor], steps: int = 5, coefficients: Sequen
     devices), with one ns5 launch per distinct shape (m×n and n×m share one unless the Gram
     algorithm runs them) and dtype: what an
     optimizer step needs. Returns new contiguous tensors, in order, each equal to ``ns5(G)``."""
-    if len(Gs) == 0:  # the dispatcher cannot route a call without tensors
+    coeffs = resolve_coefficients(coefficients, steps)
+    if len(Gs) == 0:  # the dispatcher cannot route a call without tensors; the options are checked
+        check_ns5_options(steps, coeffs, eps, algorithm)
         return []
-    coeffs = None if coefficients is None else [float(c) for c in coefficients]
     return torch.ops.muonkern.ns5_grouped(list(Gs), steps, coeffs, eps, algorithm)
 
 

@@ -11,6 +11,7 @@ shape and dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,7 +62,8 @@ def ns5_grouped_kernel(Gs: List[torch.Tensor], steps: int = 5,
         rows, cols = (long, short) if tall else (short, long)
         flip = [Gs[i].shape[-2] != rows for i in members]  # tall matrices of a wide group
         oriented = [Gs[i].mT if f else Gs[i] for i, f in zip(members, flip)]
-        flat = [G.reshape(-1, rows, cols) for G in oriented]
+        # the matrix count spelled out: -1 is ambiguous for a zero-sized side
+        flat = [G.reshape(math.prod(G.shape[:-2]), rows, cols) for G in oriented]
         result = torch.ops.muonkern.ns5(torch.cat(flat) if len(flat) > 1 else flat[0],
                                         steps, coefficients, eps, chosen)
         offset = 0

@@ -5,6 +5,7 @@ one error whichever backend runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -106,20 +107,32 @@ def resolve_coefficients(coefficients, steps: int) -> list[float] | None:
     return flat
 
 
+NS5_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | None, eps: float,
                    algorithm: str = "auto") -> None:
+    """The op's argument checks, in the order and with the messages of csrc/ns5_common.h."""
     if G.dim() < 2:
         raise ValueError(f"ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"ns5: expected a real floating-point tensor, got dtype {G.dtype}")
+    if G.dtype not in NS5_DTYPES:
+        raise TypeError("ns5: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got dtype {G.dtype}")
+    check_ns5_options(steps, coefficients, eps, algorithm)
+
+
+def check_ns5_options(steps: int, coefficients: Sequence[float] | None, eps: float, algorithm: str = "auto") -> None:
+    """The checks of everything but the tensor (ns5_grouped runs them on an empty list too)."""
     if steps < 0:
         raise ValueError(f"ns5: steps must be >= 0, got {steps}")
     if coefficients is not None and len(coefficients) != 3 * steps:
         raise ValueError(
             f"ns5: coefficients must hold 3*steps = {3 * steps} values (one (a, b, c) triple per step), "
             f"got {len(coefficients)}")
-    if not eps > 0:
-        raise ValueError(f"ns5: eps must be positive (it keeps a zero matrix from dividing by zero), got {eps}")
+    if coefficients is not None and not all(math.isfinite(c) for c in coefficients):
+        raise ValueError("ns5: coefficients must be finite (one is NaN or infinite)")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"ns5: eps must be positive and finite (it keeps a zero matrix from dividing by zero), got {eps}")
     if algorithm not in ALGORITHMS:
         # quoted by hand, not with !r, so that the C++ kernels can print the same message
         raise ValueError(f"ns5: algorithm must be 'auto', 'standard' or 'gram', got '{algorithm}'")
