@@ -34,8 +34,11 @@ def ns5_flops(shape, steps: int = 5) -> float:
 
 
 @pytest.fixture
-def time_ns5(benchmark):
-    """time_ns5(fn, shape, impl, device): times fn over rotating inputs and records the result."""
+def time_ns5(benchmark, request):
+    """time_ns5(fn, shape, impl, device): times fn over rotating inputs and records the result, in
+    the report of its test file (test_bench_ns5.py: ns5_bench, test_bench_anchors.py: anchors_bench),
+    whose ratios are against that file's own reference rows."""
+    report = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_bench_") + "_bench"
 
     def run(fn, shape, impl: str, device: str) -> float:
         inputs = rotating_inputs(shape, device)
@@ -46,7 +49,7 @@ def time_ns5(benchmark):
             f"{impl} returned non-finite values on {shape_str(shape)}"
         median_s = timed["median_s"]
         _RESULTS.append({
-            "device": device, "shape": shape_str(shape), "impl": impl, "median_ms": median_s * 1e3,
+            "report": report, "device": device, "shape": shape_str(shape), "impl": impl, "median_ms": median_s * 1e3,
             "min_ms": timed["min_s"] * 1e3, "calls_per_round": timed["calls_per_round"],
             "rounds": timed["rounds"], "inputs_rotated": len(inputs), "flops": ns5_flops(shape),
             "tflops": ns5_flops(shape) / median_s / 1e12,
@@ -166,6 +169,6 @@ def pytest_terminal_summary(terminalreporter):
     if _PROBE_RESULTS:
         write_report(terminalreporter, "curvature_bench", _probe_report(_PROBE_RESULTS, env),
                       {"environment": env, "results": _PROBE_RESULTS})
-    if _RESULTS:
-        rows = _table(_RESULTS)
-        write_report(terminalreporter, "ns5_bench", _ns5_report(rows, env), {"environment": env, "results": rows})
+    for report in dict.fromkeys(r["report"] for r in _RESULTS):  # one table per test file, in run order
+        rows = _table([r for r in _RESULTS if r["report"] == report])
+        write_report(terminalreporter, report, _ns5_report(rows, env), {"environment": env, "results": rows})

@@ -23,8 +23,10 @@ def shape_str(shape) -> str:
 
 
 def rotating_inputs(shape, device: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> list:
-    """Fresh Gaussian inputs (never zeros); several for small shapes, so that together they exceed
-    twice the L2 cache and a call cannot find its input there from the previous call."""
+    """Fresh Gaussian inputs (never zeros); several for small shapes, aiming at twice the L2 cache
+    together, capped at MAX_ROTATING_INPUTS: below ~3 MiB an input (768² fp32 is 2.25 MiB) the 16
+    of them fit in an H100's 50 MiB L2, so those shapes may still find their input there, for the
+    op and the reference alike."""
     nbytes = dtype.itemsize * math.prod(shape)
     l2 = 50 << 20
     if device == "cuda":

@@ -15,7 +15,7 @@ README.txt names each upstream commit, bench/NOTES.md says how to stage it):
                       torch path; the row's label says which, and "standard NS" for square inputs
 An anchor that is missing or fails to import is skipped with the reason.
 
-Tables: ns5_bench (time per shape, ratio = reference time / this), curvature_bench (the GPT-2-small
+Tables: anchors_bench (time per shape, ratio = reference time / this), curvature_bench (the GPT-2-small
 step's 72 matrices and flash-muon's X·Xᵀ kernel; ratio = this time / the named reference) and
 anchors_accuracy.md (distance to the exact polar factor), all in $MUONKERN_BENCH_OUT.
 """

@@ -110,9 +110,11 @@ IMPLS = {"muonkern": _muonkern, "reference": _reference, "reference_compiled": _
 
 
 def muonkern_label(shape, device: str) -> str:
-    """The default call's row label: "muonkern (auto: gram)" where auto runs the Gram iteration."""
-    gram = ns5_route(torch.empty(1, device=device).expand(*shape), 5).algorithm == "gram"
-    return "muonkern (auto: gram)" if gram else "muonkern"
+    """The default call's row label: "muonkern (auto: gram)" where auto runs the Gram iteration, and
+    "(fallback)" where a build without our CUDA kernels runs the pure-PyTorch code on the GPU."""
+    route = ns5_route(torch.empty(1, device=device).expand(*shape), 5)
+    label = "muonkern (auto: gram)" if route.algorithm == "gram" else "muonkern"
+    return label + " (fallback)" if route.path == "fallback" else label
 
 
 def _time_impl(time_ns5, shape, impl: str, device: str, gram_shapes) -> None:

@@ -33,8 +33,11 @@ def test_backend_is_known():
 @pytest.mark.skipif(os.environ.get("MUONKERN_REQUIRE_EXTENSION") != "1",
                     reason="MUONKERN_REQUIRE_EXTENSION=1 is not set (CI sets it)")
 def test_extension_is_loaded():
-    """CI builds the extension: a broken build must not pass by falling back to pure PyTorch."""
+    """CI builds the extension: a broken build must not pass by falling back to pure PyTorch, and on
+    a GPU machine a build without the CUDA kernels must not pass by running the fallback there."""
     assert muonkern.backend() != "fallback", "the compiled extension muonkern._C did not load"
+    if torch.cuda.is_available():
+        assert muonkern.backend() == "cuda", "the extension was built without its CUDA kernels"
 
 
 def test_package_coefficients_equal_the_published_values():
