@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections import defaultdict
 from typing import Iterable
 
@@ -83,6 +84,11 @@ class Muon(torch.optim.Optimizer):
                 raise TypeError(f"Muon: parameters must be real floating-point tensors, got "
                                 f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
         if param_group.get("use_muon") is None:
+            if "lr" in param_group and "adamw_lr" not in param_group and any(p.ndim < 2 for p in params):
+                # the decay/no-decay pattern of other optimizers: that lr would reach the matrices only
+                warnings.warn("Muon: a group's lr is Muon's learning rate; its non-matrix parameters run "
+                              "AdamW at the optimizer's adamw_lr. Set adamw_lr in the group too, or "
+                              "use_muon=False for an AdamW-only group", UserWarning, stacklevel=3)
             # Matrices (and conv kernels, stacked experts) to Muon, the rest to AdamW.
             for use_muon in (True, False):
                 chosen = [p for p in params if (p.ndim >= 2) == use_muon]

@@ -720,6 +720,15 @@ def test_use_muon_on_vector_raises():
         Muon([{"params": [nn.Parameter(torch.randn(5))], "use_muon": True}])
 
 
+def test_group_lr_without_adamw_lr_warns():
+    """{"params": model.parameters(), "lr": ...} as other optimizers take it: the biases would run at
+    the optimizer's adamw_lr, not that lr, which the warning says."""
+    layer = nn.Linear(4, 8)
+    with pytest.warns(UserWarning, match="non-matrix parameters run AdamW at the optimizer's adamw_lr"):
+        opt = Muon([{"params": layer.parameters(), "lr": 0.05}], adamw_lr=1e-3)
+    assert [(g["use_muon"], g["lr"]) for g in opt.param_groups] == [(True, 0.05), (False, 1e-3)]
+
+
 def test_split_rows_group_with_biases():
     """A group like {"params": attn.parameters(), "split_rows": 16} (a fused QKV weight and its bias):
     the default grouping sends the bias to AdamW, where split_rows has no meaning."""
