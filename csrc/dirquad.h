@@ -44,9 +44,10 @@ inline DirquadSizes dirquad_sizes(at::TensorList grads, at::TensorList direction
       // names built only when a check fails (the message arguments are evaluated then)
       auto what = [&] { return std::string("dirquad: ") + name + "[" + std::to_string(i) + "]"; };
       auto ref_what = [&] { return "grads[" + std::to_string(p) + "]"; };
-      TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), what() + " has dtype " +
-                                                                python_dtype_name(t.scalar_type()) +
-                                                                "; expected a real floating-point tensor");
+      const at::ScalarType dtype = t.scalar_type();
+      TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                       what() + " has dtype " + python_dtype_name(dtype) +
+                           "; expected a real floating-point tensor (float16, bfloat16, float32 or float64)");
       TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(),
                        what() + " has dtype " + python_dtype_name(t.scalar_type()) + ", " + ref_what() +
                            " has dtype " + python_dtype_name(ref.scalar_type()) +

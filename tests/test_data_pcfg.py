@@ -208,6 +208,15 @@ def test_config_validation():
         PCFGConfig(rule_alpha=-1.0)
     with pytest.raises(ValueError):
         ZipfPCFG(PCFGConfig()).sample_tokens(10, -0.5, _gen(0))
+    for bad in (math.nan, math.inf):  # NaN passed every "< 0" check and gave a one-token language
+        with pytest.raises(ValueError, match="emission_alpha must be finite"):
+            ZipfPCFG(PCFGConfig()).sample_tokens(10, bad, _gen(0))
+    with pytest.raises(ValueError, match="Zipf exponents"):
+        PCFGConfig(rule_alpha=math.nan)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        next(ZipfPCFG(PCFGConfig()).batches(0, 4))
+    with pytest.raises(ValueError, match="context must be an int >= 1"):
+        next(ZipfPCFG(PCFGConfig()).batches(2, -1))
 
 
 def test_speed(grammar):

@@ -38,3 +38,21 @@ def test_errors():
         next(corpus.batches(1, 64, "val"))
     with pytest.raises(ValueError, match="val_fraction"):
         ByteCorpus(torch.zeros(10, dtype=torch.uint8), 1.5)
+    for not_bytes in (torch.arange(1000) * 7, torch.rand(1000)):  # ids past 255, or not integers
+        with pytest.raises(TypeError, match="uint8"):
+            ByteCorpus(not_bytes)
+    with pytest.raises(ValueError, match="context must be an int >= 1"):
+        next(corpus.batches(1, 0, "train"))
+
+
+def test_every_window_is_drawn():
+    """Windows of context + 1 bytes start anywhere up to the last one (which ends on the last byte),
+    and a split of exactly context + 1 bytes has that one window."""
+    corpus = ByteCorpus(torch.arange(20, dtype=torch.uint8), val_fraction=0.5)  # train: bytes 0..9
+    targets = set()
+    batches = corpus.batches(64, 4, "train", seed=1)
+    for _ in range(4):
+        targets.update(next(batches)[1].flatten().tolist())
+    assert targets == set(range(1, 10))
+    x, y = next(ByteCorpus(torch.arange(10, dtype=torch.uint8), 0.5).batches(1, 4, "val"))
+    assert x.tolist() == [[5, 6, 7, 8]] and y.tolist() == [[6, 7, 8, 9]]

@@ -41,7 +41,19 @@ def test_errors(tmp_path):
         TokenFiles(tmp_path, vocab_size=10)
     data = TokenFiles(tmp_path, vocab_size=12)
     with pytest.raises(ValueError, match="too short"):
-        next(data.batches(2, 19, "val"))
+        next(data.batches(2, 20, "val"))
+    x, y = next(data.batches(2, 19, "val"))  # exactly context + 1 tokens: the one window
+    assert x[0].tolist() == [i % 12 for i in range(19)] and y[0, -1].item() == 19 % 12
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            next(data.batches(bad, 4, "train"))
+    with pytest.raises(TypeError, match="integers"):
+        write_tokens(tmp_path / "x.bin", [1.5, 2.0])
+    np.array([3, -5, 2, 1], dtype="<i4").tofile(tmp_path / "train.bin")
+    np.array([3, 2, 1, 0], dtype="<i4").tofile(tmp_path / "val.bin")
+    with pytest.raises(ValueError, match="token id -5 < 0"):
+        TokenFiles(tmp_path, vocab_size=12, dtype="<i4")
+    _files(tmp_path, np.arange(100) % 10, np.arange(20) % 12)
     with pytest.raises(ValueError, match="split"):
         next(data.batches(2, 4, "test"))
     (tmp_path / "val.bin").write_bytes(b"\x01\x00\x02")

@@ -6,6 +6,8 @@ at most n·2⁻⁵³·Σ|u_i o_i| in any order, so the op and the reference diff
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -97,6 +99,8 @@ def test_errors_match_the_fallback(gen, device):
         (g, [u[0].double(), u[1]], [], TypeError, "must share a dtype"),
         (g, [u[0], u[1][:4]], [], ValueError, r"directions\[1\] has shape \(4,\), grads\[1\] has shape \(5,\)"),
         (g, [u[0], u[1].to(torch.int32)], [], TypeError, "expected a real floating-point"),
+        ([t.to(torch.float8_e4m3fn) for t in g], [t.to(torch.float8_e4m3fn) for t in u], [], TypeError,
+         re.escape("(float16, bfloat16, float32 or float64)")),
     ]
     if device == "cuda":
         cases.append((g, [u[0].cpu(), u[1]], [], ValueError, r"directions\[0\] is on cpu, grads\[0\] is on cuda"))

@@ -34,6 +34,31 @@ def test_shapes_and_initial_loss(gen):
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1
     with pytest.raises(ValueError):
         model(torch.zeros(1, cfg.context + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\)"):
+        model(torch.tensor(3))
+
+
+def test_config_errors():
+    for field, bad in (("vocab_size", 10.7), ("n_layer", 0), ("d_model", True)):
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
+            GPTConfig(**{**MICRO, field: bad})
+    for field, bad in (("norm_eps", -1.0), ("norm_eps", 0.0), ("rope_base", math.inf), ("rope_base", math.nan)):
+        with pytest.raises(ValueError, match=f"{field} must be positive and finite"):
+            GPTConfig(**MICRO, **{field: bad})
+
+
+def test_int32_targets_give_the_int64_loss(gen):
+    """Every curvature method takes the same batch: int32 targets as well as int64 ones."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**MICRO)
+    model = GPT(cfg).double()
+    x, y = _batch(cfg, 2, 8, gen)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    u = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
+    want = curvature.directional_quadratics(gpt_loss_fn(model, x, y), params, u, method="rev_rev", blocks=False)
+    for method in ("rev_rev", "taylor"):
+        got = curvature.directional_quadratics(gpt_loss_fn(model, x, y.int()), params, u, method=method, blocks=False)
+        assert got.curvature.item() == pytest.approx(want.curvature.item(), rel=1e-10), method
 
 
 def test_init_stds():

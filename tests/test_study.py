@@ -103,6 +103,25 @@ def test_config_overrides_and_errors():
         make_config("tiny", ["dataset=bin"])
     with pytest.raises(ValueError, match="dataset"):
         make_config("tiny", ["dataset=imagenet"])
+    for bad in (["alphas=0,nan"], ["val_alpha=nan"], ["val_alpha=-1"]):
+        with pytest.raises(ValueError, match="alpha"):
+            make_config("tiny", bad)
+    with pytest.raises(ValueError, match="multiple of n_classes"):
+        make_config("tiny", ["vocab_size=65"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_every_preset_builds_its_language_and_model(preset):
+    """Each preset's configuration, Zipf-PCFG grammar and GPT can be built (the paper preset's
+    vocabulary once did not split into its classes)."""
+    from muonkern.models import GPTConfig
+    from muonkern.study.sources import _grammar, vocab_size
+
+    cfg = make_config(preset, device="cpu")
+    grammar = _grammar(cfg.vocab_size, cfg.n_classes, cfg.grammar_seed)
+    assert grammar.sep == cfg.vocab_size
+    GPTConfig(vocab_size=vocab_size(cfg), context=cfg.context, n_layer=cfg.n_layer, n_head=cfg.n_head,
+              d_model=cfg.d_model)
 
 
 NO_SWEEP = [*SMALL, "--set", "lr_sweep=false", "--set", "seeds=0"]

@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from .tokens import check_window
+
 VOCAB_SIZE = 256
 
 
@@ -32,6 +34,9 @@ class ByteCorpus:
     vocab_size = VOCAB_SIZE
 
     def __init__(self, data: torch.Tensor, val_fraction: float = 0.05):
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+            raise TypeError(f"ByteCorpus takes a uint8 tensor of bytes, got "
+                            f"{data.dtype if isinstance(data, torch.Tensor) else type(data).__name__}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         cut = int(len(data) * (1 - val_fraction))
@@ -43,12 +48,14 @@ class ByteCorpus:
         if split not in self.splits:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         data = self.splits[split]
-        if len(data) <= context + 1:
-            raise ValueError(f"the {split} split ({len(data)} bytes) is shorter than context + 1")
+        check_window(batch_size, context)
+        if len(data) < context + 1:
+            raise ValueError(f"the {split} split ({len(data)} bytes) is shorter than context + 1 = {context + 1}")
         gen = torch.Generator().manual_seed(seed)
         offsets = torch.arange(context + 1)
         while True:
-            starts = torch.randint(0, len(data) - context - 1, (batch_size, 1), generator=gen)
+            # every window of context + 1 bytes, the last one included
+            starts = torch.randint(0, len(data) - context, (batch_size, 1), generator=gen)
             window = data[starts + offsets].long()
             yield window[:, :-1], window[:, 1:]
 

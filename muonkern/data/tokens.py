@@ -11,6 +11,13 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "val")
+
+
+def check_window(batch_size: int, context: int) -> None:
+    """Batch sizes and contexts of the loaders: ints >= 1 (a zero or negative one gave empty batches)."""
+    for name, value in (("batch_size", batch_size), ("context", context)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when checking the id range
 
 
@@ -34,7 +41,13 @@ class TokenFiles:
             if size == 0:
                 raise ValueError(f"{path} is empty")
             tokens = np.memmap(path, dtype=dtype, mode="r")
-            top = max(int(tokens[i:i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK))
+            if tokens.dtype.kind not in "iu":
+                raise TypeError(f"token files hold integer ids, got dtype {tokens.dtype}")
+            chunks = range(0, len(tokens), _SCAN_CHUNK)
+            low = min(int(tokens[i:i + _SCAN_CHUNK].min()) for i in chunks) if tokens.dtype.kind == "i" else 0
+            if low < 0:
+                raise ValueError(f"{path} holds token id {low} < 0")
+            top = max(int(tokens[i:i + _SCAN_CHUNK].max()) for i in chunks)
             if top >= self.vocab_size:
                 raise ValueError(f"{path} holds token id {top} >= vocab_size={self.vocab_size}; "
                                  f"set --set vocab_size to at least {top + 1}")
@@ -50,12 +63,14 @@ class TokenFiles:
         if split not in self.splits:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         data = self.splits[split]
-        if len(data) < context + 2:
+        check_window(batch_size, context)
+        if len(data) < context + 1:
             raise ValueError(f"{self.data_dir / (split + '.bin')} holds {len(data)} tokens, too short for "
-                             f"context {context} (needs at least context + 2 = {context + 2})")
+                             f"context {context} (needs at least context + 1 = {context + 1})")
         gen = torch.Generator().manual_seed(seed)
         while True:
-            starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=gen).tolist()
+            # every window of context + 1 tokens, the last one included (nanoGPT's get_batch)
+            starts = torch.randint(0, len(data) - context, (batch_size,), generator=gen).tolist()
             window = torch.from_numpy(np.stack([data[s:s + context + 1].astype(np.int64) for s in starts]))
             yield window[:, :-1], window[:, 1:]
 
@@ -63,6 +78,8 @@ class TokenFiles:
 def write_tokens(path, ids) -> Path:
     """Writes token ids as a nanoGPT-style uint16 .bin file (ids must be in [0, 65535])."""
     ids = np.asarray(ids)
+    if ids.size and ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max):
         raise ValueError("uint16 token files hold ids in [0, 65535]")
     path = Path(path)

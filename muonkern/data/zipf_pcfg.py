@@ -64,6 +64,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .tokens import check_window
+
 __all__ = ["PCFGConfig", "ZipfPCFG", "stats", "zipf_probs"]
 
 
@@ -87,8 +89,9 @@ class PCFGConfig:
             raise ValueError("n_nonterminals and rules_per_symbol must be >= 1")
         if self.rule_length < 1 or self.max_depth < 1:
             raise ValueError("rule_length and max_depth must be >= 1")
-        if self.rule_alpha < 0 or self.emission_alpha < 0:
-            raise ValueError("Zipf exponents must be >= 0")
+        if not (self.rule_alpha >= 0 and self.emission_alpha >= 0):  # NaN fails too
+            raise ValueError(f"Zipf exponents must be >= 0, got rule_alpha={self.rule_alpha}, "
+                             f"emission_alpha={self.emission_alpha}")
         if not 0.0 <= self.p_nonterminal <= 1.0:
             raise ValueError("p_nonterminal must be in [0, 1]")
 
@@ -201,8 +204,8 @@ class ZipfPCFG:
 
     def _alpha(self, alpha) -> float:
         a = self.config.emission_alpha if alpha is None else float(alpha)
-        if a < 0:
-            raise ValueError("emission_alpha must be >= 0")
+        if not (0 <= a < math.inf):  # NaN and infinity fail too
+            raise ValueError(f"emission_alpha must be finite and >= 0, got {a}")
         return a
 
     def sample_sentences_stream(self, n_min: int, emission_alpha=None, generator=None) -> torch.Tensor:
@@ -226,6 +229,7 @@ class ZipfPCFG:
         whole sentences, so no sentence is broken at chunk joins); ``y = x`` shifted by one. Same
         ``seed`` and alpha -> same batches.
         """
+        check_window(batch_size, context)
         gen = torch.Generator().manual_seed(int(seed))
         alpha = self._alpha(emission_alpha)
         need = batch_size * (context + 1)

@@ -66,8 +66,13 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model", "mlp_ratio"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"GPTConfig.{name} must be positive and finite, got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.head_dim % 2:
@@ -247,9 +252,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        T = idx.shape[-1]
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        T = idx.shape[-1]
         if T > self.config.context:
             raise ValueError(f"sequence length {T} exceeds context {self.config.context}")
         x = self.embed(idx)
@@ -258,7 +263,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # int64 as cross_entropy wants it (the Taylor-mode forward takes int32 targets too)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
         return logits, loss
 
 

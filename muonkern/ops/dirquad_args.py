@@ -13,6 +13,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .ns5_args import NS5_DTYPES
+
 
 def dirquad_sizes(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
                   products: Sequence[torch.Tensor]) -> Tuple[int, int, int]:
@@ -34,9 +36,9 @@ def dirquad_sizes(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tens
         for i, t in enumerate(tensors):
             p = i % P
             ref = grads[p]
-            if not t.dtype.is_floating_point:
+            if t.dtype not in NS5_DTYPES:
                 raise TypeError(f"dirquad: {name}[{i}] has dtype {t.dtype}; expected a real "
-                                "floating-point tensor")
+                                "floating-point tensor (float16, bfloat16, float32 or float64)")
             if t.dtype != ref.dtype:
                 raise TypeError(f"dirquad: {name}[{i}] has dtype {t.dtype}, grads[{p}] has dtype "
                                 f"{ref.dtype}; the tensors of one parameter must share a dtype")
