@@ -380,6 +380,30 @@ def test_two_layer_transformer_against_dense_hessian(gen, method, rtol):
     _check_against_hessian(q, params, dirs, groups, H, g, rtol)
 
 
+@pytest.mark.parametrize("method", ["fwd_rev", "rev_rev", "finite_diff", "taylor"])
+def test_partitions_share_one_pass(gen, method):
+    """directional_quadratics_for_partitions: each partition's fields as its own call gives them
+    (the same products, one primal pass), for one direction and a list."""
+    from muonkern.models import GPT, GPTConfig, gpt_loss_fn
+
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=7, context=6, n_layer=2, n_head=2, d_model=4)).double()
+    x, y = (torch.randint(0, 7, (2, 6), generator=gen) for _ in range(2))
+    loss_fn = gpt_loss_fn(model, x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    partitions = {"module": C.groups_by_module(model, 2), "top": C.groups_by_module(model, 1)}
+    for dirs in (_rand_like(params, gen), [_rand_like(params, gen) for _ in range(2)]):
+        got = C.directional_quadratics_for_partitions(loss_fn, params, dirs, partitions, method=method, batch_size=3)
+        assert list(got) == ["module", "top"]
+        for name, groups in partitions.items():
+            want = C.directional_quadratics(loss_fn, params, dirs, groups=groups, method=method, batch_size=3)
+            assert got[name].group_names == want.group_names
+            for field in ("gain", "curvature", "norm_sq", "nds", "blocks", "within", "cross"):
+                torch.testing.assert_close(getattr(got[name], field), getattr(want, field), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="partitions must be a non-empty dict"):
+        C.directional_quadratics_for_partitions(loss_fn, params, dirs, {}, method=method)
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_taylor_method_matches_hvp_on_gpt(gen, blocks):
     from muonkern.models import GPT, GPTConfig, gpt_loss_fn

@@ -29,6 +29,8 @@ Functions:
 * :func:`directional_quadratics` — all the quantities above for one or several directions, the
   blocks exactly with G HVPs per direction (G = number of groups), ``batch_size`` HVPs per pass;
   its dot products run in one ``muonkern::dirquad`` launch per pass (module :mod:`.quadratics`).
+  :func:`directional_quadratics_for_partitions` gives the blocks of several partitions at once,
+  from one primal pass and one gradient.
 * :func:`within_estimate` — an unbiased estimate of ``within`` from random-sign combinations of
   the group parts (K HVPs instead of G), with its standard error.
 * :func:`groups_by_module` — parameter groups from the module structure of parameter names.
@@ -39,8 +41,8 @@ All reductions (dot products, norms, blocks, estimates) are accumulated in float
 float64 tensors on the parameters' device; the HVPs themselves run in the parameters' dtype.
 """
 from .hessian_products import HVP_METHODS, exact_attention, finite_diff_step, hvp
-from .quadratics import (QUADRATIC_METHODS, DirectionalQuadratics, directional_quadratics, groups_by_module,
-                         within_estimate)
+from .quadratics import (QUADRATIC_METHODS, DirectionalQuadratics, directional_quadratics,
+                         directional_quadratics_for_partitions, groups_by_module, within_estimate)
 from .spectrum import hessian_trace, top_eigenvalues
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "HVP_METHODS",
     "QUADRATIC_METHODS",
     "directional_quadratics",
+    "directional_quadratics_for_partitions",
     "exact_attention",
     "finite_diff_step",
     "groups_by_module",
