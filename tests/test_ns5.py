@@ -24,12 +24,6 @@ from reference import (EXT_VS_FALLBACK_RTOL, JORDAN, NORMALIZE_RTOL, ORTHO_TOL, 
                        assert_ns5_output, assert_singular_values_in_band, randn)
 
 
-def test_backend_is_known():
-    assert muonkern.backend() in ("cuda", "cpu", "fallback")
-    if os.environ.get("MUONKERN_FORCE_FALLBACK", "") not in ("", "0"):
-        assert muonkern.backend() == "fallback"
-
-
 @pytest.mark.skipif(os.environ.get("MUONKERN_REQUIRE_EXTENSION") != "1",
                     reason="MUONKERN_REQUIRE_EXTENSION=1 is not set (CI sets it)")
 def test_extension_is_loaded():

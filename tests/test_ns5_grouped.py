@@ -11,7 +11,7 @@ import torch
 import muonkern
 from muonkern.ops.ns5_routing import ns5_route
 from ns5_cases import EMPTY_SHAPES
-from reference import EXT_VS_FALLBACK_RTOL, GROUPED_CUDA_ATOL
+from reference import EXT_VS_FALLBACK_RTOL, GROUPED_CUDA_ATOL, assert_ns5_output
 
 # wide, tall (joins the wide group transposed), a batch of the wide shape, square, another tall
 SHAPES = [(8, 16), (16, 8), (3, 8, 16), (6, 6), (12, 4), (2, 6, 6), (16, 8)]
@@ -47,6 +47,13 @@ def test_equals_ns5_of_each(gen, dtypes):
 def test_coefficients_steps_eps(gen):
     coeffs = [1.5, -0.5, 0.0, 2.0, -1.5, 0.5]
     _check_equal_to_single_calls(_inputs(gen, "cpu"), exact=True, steps=2, coefficients=coeffs, eps=1e-5)
+    # eps shows only where it is comparable to the norm: matrices of norm eps are scaled by 1/(2 eps);
+    # a dropped eps (1/eps instead) misses the float64 replica by ~0.2, against a 0.12 budget
+    eps = 1e-3
+    Gs = [G / torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True) * eps for G in _inputs(gen, "cpu")]
+    for G, out in zip(Gs, muonkern.ns5_grouped(Gs, eps=eps)):
+        assert_ns5_output(out, G, eps=eps)
+        assert_ns5_output(muonkern.ns5(G, eps=eps), G, eps=eps)
 
 
 def test_noncontiguous_inputs(gen):

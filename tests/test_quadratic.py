@@ -39,9 +39,10 @@ def test_nds_facts():
     for alpha_w in (0.0, 0.7, 2.5):
         for alpha_sigma in (0.0, 0.5, 1.0):
             w, sigma = q.curvatures(5, 2, alpha_w, alpha_sigma)
-            polar = q.polar_closed_form(w, sigma, 0.037, 20)["nds"]
             gd0 = float(q.gd_closed_form(w, sigma, 0.1, 1)["nds"][0])
-            # the polar step's NDS is the mean curvature at every step
+            # the polar step's NDS is the mean curvature at every step, simulated on the matrices
+            problem = q.make_problem(12, 16, 5, 2, alpha_w, alpha_sigma, seed=0)
+            polar = q.simulate(problem, "muon_polar", torch.tensor([0.037]), 20)["nds"][0]
             torch.testing.assert_close(polar, torch.full_like(polar, float(w.mean())))
             # GD starts at a mean of w weighted by w^(2+2 alpha_sigma): never below the plain mean
             assert gd0 >= float(w.mean()) * (1 - 1e-12)
@@ -66,7 +67,9 @@ def test_directions():
     torch.testing.assert_close(P, problem.matrix(torch.ones_like(problem.w)), atol=1e-10, rtol=0)
     N = q.direction("muon_ns5", G)
     s = torch.linalg.svdvals(N)[:6]
-    assert float(s.min()) > 0.5 and float(s.max()) < 1.3  # ns5 approximates it in bf16
+    assert float(s.min()) > 0.5 and float(s.max()) < 1.3  # ns5 approximates it in bf16 ...
+    assert torch.equal(N, q.ns5(G.float()).double())    # ... and is the op's result, not the SVD's
+    assert float((N - P).norm() / P.norm()) > 1e-3
     assert torch.equal(q.direction("sign", G), torch.sign(G)) and torch.equal(q.direction("gd", G), G)
     with pytest.raises(ValueError, match="unknown method"):
         q.direction("adam", G)
@@ -90,5 +93,11 @@ def test_run_quadratic_rows():
                 assert r["loss_T"] == pytest.approx(r["closed_loss_T"], rel=1e-5, abs=1e-14)
         else:
             assert r["closed_nds_avg"] is None
-        if r["alpha_w"] == 0:  # homogeneous curvature: every direction has NDS 1 within the modes' span
-            assert r["nds_avg"] <= 1 + 1e-9
+        if r["alpha_w"] == 0:
+            # homogeneous curvature: NDS is the share of the direction inside the modes' span, 1 for
+            # GD and the exact polar step (both in the span), below it for ns5's bf16 result and
+            # far below for sign descent (measured 0.97-0.99 and 0.58-0.65)
+            if r["method"] in ("gd", "muon_polar"):
+                assert r["nds_avg"] == pytest.approx(1.0, abs=1e-9)
+            else:
+                assert r["nds_avg"] < {"muon_ns5": 0.999, "sign": 0.9}[r["method"]]

@@ -12,7 +12,7 @@ from muonkern.study.__main__ import main
 from muonkern.study.results import FINDING_IDS, validate
 
 SMALL = ["--set", "steps=8", "--set", "eval_every=2", "--set", "probe_every=3", "--set", "sweep_steps=2",
-         "--set", "sweep_adamw_lrs=0.003,0.01", "--set", "sweep_muon_lrs=0.02", "--set", "d_model=32",
+         "--set", "sweep_adamw_lrs=0.003,0.01", "--set", "sweep_muon_lrs=0.02,0.05", "--set", "d_model=32",
          "--set", "n_layer=1", "--set", "context=16", "--set", "batch_size=4", "--set", "probe_batch_size=4",
          "--set", "val_batches=1", "--set", "ladder_step=0.02", "--set", "quad_alpha_ws=0,2",
          "--set", "quad_alpha_sigmas=0.5", "--set", "quad_steps=5", "--set", "quad_instances=1",
@@ -27,15 +27,19 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     runs = {p.name for p in (out / "runs").glob("*.json")}
     main_runs = {f"{o}_alpha{a:g}_seed{s}.json" for o in ("muon", "adamw") for a in (0.0, 1.0) for s in (0, 1)}
     assert main_runs <= runs and "quadratic.json" in runs
-    assert sum(name.startswith("sweep_") for name in runs) == 3  # 2 AdamW points, 1 Muon point
+    assert sum(name.startswith("sweep_") for name in runs) == 4  # 2 AdamW points, 2 Muon points
 
     results = json.loads((out / "results.json").read_text())
     validate(results)
     assert [f["id"] for f in results["findings"]] == list(FINDING_IDS)
     assert all(isinstance(f["reproduced"], bool) and f["evidence"] for f in results["findings"])
-    assert results["lrs"]["muon_lr"] == 0.02 and results["lrs"]["adamw_lr"] in (0.003, 0.01)
     assert results["lrs"]["muon_adamw_lr"] == results["lrs"]["adamw_lr"]  # the AdamW part follows AdamW's choice
     assert sum(s["chosen"] for s in results["lr_sweep"]) == 2
+    for optimizer, key in (("adamw", "adamw_lr"), ("muon", "muon_lr")):  # the lowest final loss wins
+        points = [s for s in results["lr_sweep"] if s["optimizer"] == optimizer]
+        best = min(points, key=lambda s: s["final_val_loss"])
+        assert best["chosen"] and results["lrs"][key] == best[key]
+        assert len({s["final_val_loss"] for s in points}) == 2  # two different outcomes to choose from
     probes = results["probes"]
     assert {p["optimizer"] for p in probes} == {"muon", "adamw"} and {p["seed"] for p in probes} == {0, 1}
     for p in probes:

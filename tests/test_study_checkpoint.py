@@ -4,6 +4,7 @@ or unreadable ones stop with a message naming the file."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from muonkern.study import make_config
 from muonkern.study.__main__ import main
@@ -24,9 +25,10 @@ class StopAfter:
     """A progress bar that interrupts the run once it has counted `steps` steps."""
 
     def __init__(self, steps: int):
-        self.steps, self.n = steps, 0
+        self.steps, self.n, self.calls = steps, 0, []
 
     def update(self, k: int) -> None:
+        self.calls.append(k)
         self.n += k
         if self.n >= self.steps:
             raise Interrupted
@@ -43,7 +45,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, optimizer):
     assert checkpoint.load()["step"] == 6  # the last snapshot before step 8
     bar = StopAfter(10 ** 9)
     resumed = train_run(cfg, optimizer, 1.0, 0, lrs, ctx, progress=bar, checkpoint=checkpoint)
-    assert bar.n == cfg.steps  # the restored steps count on the bar too
+    assert bar.calls == [6, 1, 1, 1]  # the 6 restored steps at once, then only the 3 left are trained
     assert resumed == whole
     assert [r["step"] for r in whole["probes"] if "periodic" in r["kinds"]] == [4, 8]  # probes on both sides
 
@@ -76,8 +78,16 @@ def test_study_deletes_snapshots_of_finished_runs(tmp_path):
     snapshot = RunCheckpoint(out / "runs" / f"{run_name('muon', 0.0, 0)}.partial.pt", identity, Context(), 3)
     with pytest.raises(Interrupted):
         train_run(cfg, "muon", 0.0, 0, configured_lrs(cfg), Context(), progress=StopAfter(5), checkpoint=snapshot)
-    assert snapshot.load()["step"] == 3
+    # a marked snapshot: the study's result must come from it, not from training again
+    saved = torch.load(snapshot.path, weights_only=True)
+    assert saved["state"]["step"] == 3
+    first = next(iter(saved["state"]["model"]))
+    saved["state"]["model"][first] += 0.01
+    torch.save(saved, snapshot.path)
+    marked = RunCheckpoint(tmp_path / "marked.partial.pt", identity, Context(), 3)
+    torch.save(saved, marked.path)
     assert main(args) == 0
     assert not list((out / "runs").glob("*.partial.pt"))
     stored = RunStore(out / "runs", Context()).read(run_name("muon", 0.0, 0), identity)
-    assert stored == train_run(cfg, "muon", 0.0, 0, configured_lrs(cfg), Context())
+    assert stored == train_run(cfg, "muon", 0.0, 0, configured_lrs(cfg), Context(), checkpoint=marked)
+    assert stored != train_run(cfg, "muon", 0.0, 0, configured_lrs(cfg), Context())
