@@ -22,24 +22,20 @@ PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
   return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
 }
 
-// muonkern._C.ns5_cached_graphs(): CUDA graphs the ns5 op has captured
-// (csrc/ns5_graphs.h); 0 in a build without CUDA.
-PyObject* ns5_cached_graphs(PyObject*, PyObject*) {
+// The graph counters of csrc/ns5_graphs.h, for tests: muonkern._C.ns5_cached_graphs() (CUDA graphs
+// the ns5 op has captured) and ns5_graph_bytes() (the memory they count against
+// MUONKERN_NS5_GRAPH_MB); 0 in a build without CUDA.
 #ifdef MUONKERN_WITH_CUDA
-  return PyLong_FromLongLong(muonkern::ns5_cached_graphs());
+int64_t cached_graphs() { return muonkern::ns5_cached_graphs(); }
+int64_t graph_bytes() { return muonkern::ns5_graph_bytes(); }
 #else
-  return PyLong_FromLongLong(0);
+int64_t cached_graphs() { return 0; }
+int64_t graph_bytes() { return 0; }
 #endif
-}
 
-// muonkern._C.ns5_graph_bytes(): the memory those graphs count against MUONKERN_NS5_GRAPH_MB; 0
-// without CUDA.
-PyObject* ns5_graph_bytes(PyObject*, PyObject*) {
-#ifdef MUONKERN_WITH_CUDA
-  return PyLong_FromLongLong(muonkern::ns5_graph_bytes());
-#else
-  return PyLong_FromLongLong(0);
-#endif
+template <int64_t (*Counter)()>
+PyObject* graph_counter(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(Counter());
 }
 
 #ifdef MUONKERN_WITH_CUDA
@@ -65,8 +61,8 @@ PyObject* ns5_cuda_route(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
-    {"ns5_cached_graphs", ns5_cached_graphs, METH_NOARGS, "ns5_cached_graphs() -> int"},
-    {"ns5_graph_bytes", ns5_graph_bytes, METH_NOARGS, "ns5_graph_bytes() -> int"},
+    {"ns5_cached_graphs", graph_counter<cached_graphs>, METH_NOARGS, "ns5_cached_graphs() -> int"},
+    {"ns5_graph_bytes", graph_counter<graph_bytes>, METH_NOARGS, "ns5_graph_bytes() -> int"},
 #ifdef MUONKERN_WITH_CUDA
     {"ns5_cuda_route", ns5_cuda_route, METH_VARARGS,
      "ns5_cuda_route(batch, m, n, steps, algorithm) -> (path, 'gram' | 'standard', cluster)"},

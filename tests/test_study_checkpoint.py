@@ -53,7 +53,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, optimizer):
 def test_snapshot_of_another_run_or_unreadable_stops(tmp_path):
     cfg, ctx = make_config("tiny", CFG), Context()
     path = tmp_path / "run.partial.pt"
-    RunCheckpoint(path, {"momentum": 0.95}, ctx, 3).save({"step": 3})
+    RunCheckpoint(path, {"momentum": 0.95}, ctx, 3).save(lambda: {"step": 3})
     with pytest.raises(ValueError, match="different configuration"):
         RunCheckpoint(path, {"momentum": 0.9}, ctx, 3).load()
     path.write_bytes(b"not a snapshot")

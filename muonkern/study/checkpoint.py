@@ -16,6 +16,13 @@ import torch
 from .distributed import Context
 
 
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) then tmp -> path: an interrupted write leaves the previous file whole, or none."""
+    tmp = Path(path).with_suffix(".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 class RunCheckpoint:
     def __init__(self, path: Path, identity: dict, ctx: Context, every: int):
         self.path, self.identity, self.ctx, self.every = Path(path), identity, ctx, every
@@ -25,30 +32,24 @@ class RunCheckpoint:
 
     def load(self) -> dict | None:
         """The snapshot's state on every rank (tensors on the CPU), or None if there is none."""
-        status = None
-        if self.ctx.is_main and self.every > 0 and self.path.exists():
-            try:
-                saved = torch.load(self.path, map_location="cpu", weights_only=True)
-                stored, state = saved["identity"], saved["state"]
-            except Exception as err:  # a file torch cannot read: say which one
-                status = ("error", f"{self.path} is corrupt ({err}); delete it to restart that run")
-            else:
-                if stored != self.identity:
-                    status = ("error", f"{self.path} was saved under a different configuration; "
-                                       "delete it to restart that run")
-                else:
-                    status = ("ok", state)
-        status = self.ctx.broadcast(status)
-        if status is not None and status[0] == "error":
-            raise ValueError(status[1])
-        return None if status is None else status[1]
+        return self.ctx.read_on_main(self._read)
 
-    def save(self, state: dict) -> None:
-        if not self.ctx.is_main:
-            return
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"identity": self.identity, "state": state}, tmp)
-        tmp.replace(self.path)  # an interrupted write leaves the previous snapshot whole
+    def _read(self) -> dict | None:
+        if self.every <= 0 or not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            stored, state = saved["identity"], saved["state"]
+        except Exception as err:  # a file torch cannot read: say which one
+            raise ValueError(f"{self.path} is corrupt ({err}); delete it to restart that run") from err
+        if stored != self.identity:
+            raise ValueError(f"{self.path} was saved under a different configuration; delete it to restart that run")
+        return state
+
+    def save(self, state) -> None:
+        """Saves state() (built on rank 0 alone)."""
+        if self.ctx.is_main:
+            write_atomically(self.path, lambda tmp: torch.save({"identity": self.identity, "state": state()}, tmp))
 
     def discard(self) -> None:
         if self.ctx.is_main:

@@ -70,6 +70,22 @@ class Context:
         dist.all_gather_object(out, obj)
         return out
 
+    def read_on_main(self, read, share: bool = True):
+        """read() on rank 0 alone, for file reads: a ValueError it raises is raised on every rank.
+        Returns its value on rank 0 and, on the others, that value (share=True) or True where it is
+        not None (share=False: a large result stays on rank 0)."""
+        status = None
+        if self.is_main:
+            try:
+                value = read()
+                status = ("ok", value if share or value is None else True)
+            except ValueError as err:
+                status = ("error", str(err))
+        status = self.broadcast(status)
+        if status[0] == "error":
+            raise ValueError(status[1])
+        return value if self.is_main else status[1]
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (picklable objects)."""
         if not self.active:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import sweep
 from .analysis import OPTIMIZERS
-from .checkpoint import RunCheckpoint
+from .checkpoint import RunCheckpoint, write_atomically
 from .config import StudyConfig
 from .distributed import Context
 from .quadratic import run_quadratic
@@ -50,27 +50,16 @@ class RunStore:
 
     def load(self, name: str, identity: dict):
         """The stored result (on rank 0; True on the other ranks), or None if not done yet."""
-        status = None
-        if self.ctx.is_main:
-            try:
-                result = self.read(name, identity)
-                status = ("done", None) if result is not None else ("todo", None)
-            except ValueError as err:
-                status = ("error", str(err))
-        status = self.ctx.broadcast(status)
-        if status[0] == "error":
-            raise ValueError(status[1])
-        if status[0] == "todo":
-            return None
-        return result if self.ctx.is_main else True
+        return self.ctx.read_on_main(lambda: self.read(name, identity), share=False)
 
     def save(self, name: str, identity: dict, result) -> None:
-        if not self.ctx.is_main:
-            return
-        path = self.directory / f"{name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"identity": identity, "result": result}))
-        tmp.replace(path)  # an interrupted write leaves no half file
+        if self.ctx.is_main:
+            write_atomically(self.directory / f"{name}.json",
+                             lambda tmp: tmp.write_text(json.dumps({"identity": identity, "result": result})))
+
+    def snapshot(self, name: str, identity: dict, every: int) -> RunCheckpoint:
+        """The snapshot of the unfinished run NAME (DIR/NAME.partial.pt)."""
+        return RunCheckpoint(self.directory / f"{name}.partial.pt", identity, self.ctx, every)
 
 
 def provenance(runs: dict) -> dict:
@@ -90,7 +79,7 @@ def _train_or_load(store: RunStore, name: str, identity: dict, bar, steps: int, 
         bar.total = (bar.total or 0) + steps
         bar.set_postfix_str(label)
         bar.refresh()
-        checkpoint = RunCheckpoint(store.directory / f"{name}.partial.pt", identity, store.ctx, checkpoint_every)
+        checkpoint = store.snapshot(name, identity, checkpoint_every)
         result = train(checkpoint)
         store.save(name, identity, result)
         checkpoint.discard()

@@ -74,7 +74,7 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
         opt.load_state_dict(resumed["optimizer"])
         step, evals, records, levels = resumed["step"], resumed["evals"], resumed["records"], resumed["levels"]
         val, best = resumed["val"], resumed["best"]
-        train_losses = list(resumed["train_losses"].to(ctx.device).unbind())
+        train_losses = list(resumed["train_losses"].to(ctx.device).unbind())  # float64, rank means
         if progress is not None:
             progress.update(step)
     else:
@@ -119,10 +119,12 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
         if progress is not None:
             progress.update(1)
         if checkpoint is not None and checkpoint.due(step) and step < steps:
-            checkpoint.save(dict(step=step, evals=evals, records=records, levels=levels, val=val, best=best,
-                                 train_losses=torch.stack(train_losses).cpu(), model=model.state_dict(),
-                                 optimizer=opt.state_dict()))
-    train_loss = ctx.mean_(torch.stack(train_losses).double()).tolist() if train_losses else []
+            # the losses as the run reports them, means over the ranks (every rank takes part)
+            losses = ctx.mean_(torch.stack([t.double() for t in train_losses]))
+            checkpoint.save(lambda: dict(step=step, evals=evals, records=records, levels=levels, val=val,
+                                         best=best, train_losses=losses.cpu(), model=model.state_dict(),
+                                         optimizer=opt.state_dict()))
+    train_loss = ctx.mean_(torch.stack([t.double() for t in train_losses])).tolist() if train_losses else []
     # how this run was made, for a report over runs that may come from earlier invocations
     made = {"world_size": ctx.world, "probe_method": cfg.probe_method if probes else None}
     return {"evals": evals, "train_loss": train_loss, "probes": records, "made": made}
