@@ -138,23 +138,26 @@ class Muon(torch.optim.Optimizer):
         per same-shape batch, the count, the shape and the squared norm across the ranks: two
         collectives, first step only. Under pipeline or tensor parallelism the ranks hold different
         matrices, which would silently receive other ranks' updates, or hang a collective."""
+        device = next((p.device for params in stepped for p in params), torch.device("cpu"))
         rows = []
         for group, params in zip(self.param_groups, stepped):
             plain = [p for p in params if not isinstance(p, DTensor)]
             if not group["use_muon"] or not plain:
                 continue
             for key, members in _buckets(plain, plain, group["split_rows"], group["flatten"]).items():
-                norm_sq = sum(float(p.detach().double().square().sum()) for p, _ in members)
-                rows.append([len(members), key[0], key[1], norm_sq])
-        device = next((p.device for params in stepped for p in params), torch.device("cpu"))
-        table = torch.tensor(rows or [[0.0] * 4], dtype=torch.float64, device=device)
+                norm_sq = torch.stack([p.detach().double().square().sum() for p, _ in members]).sum()
+                rows.append(torch.stack([torch.tensor(float(v), dtype=torch.float64, device=device)
+                                         for v in (len(members), key[0], key[1])] + [norm_sq.to(device)]))
+        table = torch.stack(rows) if rows else torch.zeros(1, 4, dtype=torch.float64, device=device)
+        # the table sizes first (a collective on tables of different sizes would hang), then the
+        # tables and their negatives in one MAX: the maximum and minus the minimum of every entry
         size = torch.tensor([table.shape[0], -table.shape[0]], dtype=torch.float64, device=device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.process_group)
-        same = size[0] == -size[1]
+        same = bool(size[0] == -size[1])
         if same:
-            high, low = table.clone(), table.clone()
-            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.process_group)
-            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.process_group)
+            both = torch.cat([table, -table])
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+            high, low = both[:len(table)], -both[len(table):]
             same = torch.equal(high[:, :3], low[:, :3]) and bool(
                 ((high[:, 3] - low[:, 3]).abs() <= 1e-9 * high[:, 3].abs()).all())
         if not same:
