@@ -45,7 +45,7 @@ inline DirquadSizes dirquad_sizes(at::TensorList grads, at::TensorList direction
       auto what = [&] { return std::string("dirquad: ") + name + "[" + std::to_string(i) + "]"; };
       auto ref_what = [&] { return "grads[" + std::to_string(p) + "]"; };
       const at::ScalarType dtype = t.scalar_type();
-      TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      TORCH_CHECK_TYPE(is_kernel_dtype(dtype),
                        what() + " has dtype " + python_dtype_name(dtype) +
                            "; expected a real floating-point tensor (float16, bfloat16, float32 or float64)");
       TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(),

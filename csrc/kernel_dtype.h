@@ -56,6 +56,11 @@ inline std::string python_float(double v) {
   return s;
 }
 
+// The dtypes the kernels take (to_kernel_dtype's cases): what ns5 and dirquad accept.
+inline bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 inline DType to_kernel_dtype(at::ScalarType t, const char* op) {
   switch (t) {
     case at::kFloat: return DType::Float32;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -28,13 +29,19 @@ inline void check_ns5_algorithm(std::string_view algorithm) {
                     "ns5: algorithm must be 'auto', 'standard' or 'gram', got '" + std::string(algorithm) + "'");
 }
 
+// An environment variable as an integer; `fallback` where it is unset or empty (read at every call).
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoll(value) : fallback;
+}
+
 inline void check_ns5_args(const at::Tensor& G, int64_t steps,
                            const std::optional<at::ArrayRef<double>>& coefficients, double eps,
                            std::string_view algorithm) {
   TORCH_CHECK_VALUE(G.dim() >= 2, std::string("ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape ") +
                                       shape_string(G.sizes()));
   const at::ScalarType dtype = G.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+  TORCH_CHECK_TYPE(is_kernel_dtype(dtype),
                    std::string("ns5: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
                                "got dtype ") + python_dtype_name(dtype));
   TORCH_CHECK_VALUE(steps >= 0, "ns5: steps must be >= 0, got " + std::to_string(steps));

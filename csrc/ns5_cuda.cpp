@@ -109,18 +109,13 @@ std::optional<cudaDataType> direct_result_type(const Ns5Problem& p, at::ScalarTy
   return std::nullopt;
 }
 
-int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
-}
-
 // The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
 // in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T is split
 // (gram_product; default 2048, 3-5% at 2048x8192 on an H100; 0 never), and
 // MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100, alternated 3
 // times, no change elsewhere).
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0; }
-int split_gram_min_short_side() { return env_int("MUONKERN_NS5_SPLIT_GRAM", 2048); }
+int split_gram_min_short_side() { return static_cast<int>(env_int("MUONKERN_NS5_SPLIT_GRAM", 2048)); }
 
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
 // p's input here) and `square_buffers` R x R ones, each holding the whole batch. Where the caller
@@ -238,8 +233,9 @@ void gram_product(const Ns5Products& products, int64_t h, const float* scale, co
 // At a stretch's first step P is written whole straight into Q's buffer (its a I by the diagonal
 // kernel). Later steps keep only B = b R + c R R and apply P through beta, P M = B M + a M: one launch
 // fewer per step, and a I is added in fp32 before the product's one rounding instead of to a bf16 P.
-// For one matrix, P Q and P R of such a step are one launch (square_pair): an R x R product alone
-// leaves SMs idle up to R ~ 1500 (1024x4096's ran 128 tiles of 128x64 on 132 SMs).
+// For one matrix, P Q and P R of such a step are one launch (square_pair), at every size: an R x R
+// product alone can leave SMs idle (1024x4096's ran 128 tiles of 128x64 on 132 SMs; the pair took
+// 9.8 us against 6.6 for one product, bench/NOTES.md).
 // The last product writes `out` itself, transposed where needed, for bf16 and fp32 outputs: an fp32
 // output is then the fp32 accumulator, not rounded to bf16 first (no finish kernel: at 2048x8192 it
 // cost 45 us of 956). Unless MUONKERN_NS5_DEFER_SCALE=0, for one wide matrix X0 is bf16(G) unscaled
@@ -331,7 +327,7 @@ bool fused_fits(const Ns5Problem& p, int cluster, const cudaDeviceProp& prop, bo
 // the redundant B = bA + cA^2 dominates: 48x128x128 ran 1.5x slower on 2 blocks than on 1), or
 // while its slice does not fit one block.
 int fused_cluster(const Ns5Problem& p, const cudaDeviceProp& prop, bool gram) {
-  const int forced = env_int("MUONKERN_NS5_CLUSTER", 0);
+  const int forced = static_cast<int>(env_int("MUONKERN_NS5_CLUSTER", 0));
   if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return fused_fits(p, forced, prop, gram) ? forced : 0;
   const int64_t Rp = fused_extents(p.short_side(), p.long_side(), 1).Rp, C = p.long_side();
   int cluster = 1;
@@ -455,7 +451,7 @@ ResultLaunch ns5_body(const at::Tensor& G_in, int64_t steps, const std::vector<d
 
 at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster,
                      bool gram) {
-  at::Tensor out = contiguous_like(G_in);
+  at::Tensor out = at::empty_like(G_in, {}, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   const at::Tensor G = launch_layout(G_in);
   const Ns5Problem p = describe(G, out.data_ptr(), steps, eps);
@@ -473,9 +469,9 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
 
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs (ns5_graphs.cpp) for the multi-launch paths: where the host's launches take at least
-// half as long as the GPU's work, the direct call waits on the host (768x768: 0.082 against 0.296
-// ms); elsewhere the GPU still starts a graph's kernels closer together (2048x8192 and 8x1024x4096:
-// 2% on an H100), and those graphs count their workspace against a memory budget. The fused path is
+// half as long as the GPU's work, the direct call waits on the host (768x768: 0.0816 against 0.1610
+// ms, README's Benchmarks); elsewhere the GPU still starts a graph's kernels closer together
+// (2048x8192 and 8x1024x4096: 1-2% on an H100, README's Backends), and those graphs count their workspace against a memory budget. The fused path is
 // a single launch already.
 bool launch_bound(const Ns5Problem& shape, bool gram) {
   return general_launches(shape, gram) * kLaunchSeconds >= 0.5 * general_gemm_seconds(shape, gram);
@@ -550,7 +546,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body, graph_budgeted_bytes(shape, gram)))
       return *out;
   }
-  at::Tensor out = contiguous_like(G_in);
+  at::Tensor out = at::empty_like(G_in, {}, at::MemoryFormat::Contiguous);
   if (out.numel() > 0) body(G_in).run(out, at::cuda::getCurrentCUDAStream());
   return out;
 }

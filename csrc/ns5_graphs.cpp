@@ -4,6 +4,7 @@
 #include "ns5_graphs.h"
 
 #include "kernels/ns5_kernels.h"
+#include "ns5_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -60,9 +61,7 @@ std::atomic<int64_t> budgeted_bytes{0};  // held by those of calls that are not 
 
 // MUONKERN_NS5_GRAPH_MB (read at every call; default 1024).
 int64_t ns5_graph_budget_bytes() {
-  const char* value = std::getenv("MUONKERN_NS5_GRAPH_MB");
-  const int64_t mib = value != nullptr && *value != '\0' ? std::atoll(value) : kDefaultGraphBudgetMiB;
-  return mib * (int64_t{1} << 20);
+  return env_int("MUONKERN_NS5_GRAPH_MB", kDefaultGraphBudgetMiB) * (int64_t{1} << 20);
 }
 
 void release_graph_slot(int64_t bytes) {
@@ -137,7 +136,7 @@ std::optional<InputNode> find_input_node(cudaGraph_t graph, const at::Tensor& in
 at::Tensor input_buffer(const at::Tensor& G) {
   return G.is_non_overlapping_and_dense()
              ? at::empty_strided(G.sizes(), G.strides(), G.options())
-             : contiguous_like(G);
+             : at::empty_like(G, {}, at::MemoryFormat::Contiguous);
 }
 
 void capture(CachedGraph& entry, const at::Tensor& G, const c10::cuda::CUDAStream& side, const Ns5Body& body) {
@@ -228,13 +227,9 @@ std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::strin
   }
   redirect_input(*entry, G, stream.stream());
   entry->graph->replay();
-  at::Tensor out = contiguous_like(G);
+  at::Tensor out = at::empty_like(G, {}, at::MemoryFormat::Contiguous);
   entry->result.run(out, stream.stream());
   return out;
-}
-
-at::Tensor contiguous_like(const at::Tensor& G) {
-  return at::empty(G.sizes(), G.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 bool ns5_graph_wanted() {

@@ -2,7 +2,8 @@
 // path enqueues 17 kernels whose host cost is about three times their GPU time; replayed from a
 // graph it costs two launches: the graph, pointed at the caller's G, then the launch that writes
 // the fresh output. Large calls gain too, less: the GPU starts a graph's kernels closer together
-// (2048x8192, 27 kernels: 2% on an H100), but their graphs hold their workspace, hence a budget.
+// (2048x8192: 1-2% on an H100, README's Backends), but their graphs hold their workspace, hence a
+// budget.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,10 +39,6 @@ using Ns5Body = std::function<ResultLaunch(const at::Tensor& G)>;
 // has no room for this one.
 std::optional<at::Tensor> ns5_graph_replay(const at::Tensor& G, const std::string& signature, const Ns5Body& body,
                                            int64_t budgeted);
-
-// An uninitialized contiguous tensor of G's sizes and options: the op's output, and a graph's input
-// buffer where G is not dense.
-at::Tensor contiguous_like(const at::Tensor& G);
 
 // Whether calls go through ns5_graph_replay: unless MUONKERN_NS5_GRAPH=0 (read at every call).
 bool ns5_graph_wanted();

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ns5_args import check_ns5_args
+from .ns5_args import check_ns5_args, check_ns5_tensor
 from .ns5_routing import checked_route
 
 NS5_GROUPED_SCHEMA = ('ns5_grouped(Tensor[] Gs, int steps=5, float[]? coefficients=None, '
@@ -27,9 +27,10 @@ GroupKey = Tuple[int, int, torch.dtype, torch.device, str, bool]
 
 
 def _check(Gs: Sequence[torch.Tensor], steps: int, coefficients, eps: float, algorithm: str) -> None:
+    """The op's checks, naming the tensor; the options once, with the first tensor (per-step work)."""
     for i, G in enumerate(Gs):
         try:
-            check_ns5_args(G, steps, coefficients, eps, algorithm)
+            check_ns5_args(G, steps, coefficients, eps, algorithm) if i == 0 else check_ns5_tensor(G)
         except (TypeError, ValueError) as e:
             raise type(e)(f"ns5_grouped: Gs[{i}]: {str(e).removeprefix('ns5: ')}") from None
 

@@ -113,12 +113,17 @@ NS5_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | None, eps: float,
                    algorithm: str = "auto") -> None:
     """The op's argument checks, in the order and with the messages of csrc/ns5_common.h."""
+    check_ns5_tensor(G)
+    check_ns5_options(steps, coefficients, eps, algorithm)
+
+
+def check_ns5_tensor(G: torch.Tensor) -> None:
+    """The checks of the tensor alone: rank and dtype."""
     if G.dim() < 2:
         raise ValueError(f"ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
     if G.dtype not in NS5_DTYPES:
         raise TypeError("ns5: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {G.dtype}")
-    check_ns5_options(steps, coefficients, eps, algorithm)
 
 
 def check_ns5_options(steps: int, coefficients: Sequence[float] | None, eps: float, algorithm: str = "auto") -> None:
