@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..checks import check_positive_int
 from ..ops import dirquad
 from .hessian_products import HVP_METHODS, LossFn, check_method, grad_and_hvps
 from .validate import (Params, check_batch_size, check_like, check_params, check_samples,
@@ -77,11 +78,7 @@ def directional_quadratics(loss_fn: LossFn, params: Params,
     ``batch_size`` HVPs run per pass (memory grows with it; on a GPU 4–8 amortize the shared
     primal computation).
     """
-    if method not in QUADRATIC_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {QUADRATIC_METHODS}")
-    check_batch_size(batch_size)
-    params = check_params(params)
-    dirs, single = direction_list(params, directions)
+    params, dirs, single = _checked(params, directions, method, batch_size)
     if method == "taylor":
         return _taylor_quadratics(loss_fn, params, dirs, single, groups, blocks, batch_size)
     return _hvp_quadratics(loss_fn, params, dirs, single, [groups] if blocks else [], method, batch_size)[0]
@@ -98,18 +95,23 @@ def directional_quadratics_for_partitions(loss_fn: LossFn, params: Params,
     The HVP methods share one primal computation and one gradient among all partitions (the sum
     of their group counts in HVPs per direction, as separate calls take, but one forward and one
     differentiable backward fewer per extra partition); ``taylor`` runs one call per partition."""
-    if method not in QUADRATIC_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {QUADRATIC_METHODS}")
     if not isinstance(partitions, Mapping) or len(partitions) == 0:
         raise ValueError("partitions must be a non-empty dict name -> groups")
-    check_batch_size(batch_size)
-    params = check_params(params)
-    dirs, single = direction_list(params, directions)
+    params, dirs, single = _checked(params, directions, method, batch_size)
     if method == "taylor":
         return {name: _taylor_quadratics(loss_fn, params, dirs, single, groups, True, batch_size)
                 for name, groups in partitions.items()}
     results = _hvp_quadratics(loss_fn, params, dirs, single, list(partitions.values()), method, batch_size)
     return dict(zip(partitions, results))
+
+
+def _checked(params, directions, method: str, batch_size: int):
+    """(checked params, list of checked directions, whether one dict was given)."""
+    if method not in QUADRATIC_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {QUADRATIC_METHODS}")
+    check_batch_size(batch_size)
+    params = check_params(params)
+    return (params, *direction_list(params, directions))
 
 
 def _hvp_quadratics(loss_fn, params, dirs, single, partitions: list, method: str,
@@ -247,8 +249,7 @@ def groups_by_module(model: Union[torch.nn.Module, Params], depth: int) -> Dict[
     fewer components than ``depth`` form their own group (their full name). ``model`` may be an
     ``nn.Module`` (its ``named_parameters()``) or a params dict. Groups keep first-seen order.
     """
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    check_positive_int(depth, "depth")
     if isinstance(model, torch.nn.Module):
         names = [n for n, _ in model.named_parameters()]
     elif isinstance(model, Mapping):

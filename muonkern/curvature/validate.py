@@ -5,6 +5,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..checks import check_positive_int
+
 Params = Mapping[str, torch.Tensor]
 
 
@@ -123,8 +125,7 @@ def resolve_groups(params: Dict[str, torch.Tensor],
 
 
 def check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
 
 
 def check_samples(samples: int) -> None:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from .tokens import check_window
+from .tokens import check_window, window_starts
 
 VOCAB_SIZE = 256
 
@@ -51,12 +51,9 @@ class ByteCorpus:
         check_window(batch_size, context)
         if len(data) < context + 1:
             raise ValueError(f"the {split} split ({len(data)} bytes) is shorter than context + 1 = {context + 1}")
-        gen = torch.Generator().manual_seed(seed)
         offsets = torch.arange(context + 1)
-        while True:
-            # every window of context + 1 bytes, the last one included
-            starts = torch.randint(0, len(data) - context, (batch_size, 1), generator=gen)
-            window = data[starts + offsets].long()
+        for starts in window_starts(len(data), batch_size, context, seed):
+            window = data[starts[:, None] + offsets].long()
             yield window[:, :-1], window[:, 1:]
 
 

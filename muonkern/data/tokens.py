@@ -10,14 +10,25 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
+
 SPLITS = ("train", "val")
 
 
 def check_window(batch_size: int, context: int) -> None:
     """Batch sizes and contexts of the loaders: ints >= 1 (a zero or negative one gave empty batches)."""
-    for name, value in (("batch_size", batch_size), ("context", context)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(context, "context")
+
+
+def window_starts(n_tokens: int, batch_size: int, context: int, seed: int) -> Iterator[torch.Tensor]:
+    """Seeded starts (batch_size,) of random windows of context + 1 tokens in a stream of n_tokens:
+    every window, the last one included (nanoGPT's get_batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, n_tokens - context, (batch_size,), generator=gen)
+
+
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when checking the id range
 
 
@@ -29,6 +40,8 @@ class TokenFiles:
         self.vocab_size = int(vocab_size)
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if np.dtype(dtype).kind not in "iu":
+            raise TypeError(f"token files hold integer ids, got dtype {np.dtype(dtype)}")
         self.splits = {}
         for split in SPLITS:
             path = self.data_dir / f"{split}.bin"
@@ -41,13 +54,12 @@ class TokenFiles:
             if size == 0:
                 raise ValueError(f"{path} is empty")
             tokens = np.memmap(path, dtype=dtype, mode="r")
-            if tokens.dtype.kind not in "iu":
-                raise TypeError(f"token files hold integer ids, got dtype {tokens.dtype}")
-            chunks = range(0, len(tokens), _SCAN_CHUNK)
-            low = min(int(tokens[i:i + _SCAN_CHUNK].min()) for i in chunks) if tokens.dtype.kind == "i" else 0
+            # one pass over the file: each chunk's lowest and highest id
+            ranges = [(int(c.min()), int(c.max())) for c in
+                      (tokens[i:i + _SCAN_CHUNK] for i in range(0, len(tokens), _SCAN_CHUNK))]
+            low, top = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
             if low < 0:
                 raise ValueError(f"{path} holds token id {low} < 0")
-            top = max(int(tokens[i:i + _SCAN_CHUNK].max()) for i in chunks)
             if top >= self.vocab_size:
                 raise ValueError(f"{path} holds token id {top} >= vocab_size={self.vocab_size}; "
                                  f"set --set vocab_size to at least {top + 1}")
@@ -67,11 +79,8 @@ class TokenFiles:
         if len(data) < context + 1:
             raise ValueError(f"{self.data_dir / (split + '.bin')} holds {len(data)} tokens, too short for "
                              f"context {context} (needs at least context + 1 = {context + 1})")
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            # every window of context + 1 tokens, the last one included (nanoGPT's get_batch)
-            starts = torch.randint(0, len(data) - context, (batch_size,), generator=gen).tolist()
-            window = torch.from_numpy(np.stack([data[s:s + context + 1].astype(np.int64) for s in starts]))
+        for starts in window_starts(len(data), batch_size, context, seed):
+            window = torch.from_numpy(np.stack([data[s:s + context + 1].astype(np.int64) for s in starts.tolist()]))
             yield window[:, :-1], window[:, 1:]
 
 

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The exact (math) attention path lives with the curvature probes, which enter it themselves.
+from ..checks import check_positive_int
 from ..curvature.hessian_products import exact_attention
 
 __all__ = ["GPT", "GPTConfig", "GPTLoss", "PRESETS", "apply_rope", "exact_attention", "gpt_loss_fn",
@@ -66,9 +67,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be an int >= 1, got {value!r}")
+            check_positive_int(getattr(self, name), f"GPTConfig.{name}")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):

@@ -11,6 +11,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from ..data import PCFGConfig
+
 DATASETS = ("pcfg", "shakespeare", "bin")
 
 
@@ -184,9 +186,9 @@ def check_config(cfg: StudyConfig) -> None:
         raise ValueError(f"alphas must be distinct, finite and >= 0, got {cfg.alphas}")
     if not 0 <= cfg.val_alpha < math.inf:
         raise ValueError(f"val_alpha must be finite and >= 0, got {cfg.val_alpha}")
-    if cfg.dataset == "pcfg" and (cfg.n_classes < 1 or cfg.vocab_size % cfg.n_classes):
-        raise ValueError(f"the Zipf-PCFG language splits its vocabulary into equal classes: vocab_size="
-                         f"{cfg.vocab_size} must be a multiple of n_classes={cfg.n_classes}")
+    if cfg.dataset == "pcfg":
+        # the language's own checks, before any run builds it (vocab_size a multiple of n_classes)
+        PCFGConfig(vocab_size=cfg.vocab_size, n_classes=cfg.n_classes, seed=cfg.grammar_seed)
     if cfg.probe_method not in PROBE_METHODS:
         raise ValueError(f"probe_method must be one of {PROBE_METHODS} (exact probes), got {cfg.probe_method!r}")
     if cfg.ladder_step <= 0:
