@@ -432,8 +432,9 @@ def test_gram_one_matrix_without_restart(gen, monkeypatch, steps, shape, dtype):
 # of a stretch that are neither its first nor its last: step 4 of 5 (restart after 2), step 6 of 7
 # (restarts after 2 and 4). A batch of two matrices runs them apart, so the first matrix's result
 # there is the same arithmetic up to the products' rounding (other GEMM algorithms, other fp32 sums
-# before each bf16 rounding). Measured on an H100 over 12 inputs: worst 0.0083 (5 steps) and 0.0129
-# (7 steps), median 0.0073 and 0.0111; budget PAIRED_RTOL about 2x the worst.
+# before each bf16 rounding). Measured on an H100 over 12 inputs (python bench/ns5_diagnostics.py
+# pair-spread): worst 0.0083 (5 steps) and 0.0129 (7 steps), median 0.0073 and 0.0111; budget
+# PAIRED_RTOL about 2x the worst.
 PAIRED_RTOL = 0.026
 
 

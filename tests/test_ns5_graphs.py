@@ -163,7 +163,8 @@ def test_large_calls_replay_within_the_memory_budget(gen, monkeypatch):
     for G in inputs:
         ns5(G, algorithm="standard")
     assert cached_graphs() == before, "a graph past the memory budget was captured"
-    # room whatever earlier tests' graphs hold (this one holds 33 MB)
+    # room whatever earlier tests' graphs hold (this one holds about 33 MB: python
+    # bench/ns5_diagnostics.py graph-bytes)
     monkeypatch.setenv("MUONKERN_NS5_GRAPH_MB", str(1 << 20))
     outs = [ns5(G, algorithm="standard") for G in inputs]
     assert cached_graphs() == before + 1

@@ -671,9 +671,10 @@ def test_bad_option_types_raise(kwargs, match):
 def test_matches_torch_optim_muon(gen, adjust_lr, shape):
     """Against torch.optim.Muon, an implementation that shares no code with this package (its own
     bf16 Newton-Schulz with fused addmm products, norm clamped at eps): the same update up to the
-    bf16 rounding of the orthogonalization. Measured worst over 20 inputs of 4 shapes, 3 steps:
-    0.0143 per entry per step in units of lr * scale; budget BF16_NS5_ATOL (2^-5) per step."""
-    steps, options = 3, dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+    bf16 rounding of the orthogonalization. After 10 steps, in units of lr * scale (`python
+    bench/cpu_measurements.py muon-vs-torch`, 30 runs): worst 0.094; a momentum of 0.9 instead of
+    0.95 moves it by at least 0.25. Budget 0.2."""
+    steps, options = 10, dict(lr=0.02, momentum=0.95, weight_decay=0.1)
     start = torch.randn(shape, generator=gen)
     grads = make_grads(gen, [shape], steps)
     ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
@@ -682,7 +683,7 @@ def test_matches_torch_optim_muon(gen, adjust_lr, shape):
     for (g,) in grads:
         theirs.grad = g.clone()
         opt.step()
-    atol = steps * BF16_NS5_ATOL * options["lr"] * ref_scale(*shape, adjust_lr)
+    atol = 0.2 * options["lr"] * ref_scale(*shape, adjust_lr)
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=atol)
 
 

@@ -173,12 +173,16 @@ def _run_world(world: int, out_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single_process():
-    """The one-process run, with one thread like the workers (tiny matrices: threads only cost time)."""
+    """The one-process runs, with one thread like the workers (tiny matrices: threads only cost time):
+    the data-parallel and DTensor specs, and the data-parallel one seeded as each rank of the
+    different-parameters mode (rank 0's is "dp" itself)."""
     assert not dist.is_initialized()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"dp": _train(DP_SPECS, DP_GROUPS), "dtensor": _train(DT_SPECS, DT_GROUPS)}
+        dp = _train(DP_SPECS, DP_GROUPS)
+        per_rank = [dp] + [_train(DP_SPECS, DP_GROUPS, seed=r) for r in range(1, max(WORLD_SIZES))]
+        return {"dp": dp, "dtensor": _train(DT_SPECS, DT_GROUPS), "per_rank": per_rank}
     finally:
         torch.set_num_threads(threads)
 
@@ -256,21 +260,16 @@ def test_dtensor_matches_single_process(distributed, single_process):
             assert torch.equal(result["dtensor"][name], expected[name]), (world, rank, name)
 
 
-def test_different_parameters_per_rank(distributed):
+def test_different_parameters_per_rank(distributed, single_process):
     """Ranks that hold different matrices: sharing the orthogonalization refuses on every rank (it
     would hand each rank another's updates), and distribute=False trains each rank's own parameters
     as one process would (exact: the same ns5 calls)."""
     world, results = distributed
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for rank, result in enumerate(results):
-            assert "hold different matrices" in result["refused"], (world, rank, result["refused"])
-            alone = _train(DP_SPECS, DP_GROUPS, seed=rank)
-            for name in alone:
-                assert torch.equal(result["own"][name], alone[name]), (world, rank, name)
-    finally:
-        torch.set_num_threads(threads)
+    for rank, result in enumerate(results):
+        assert "hold different matrices" in result["refused"], (world, rank, result["refused"])
+        alone = single_process["per_rank"][rank]
+        for name in alone:
+            assert torch.equal(result["own"][name], alone[name]), (world, rank, name)
 
 
 def test_single_process_run_moves_every_parameter(single_process):

@@ -116,16 +116,21 @@ def test_config_overrides_and_errors():
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
 def test_every_preset_builds_its_language_and_model(preset):
-    """Each preset's configuration, Zipf-PCFG grammar and GPT can be built (the paper preset's
-    vocabulary once did not split into its classes)."""
-    from muonkern.models import GPTConfig
+    """Each preset's configuration, Zipf-PCFG language and GPT can be built and fit together (the
+    paper preset's vocabulary once did not split into its classes): the language's batches hold
+    ids the model's vocabulary covers, separators included."""
+    import torch
+
+    from muonkern.models import GPT, GPTConfig
     from muonkern.study.sources import _grammar, vocab_size
 
     cfg = make_config(preset, device="cpu")
-    grammar = _grammar(cfg.vocab_size, cfg.n_classes, cfg.grammar_seed)
-    assert grammar.sep == cfg.vocab_size
-    GPTConfig(vocab_size=vocab_size(cfg), context=cfg.context, n_layer=cfg.n_layer, n_head=cfg.n_head,
-              d_model=cfg.d_model)
+    x, y = next(_grammar(cfg.vocab_size, cfg.n_classes, cfg.grammar_seed).batches(2, cfg.context, seed=0))
+    assert x.shape == (2, cfg.context) and int(torch.cat([x, y]).max()) < vocab_size(cfg)
+    with torch.device("meta"):  # the paper's 91.7M parameters without allocating them
+        model = GPT(GPTConfig(vocab_size=vocab_size(cfg), context=cfg.context, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, d_model=cfg.d_model))
+    assert model.num_params() > 0
 
 
 NO_SWEEP = [*SMALL, "--set", "lr_sweep=false", "--set", "seeds=0"]
