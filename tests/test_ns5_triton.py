@@ -83,14 +83,15 @@ def random_symmetric(gen, *shape) -> torch.Tensor:
 def test_symmetric_polynomial_matches_float64(gen, shape, kind):
     m = shape[-1]
     A = ns_like_gram(gen, (*shape[:-1], 2 * m)) if kind == "ns-gram" else random_symmetric(gen, *shape)
-    b, c = -4.7750, 2.0315
+    a, b, c = 3.4445, -4.7750, 2.0315
     out = poisoned(shape)
-    P = ts.symmetric_polynomial(A, b, c, out=out)
+    P = ts.symmetric_polynomial(A, b, c, out=out, a=a)
     assert P.data_ptr() == out.data_ptr()
     A64 = A.double()
-    # |c| scales the product's accumulation error; c·acc + b·A rounds once more in fp32
-    assert_symmetric_product(P, b * A64 + c * (A64 @ A64), abs(c) ** 0.5 * A64, m,
-                             terms=abs(b) * A64.abs() + abs(c) * (A64.abs() @ A64.abs()))
+    I = torch.eye(m, dtype=torch.float64, device=A.device)
+    # |c| scales the product's accumulation error; c·acc + b·A + a·I rounds once more in fp32
+    assert_symmetric_product(P, a * I + b * A64 + c * (A64 @ A64), abs(c) ** 0.5 * A64, m,
+                             terms=a * I + abs(b) * A64.abs() + abs(c) * (A64.abs() @ A64.abs()))
 
 
 @needs_gpu
@@ -228,14 +229,14 @@ for shape, view in [((37, 50), False), ((3, 70, 33), False), ((1, 1), False), ((
                     "same_out": C.data_ptr() == out.data_ptr(), "err": max_rel(C, ref)})
 report["xxt"] = xxt
 
-# 3. b A + c A A on symmetric A
+# 3. a I + b A + c A A on symmetric A (a = 0 and the first step's a)
 poly = []
-for shape in [(45, 45), (2, 33, 33), (1, 1)]:
+for shape, a in [((45, 45), 0.0), ((2, 33, 33), 3.4445), ((1, 1), 3.4445)]:
     A = torch.randn(*shape, generator=gen)
     A = (A + A.mT) / 2
     out = torch.full(shape, float("nan"))
-    P = ts.symmetric_polynomial(A, -4.775, 2.0315, out=out)
-    ref = -4.775 * A.double() + 2.0315 * A.double() @ A.double()
+    P = ts.symmetric_polynomial(A, -4.775, 2.0315, out=out, a=a)
+    ref = a * torch.eye(shape[-1], dtype=torch.float64) - 4.775 * A.double() + 2.0315 * A.double() @ A.double()
     poly.append({"shape": list(shape), "nan": bool(P.isnan().any()),
                  "symmetric": bool(torch.equal(P, P.mT)), "same_out": P.data_ptr() == out.data_ptr(),
                  "err": max_rel(P, ref)})
@@ -287,7 +288,7 @@ for has_linear, k_major in [(False, True), (False, False), (True, True)]:
     unit = "stride_xk" if k_major else "stride_xm"
     signature = {"X": "*bf16", "C": "*bf16", "M": "i32", "K": "i32", "BATCH": "i32", "stride_xb": "i64",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_cb": "i64", "stride_cm": "i32",
-                 "stride_cn": "constexpr", "alpha": "fp32", "beta": "fp32", "HAS_LINEAR": "constexpr",
+                 "stride_cn": "constexpr", "alpha": "fp32", "beta": "fp32", "gamma": "fp32", "HAS_LINEAR": "constexpr",
                  "BLOCK": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr", "DOT_PRECISION": "constexpr"}
     signature[unit] = "constexpr"
     constexprs = {unit: 1, "stride_cn": 1, "HAS_LINEAR": has_linear, "BLOCK": cfg.block,

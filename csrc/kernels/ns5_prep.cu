@@ -90,20 +90,28 @@ __device__ __forceinline__ void store_run(T* dst, int64_t i, int64_t n, const fl
   }
 }
 
+// All kRuns runs of this thread's share of a flat work unit, every load issued before the caller
+// stores anything: as far as the compiler knows a store may alias the next run's source, which
+// would hold each load behind the previous store (one 16-byte load in flight per thread).
+template <int W, int kRuns, bool kVector, typename T>
+__device__ __forceinline__ void load_runs(const T* src, int64_t base, int64_t n, float (&v)[kRuns][W]) {
+#pragma unroll
+  for (int j = 0; j < kRuns; ++j) load_run<W, kVector>(src, flat_index<W>(base, j), n, v[j]);
+}
+
 // The sum of squares of a flat work unit; where `copy` is set, the unit is also written to it in bf16,
 // unscaled.
 template <typename T, bool kVector>
 __device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n, bf16* copy) {
-  constexpr int W = kFlatWidth<T>;
+  constexpr int W = kFlatWidth<T>, kRuns = kFlatPerThread / W;
+  float v[kRuns][W];
+  load_runs<W, kRuns, kVector>(g, base, n, v);
   float partial = 0.f;
 #pragma unroll
-  for (int j = 0; j < kFlatPerThread / W; ++j) {
-    float v[W];
-    const int64_t i = flat_index<W>(base, j);
-    load_run<W, kVector>(g, i, n, v);
+  for (int j = 0; j < kRuns; ++j) {
 #pragma unroll
-    for (int e = 0; e < W; ++e) partial += v[e] * v[e];
-    if (copy != nullptr) store_run<W, kVector>(copy, i, n, v);
+    for (int e = 0; e < W; ++e) partial += v[j][e] * v[j][e];
+    if (copy != nullptr) store_run<W, kVector>(copy, flat_index<W>(base, j), n, v[j]);
   }
   return partial;
 }
@@ -111,15 +119,14 @@ __device__ __forceinline__ float chunk_sumsq(const T* g, int64_t base, int64_t n
 // dst[i] = (src[i] * scale) in dst's type over a flat work unit (W = kFlatWidth of the wider type).
 template <bool kVector, typename S, typename D>
 __device__ __forceinline__ void chunk_convert(const S* src, D* dst, int64_t base, int64_t n, float scale) {
-  constexpr int W = kFlatWidth<S> < kFlatWidth<D> ? kFlatWidth<S> : kFlatWidth<D>;
+  constexpr int W = kFlatWidth<S> < kFlatWidth<D> ? kFlatWidth<S> : kFlatWidth<D>, kRuns = kFlatPerThread / W;
+  float v[kRuns][W];
+  load_runs<W, kRuns, kVector>(src, base, n, v);
 #pragma unroll
-  for (int j = 0; j < kFlatPerThread / W; ++j) {
-    const int64_t i = flat_index<W>(base, j);
-    float v[W];
-    load_run<W, kVector>(src, i, n, v);
+  for (int j = 0; j < kRuns; ++j) {
 #pragma unroll
-    for (int e = 0; e < W; ++e) v[e] *= scale;
-    store_run<W, kVector>(dst, i, n, v);
+    for (int e = 0; e < W; ++e) v[j][e] *= scale;
+    store_run<W, kVector>(dst, flat_index<W>(base, j), n, v[j]);
   }
 }
 

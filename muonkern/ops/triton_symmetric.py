@@ -2,13 +2,15 @@
 
 Each step of ns5 (wide orientation, X is m×n with m <= n) is
 
-    A = X Xᵀ,   B = b·A + c·A·A,   X = a·X + B·X.
+    A = X Xᵀ,   P = a·I + b·A + c·A·A,   X = P·X   (the reference's a·X + (b·A + c·A·A)·X).
 
-A and B are symmetric, and so is A·A = A·Aᵀ. One kernel computes C = X Xᵀ (and, with the
-linear term folded into its epilogue, C = c·A·Aᵀ + b·A) on the tiles on and above the diagonal
-only, and stores every tile twice: as it is and mirrored across the diagonal. That halves the
-FLOPs of two of the three products (4m²n + 2m³ per step become 3m²n + m³). The third product,
-B·X, has no symmetry to use; it runs as ``torch.baddbmm`` (cuBLAS) with a·X in its epilogue.
+A and P are symmetric, and so is A·A = A·Aᵀ. One kernel computes C = X Xᵀ (and, with the
+linear and diagonal terms folded into its epilogue, C = c·A·Aᵀ + b·A + a·I) on the tiles on and
+above the diagonal only, and stores every tile twice: as it is and mirrored across the diagonal.
+That halves the FLOPs of two of the three products (4m²n + 2m³ per step become 3m²n + m³). The
+third product, P·X, has no symmetry to use; it runs as ``torch.bmm`` (cuBLAS). With a·I inside P
+it reads no third operand: ``torch.baddbmm(X, B, X, out=Y)`` first copies X into Y (cuBLAS
+accumulates in place), 22 µs a step at 4096² on an H100.
 
 Tile mapping. The output is cut into square BLOCK×BLOCK tiles, T = ceil(m / BLOCK) per side,
 and the grid has one program per tile of the upper triangle, T(T+1)/2 per matrix, so no program
@@ -116,11 +118,11 @@ if triton is not None:
     def _syrk_kernel(X, C, M, K, BATCH,
                      stride_xb, stride_xm, stride_xk,
                      stride_cb, stride_cm, stride_cn,
-                     alpha, beta,
+                     alpha, beta, gamma,
                      HAS_LINEAR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """C = X Xᵀ, or C = alpha·X Xᵀ + beta·X for a square X (HAS_LINEAR), per matrix of a
-        batch: X (batch, M, K), C (batch, M, M); one program per upper-triangle tile."""
+        """C = X Xᵀ, or C = alpha·X Xᵀ + beta·X + gamma·I for a square X (HAS_LINEAR), per matrix
+        of a batch: X (batch, M, K), C (batch, M, M); one program per upper-triangle tile."""
         tiles = tl.cdiv(M, BLOCK)
         per_matrix = tiles * (tiles + 1) // 2
         pid = tl.program_id(0)
@@ -136,10 +138,11 @@ if triton is not None:
         offs_n = tile_n * BLOCK + tl.arange(0, BLOCK)
         in_m = offs_m < M
         in_n = offs_n < M
-        if HAS_LINEAR:  # the polynomial's linear term, in fp32 before the one rounding to C
+        if HAS_LINEAR:  # the polynomial's linear and constant terms, in fp32 before the one rounding to C
             lin_ptrs = X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk
             lin = tl.load(lin_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
-            acc = alpha * acc + beta * lin.to(tl.float32)
+            diagonal = offs_m[:, None] == offs_n[None, :]
+            acc = alpha * acc + beta * lin.to(tl.float32) + tl.where(diagonal, gamma, 0.0)
         _store_symmetric(C, acc.to(C.dtype.element_ty), tile_m, tile_n, M, stride_cm, stride_cn, BLOCK)
 
     @triton.jit
@@ -255,18 +258,18 @@ def _batched(name: str, X: torch.Tensor, out: Optional[torch.Tensor]) -> tuple[t
 
 
 def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_linear: bool,
-            config: Optional[SyrkConfig]):
+            config: Optional[SyrkConfig], gamma: float = 0.0):
     """Runs the kernel on X (batch, M, K) into C (batch, M, M); returns what the launch returns
-    (the compiled kernel on a GPU, with its ``.asm``)."""
+    (the compiled kernel on a GPU, with its ``.asm``). gamma·I is added only with has_linear."""
     batch, M, K = X.shape
     if batch == 0 or M == 0:
         return None
     if M == 1:
         # 1×1 outputs: Triton 3.6 fails to compile the kernel when M = 1 is specialized to a
         # constant (its coalescing pass, on the mirrored store); there is nothing to tile anyway
-        C.copy_(dense_product(X, X.mT, alpha, X if has_linear else None, beta))
+        C.copy_(dense_product(X, X.mT, alpha, X if has_linear else None, beta, gamma if has_linear else 0.0))
         return None
-    args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta))
+    args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta), float(gamma))
     meta = dict(HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(X.dtype))
     if config is None and (_interpreting() or X.device.type != "cuda"):
         config = INTERPRETER_CONFIG
@@ -292,15 +295,15 @@ def xxt(X: torch.Tensor, out: Optional[torch.Tensor] = None,
 
 
 def symmetric_polynomial(A: torch.Tensor, b: float, c: float, out: Optional[torch.Tensor] = None,
-                         config: Optional[SyrkConfig] = None) -> torch.Tensor:
-    """C = b·A + c·A·A for a symmetric A (…, m, m): A·A = A·Aᵀ, so the X Xᵀ kernel with the
-    linear term added in fp32 in its epilogue. Reads the whole of A; the result is exactly
-    symmetric (computed from the upper triangle of tiles)."""
+                         config: Optional[SyrkConfig] = None, a: float = 0.0) -> torch.Tensor:
+    """C = a·I + b·A + c·A·A for a symmetric A (…, m, m): A·A = A·Aᵀ, so the X Xᵀ kernel with the
+    linear and constant terms added in fp32 in its epilogue. Reads the whole of A; the result is
+    exactly symmetric (computed from the upper triangle of tiles)."""
     _require_triton("symmetric_polynomial", A)
     if A.size(-1) != A.size(-2):
         raise ValueError(f"symmetric_polynomial: expected square matrices, got shape {tuple(A.shape)}")
     A3, C3 = _batched("symmetric_polynomial", A, out)
-    _launch(A3, C3, c, b, True, config)
+    _launch(A3, C3, c, b, True, config, a)
     return C3 if A.dim() == 3 else C3[0]
 
 
@@ -315,20 +318,24 @@ def check_triton_ns5_args(name: str, G: torch.Tensor, steps: int, coefficients: 
 
 
 def normalize(G: torch.Tensor, dtype: torch.dtype, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """X0 = G / (‖G‖_F + eps) per matrix in ``dtype`` (into ``out`` if given): the reference's
-    normalization, op for op (for bf16: bf16 norm, bf16 quotient)."""
-    X = G.to(dtype)
-    return torch.div(X, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps, out=out)
+    """X0 = G / (‖G‖_F + eps) per matrix in ``dtype`` (into ``out`` if given), the norm summed
+    and the quotient taken in float32, one rounding to ``dtype``: two passes over G (the norm, then
+    the quotient written straight in ``dtype``), where converting G first takes four."""
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(G.shape, dtype=dtype, device=G.device)
+    return torch.div(G, norm + eps, out=out)
 
 
 def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequence[float]] = None,
                   eps: float = 1e-7, config: Optional[SyrkConfig] = None,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """ns5 (the standard iteration, as ``muonkern.ops.fallback.ns5_reference`` with
-    algorithm="standard") of G (m, n) or (batch, m, n), with A = X Xᵀ and B = b·A + c·A·A by the
-    symmetric kernels and X = a·X + B·X by cuBLAS (baddbmm). Operands in ``dtype``: bfloat16 as in
-    the reference (float32 serves exactness tests under the interpreter). Each product rounds once,
-    in its epilogue, where the reference rounds after every elementwise op as well. Returns G's
+    algorithm="standard") of G (m, n) or (batch, m, n), with A = X Xᵀ and P = a·I + b·A + c·A·A by
+    the symmetric kernels and X = P·X by cuBLAS (bmm). Operands in ``dtype``: bfloat16 as in the
+    reference (float32 serves exactness tests under the interpreter). Each product rounds once, in
+    its epilogue, where the reference rounds after every elementwise op as well; the last one
+    writes a float32 G's result from its fp32 accumulator (no bf16 result to convert). Returns G's
     dtype and shape, contiguous."""
     check_triton_ns5_args("ns5_symmetric", G, steps, coefficients, eps, dtype)
     if G.dim() not in (2, 3):
@@ -339,21 +346,36 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     X = X.unsqueeze(0) if G.dim() == 2 else X
     transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.mT  # a strided view: the first X Xᵀ reads it in place, baddbmm writes wide
+        X = X.mT  # a strided view: the first X Xᵀ reads it in place, bmm writes wide
     batch, m, n = X.shape
     A = torch.empty((batch, m, m), dtype=dtype, device=X.device)
-    B = torch.empty_like(A)
-    # two buffers in turn: baddbmm must not write the X it reads
+    P = torch.empty_like(A)
+    # two buffers in turn: bmm must not write the X it reads
     buffers = [torch.empty((batch, m, n), dtype=dtype, device=X.device) for _ in range(2)]
+    triples = step_coefficients(steps, coefficients)
     # the buffers are this function's own: the products launch without xxt's per-call checks
-    for i, (a, b, c) in enumerate(step_coefficients(steps, coefficients)):
+    for i, (a, b, c) in enumerate(triples[:-1]):
         _launch(X, A, 1.0, 0.0, False, config)
-        _launch(A, B, c, b, True, config)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0, out=buffers[i % 2])
+        _launch(A, P, c, b, True, config, a)
+        X = torch.bmm(P, X, out=buffers[i % 2])
+    a, b, c = triples[-1]
+    _launch(X, A, 1.0, 0.0, False, config)
+    _launch(A, P, c, b, True, config, a)
+    out = _last_product(P, X, transposed, G.dtype)
+    return out if G.dim() == 3 else out[0]
+
+
+def _last_product(P: torch.Tensor, X: torch.Tensor, transposed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The last step's P·X (wide) in G's orientation and dtype, contiguous. A tall G's result is
+    Xᵀ·P (P is symmetric): cuBLAS writes the tall matrix itself, with no transposing copy. A
+    float32 result comes from cuBLAS's fp32 accumulator where it can (``torch.bmm(out_dtype=)``,
+    CUDA), with no bf16 result to convert."""
+    direct = out_dtype == torch.float32 and P.dtype != out_dtype and P.is_cuda and hasattr(torch.ops.aten.bmm, "dtype")
     if transposed:
-        X = X.mT
-    X = X if G.dim() == 3 else X[0]
-    return X.to(G.dtype).contiguous()
+        out = torch.bmm(X.mT, P, out_dtype=out_dtype) if direct else torch.bmm(X.mT, P)
+    else:
+        out = torch.bmm(P, X, out_dtype=out_dtype) if direct else torch.bmm(P, X)
+    return out.to(out_dtype)
 
 
 def wgmma_in_ptx(compiled) -> bool:
