@@ -1,4 +1,4 @@
-"""The Triton symmetric-product kernels (muonkern.ops.triton_symmetric): X Xᵀ, b·A + c·A·A and the
+"""The Triton symmetric-product kernels (muonkern.ops.triton_symmetric): X Xᵀ, a·I + b·A + c·A·A and the
 ns5 iteration built on them.
 
 GPU tests (skipped without CUDA or triton) hold the kernels against float64 products of the same

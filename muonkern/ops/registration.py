@@ -75,7 +75,7 @@ _composites = None
 
 # Triton routes of ns5, defined where triton is installed; the CUDA kernel of ns5 hands calls to them
 # (csrc/ns5_cuda.cpp, triton_route):
-#   ns5_symmetric       X Xᵀ and b·A + c·A·A on one triangle of tiles (muonkern.ops.triton_symmetric):
+#   ns5_symmetric       X Xᵀ and a·I + b·A + c·A·A on one triangle of tiles (muonkern.ops.triton_symmetric):
 #                       large matrices on Hopper, and MUONKERN_NS5_PATH=symmetric
 #   ns5_gram_symmetric  the Gram iteration with every symmetric product on the stream-K kernel
 #                       (muonkern.ops.triton_gram): MUONKERN_NS5_PATH=symmetric for Gram calls
