@@ -322,3 +322,35 @@ def test_module_imports_without_triton():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton is not installed" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_normalize_sums_in_float32_and_rounds_once(gen, dtype):
+    """ns5_symmetric's normalization (plain torch, no triton needed): the norm summed in float32
+    whatever G's dtype, the quotient rounded once to bf16. Entries of ~300 over 3×256×256 make a
+    norm of ~7.7e4 per matrix, past float16's largest value (65504): a norm taken in G's float16
+    would be inf and every element 0."""
+    G = (300 * randn(gen, 3, 256, 256, dtype=torch.float32)).to(dtype)
+    X = ts.normalize(G, torch.bfloat16, 1e-7)
+    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    G64 = G.double()
+    exact = G64 / (torch.linalg.vector_norm(G64, dim=(-2, -1), keepdim=True) + 1e-7)
+    # one rounding to bf16 of a float32 quotient: 2^-8 relative per element, plus the fp32 norm's ulps
+    assert ((X.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-12).all()
+    out = torch.empty_like(X)
+    assert ts.normalize(G, torch.bfloat16, 1e-7, out=out).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["wide", "tall"])
+def test_last_product_orientation_and_dtype(gen, transposed):
+    """ns5_symmetric's last step: P·X (wide) or, for a tall G, Xᵀ·P, which is (P·X)ᵀ because P is
+    symmetric, written as the tall matrix itself (contiguous) in G's dtype."""
+    P = randn(gen, 2, 24, 24, dtype=torch.float64)
+    P = ((P + P.mT) / 2).to(torch.bfloat16)
+    X = randn(gen, 2, 24, 40, dtype=torch.bfloat16)
+    out = ts._last_product(P, X, transposed, torch.float32)
+    want = P.double() @ X.double()
+    want = want.mT if transposed else want
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == want.shape
+    # bf16 operands, fp32 accumulation over 24 terms, one bf16 rounding on the CPU path (2^-8)
+    assert relative_difference(out, want) <= 2.0 ** -8
