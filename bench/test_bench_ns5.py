@@ -12,8 +12,8 @@ GPU (the baseline shapes, fp32 inputs):
   reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
   torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
-  muonkern triton-sym muonkern.ops.triton_symmetric.ns5_symmetric: X Xᵀ and b·A + c·A·A by the Triton
-                      symmetric kernels, a·X + B·X by cuBLAS; timed on the shapes whose short side is
+  muonkern triton-sym muonkern.ops.triton_symmetric.ns5_symmetric: X Xᵀ and a·I + b·A + c·A·A by the
+                      Triton symmetric kernels, P·X by cuBLAS; timed on the shapes whose short side is
                       >= 512. The op itself takes this route on Hopper from a short side of 4096
                       (csrc/ns5_cuda.cpp), so there the "muonkern" row times the same computation;
                       MUONKERN_NS5_PATH=general times the cuBLAS path instead

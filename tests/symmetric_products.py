@@ -1,4 +1,4 @@
-"""Bounds of a symmetric product (X Xᵀ, or b·A + c·A·A) from a Triton kernel against float64, shared
+"""Bounds of a symmetric product (X Xᵀ, or a·I + b·A + c·A·A) from a Triton kernel against float64, shared
 by the tests of muonkern.ops.triton_symmetric and muonkern.ops.triton_gram."""
 from __future__ import annotations
 

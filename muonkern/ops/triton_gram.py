@@ -265,7 +265,7 @@ def ns5_gram_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[S
     triples, restarts = step_coefficients(steps, coefficients), gram_restart_steps(steps)
     products = symmetric_gram_products(m <= n, config, programs, G.dtype)
     can_graph = G.device.type == "cuda" and not _interpreting() and not torch.cuda.is_current_stream_capturing()
-    if can_graph and (graph if graph is not None else graph_pays(batch, m, n, steps, G.dtype != dtype)):
+    if can_graph and (graph if graph is not None else graph_pays(batch, m, n, steps)):
         with torch.cuda.device(G.device), torch.no_grad():
             stream = torch.cuda.current_stream()
             factors = graphed_factors((batch, m, n), dtype, G.device, stream, (tuple(triples), config, programs))

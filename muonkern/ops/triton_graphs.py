@@ -39,13 +39,13 @@ _failed: set = set()
 _capture_streams: dict = {}
 
 
-def graph_pays(batch: int, m: int, n: int, steps: int, converts_input: bool = True) -> bool:
+def graph_pays(batch: int, m: int, n: int, steps: int) -> bool:
     """Whether a call's launches take the host longer than the GPU takes for its FLOPs."""
     restarts = len(gram_restart_steps(steps))
-    # the cast to the operand dtype (where G has another), norm and quotient; the Gram products
+    # the normalization (fp32 norm, + eps, quotient in the operand dtype); the Gram products
     # (1 + restarts); the polynomial per step; P·Q and P·R·P (4·steps - 3·(restarts + 1) - steps of
     # them); X = Q·X0 per restart; the output
-    launches = (3 if converts_input else 2) + (1 + restarts) + steps + (3 * steps - 3 * (restarts + 1)) \
+    launches = 3 + (1 + restarts) + steps + (3 * steps - 3 * (restarts + 1)) \
         + restarts + 1
     return launches * GRAPH_HOST_SECONDS > batch * ns5_flops(m, n, steps, "gram") / GRAPH_FLOPS
 

@@ -319,9 +319,10 @@ def check_triton_ns5_args(name: str, G: torch.Tensor, steps: int, coefficients: 
 
 def normalize(G: torch.Tensor, dtype: torch.dtype, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """X0 = G / (‖G‖_F + eps) per matrix in ``dtype`` (into ``out`` if given), the norm summed
-    and the quotient taken in float32, one rounding to ``dtype``: two passes over G (the norm, then
+    and the quotient taken in float32 (float64 for a float64 G), one rounding to ``dtype``: two passes over G (the norm, then
     the quotient written straight in ``dtype``), where converting G first takes four."""
-    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    # float32, or float64 for a float64 G (vector_norm's dtype= may not narrow)
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
     if out is None:
         out = torch.empty(G.shape, dtype=dtype, device=G.device)
     return torch.div(G, norm + eps, out=out)
