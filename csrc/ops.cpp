@@ -1,6 +1,7 @@
 // The muonkern._C Python module: importing it defines the muonkern op schemas. The kernels register
 // themselves per backend (ns5_cpu.cpp, ns5_cuda.cpp, dirquad_cpu.cpp, dirquad_cuda.cpp).
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <exception>
@@ -79,4 +80,14 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(muonkern, m) {
   m.def(muonkern::kNs5Schema);
   m.def(muonkern::kDirquadSchema);
+}
+
+// No op here has a derivative. PyTorch's fallback for ops without an Autograd kernel lets backward run
+// through the kernels' internals with a warning (a wrong gradient, which differs between the CPU and
+// CUDA kernels); this one marks the outputs of a call whose inputs require grad, and backward through
+// them raises "derivative for muonkern::<op> is not implemented". ns5_grouped and the Triton routes
+// are defined in Python (muonkern/ops/registration.py) when the package registers its ops.
+TORCH_LIBRARY_IMPL(muonkern, Autograd, m) {
+  for (const char* op : {"ns5", "dirquad", "ns5_grouped", "ns5_symmetric", "ns5_gram_symmetric", "ns5_small"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

@@ -216,6 +216,12 @@ outs = {"backend": muonkern.backend(),
         "tall": torch.ops.muonkern.ns5(inputs["tall"], 5, None, 1e-7),
         "gram": torch.ops.muonkern.ns5(inputs["G"], 5, None, 1e-7, "gram"),
         "gram_tall": torch.ops.muonkern.ns5(inputs["tall"], 5, inputs["polar"], 1e-7, "gram")}
+G = inputs["G"].clone().requires_grad_()
+try:
+    torch.ops.muonkern.ns5(G).sum().backward()
+    outs["backward"] = "ran"
+except RuntimeError as e:
+    outs["backward"] = str(e)
 torch.save(outs, sys.argv[2])
 """
 
@@ -237,6 +243,25 @@ def forced_fallback_run(tmp_path_factory):
 
 def test_force_fallback_env(forced_fallback_run):
     assert forced_fallback_run[1]["backend"] == "fallback"
+
+
+def test_backward_raises(gen, forced_fallback_run):
+    """No muonkern op has a derivative: outputs of inputs that require grad carry a backward that
+    raises (compiled extension and fallback alike), instead of a gradient through the kernels'
+    internals; without grad the outputs are plain tensors."""
+    G = randn(gen, 2, 16, 40).requires_grad_()
+    out = ns5(G)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for muonkern::ns5 is not implemented"):
+        out.sum().backward()
+    assert G.grad is None
+    with torch.no_grad():
+        assert not ns5(G).requires_grad
+    assert not ns5(G.detach()).requires_grad
+    grouped = muonkern.ns5_grouped([G, randn(gen, 8, 8)])
+    with pytest.raises(RuntimeError, match="derivative for muonkern::ns5_grouped is not implemented"):
+        sum(o.sum() for o in grouped).backward()
+    assert "derivative for muonkern::ns5 is not implemented" in forced_fallback_run[1]["backward"]
 
 
 def test_fallback_agrees_with_extension(forced_fallback_run):

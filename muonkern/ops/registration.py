@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import fallback
 from .dirquad_args import dirquad_sizes
@@ -46,6 +47,44 @@ def _dirquad_fake(grads, directions, products):
 _FAKE_KERNELS = {"ns5": _ns5_fake, "dirquad": _dirquad_fake}
 
 
+class _NotDifferentiable(torch.autograd.Function):
+    """Runs an op below autograd; its outputs take a backward that raises. The compiled extension
+    registers PyTorch's C++ equivalent for every muonkern op (csrc/ops.cpp); this serves a build
+    without it, where PyTorch's own fallback would let backward run through the fallback's torch ops
+    with a warning. `tracked` are the call's tensors that require grad (inside lists too), passed
+    apart so that autograd links the outputs to them."""
+
+    @staticmethod
+    def forward(ctx, name, op, args, kwargs, *tracked):
+        ctx.name = name
+        out = op(*args, **kwargs)   # grad mode is off in here: the Autograd kernel below passes straight through
+        return tuple(out) if isinstance(out, (list, tuple)) else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"derivative for muonkern::{ctx.name} is not implemented")
+
+
+def _not_differentiable(name: str):
+    """The Autograd kernel of a Python-defined muonkern op (see _NotDifferentiable)."""
+    op = getattr(torch.ops.muonkern, name).default
+
+    def kernel(*args, **kwargs):
+        tracked = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not (tracked and torch.is_grad_enabled()):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args, **kwargs)
+        out = _NotDifferentiable.apply(name, op, args, kwargs, *tracked)
+        return list(out) if isinstance(out, tuple) else out
+
+    return kernel
+
+
+def _register_not_differentiable(library, names) -> None:
+    for name in names:
+        library.impl(name, _not_differentiable(name), "Autograd")
+
+
 def register() -> str:
     """Registers the ops once; returns the backend name (see muonkern.backend)."""
     global _library, _backend
@@ -64,6 +103,7 @@ def register() -> str:
         for name, schema in SCHEMAS.items():
             _library.define(schema)
             _library.impl(name, _FALLBACK_KERNELS[name], "CompositeExplicitAutograd")
+        _register_not_differentiable(_library, SCHEMAS)
         _backend = "fallback"
     for name, fake in _FAKE_KERNELS.items():
         torch.library.register_fake(f"muonkern::{name}", fake, lib=_library)
@@ -108,6 +148,7 @@ def _register_composites() -> None:
     _composites = torch.library.Library("muonkern", "FRAGMENT")
     _composites.define(NS5_GROUPED_SCHEMA)
     _composites.impl("ns5_grouped", ns5_grouped_kernel, "CompositeExplicitAutograd")
+    python_defined = ["ns5_grouped"]
     torch.library.register_fake("muonkern::ns5_grouped", ns5_grouped_fake, lib=_composites)
     if importlib.util.find_spec("triton") is not None:
         for name, kernel in (("ns5_symmetric", _ns5_symmetric_kernel),
@@ -117,3 +158,6 @@ def _register_composites() -> None:
             for key in ("CUDA", "CPU"):   # CPU tensors: Triton's interpreter, or its clear error
                 _composites.impl(name, kernel, key)
             torch.library.register_fake(f"muonkern::{name}", _ns5_fake, lib=_composites)
+            python_defined.append(name)
+    if _backend == "fallback":   # the extension registers these in C++ (csrc/ops.cpp)
+        _register_not_differentiable(_composites, python_defined)
