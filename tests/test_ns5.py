@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import muonkern
 from muonkern.ops.schemas import NS5_SCHEMA
@@ -222,6 +223,13 @@ try:
     outs["backward"] = "ran"
 except RuntimeError as e:
     outs["backward"] = str(e)
+import torch.autograd.forward_ad as fwAD
+with fwAD.dual_level():
+    try:
+        torch.ops.muonkern.ns5(fwAD.make_dual(inputs["G"], torch.ones_like(inputs["G"])))
+        outs["forward_ad"] = "ran"
+    except NotImplementedError:
+        outs["forward_ad"] = "NotImplementedError"
 torch.save(outs, sys.argv[2])
 """
 
@@ -261,7 +269,10 @@ def test_backward_raises(gen, forced_fallback_run):
     grouped = muonkern.ns5_grouped([G, randn(gen, 8, 8)])
     with pytest.raises(RuntimeError, match="derivative for muonkern::ns5_grouped is not implemented"):
         sum(o.sum() for o in grouped).backward()
+    with fwAD.dual_level(), pytest.raises(NotImplementedError):   # forward mode: no jvp either
+        ns5(fwAD.make_dual(G.detach(), torch.ones_like(G)))
     assert "derivative for muonkern::ns5 is not implemented" in forced_fallback_run[1]["backward"]
+    assert forced_fallback_run[1]["forward_ad"] == "NotImplementedError"
 
 
 def test_fallback_agrees_with_extension(forced_fallback_run):

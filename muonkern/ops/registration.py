@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.utils._pytree as pytree
 
 from . import fallback
@@ -70,7 +71,9 @@ def _not_differentiable(name: str):
     op = getattr(torch.ops.muonkern, name).default
 
     def kernel(*args, **kwargs):
-        tracked = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        # inputs that require grad, or carry a forward-mode tangent (which then raises: no jvp)
+        tracked = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                   and (t.requires_grad or forward_ad.unpack_dual(t).tangent is not None)]
         if not (tracked and torch.is_grad_enabled()):
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args, **kwargs)

@@ -20,7 +20,8 @@ matmul tutorial, restricted to the triangle), so programs that run at the same t
 same row blocks of X and find them in L2. A diagonal tile replaces its lower half with the mirror
 of its upper half, so C is exactly symmetric and no element is written twice. A wide
 configuration (``SyrkConfig.wide``) maps the triangle of 2·BLOCK-square tiles instead, two
-programs per tile, each BLOCK × 2·BLOCK (the wgmma instruction's widest N at BLOCK = 128).
+programs per tile, each BLOCK × 2·BLOCK (the wgmma instruction's widest N at BLOCK = 128); there
+the second program of the last diagonal tile may lie wholly past M and store nothing.
 
 Operands bf16 (fp16 works too) with fp32 accumulation; float32 operands run exact-input
 ("ieee") products, which Triton's CPU interpreter runs and the tests use (slow on a GPU). Any
@@ -141,7 +142,8 @@ if triton is not None:
         WIDE: the triangle is of 2·BLOCK-square tiles, and two programs share each one, a row half
         (BLOCK × 2·BLOCK) apiece, stored as two BLOCK-square tiles. On the diagonal the lower half's
         left tile lies below the diagonal (the upper half stores its mirror) and is computed but
-        not stored: BLOCK/M of the work, 1.6% at M = 8192."""
+        not stored: BLOCK/M of the work, 1.6% at M = 8192 (more where M is no multiple of 2·BLOCK:
+        the halves past M are computed too, and a row half wholly past M stores nothing)."""
         pid = tl.program_id(0)
         if WIDE:
             tiles = tl.cdiv(M, 2 * BLOCK)
