@@ -71,10 +71,12 @@ def _not_differentiable(name: str):
     op = getattr(torch.ops.muonkern, name).default
 
     def kernel(*args, **kwargs):
-        # inputs that require grad, or carry a forward-mode tangent (which then raises: no jvp)
-        tracked = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                   and (t.requires_grad or forward_ad.unpack_dual(t).tangent is not None)]
-        if not (tracked and torch.is_grad_enabled()):
+        # inputs that require grad, or carry a forward-mode tangent (which then raises: no jvp);
+        # grad mode first, so calls under no_grad (an optimizer's) skip the scan
+        tracked = torch.is_grad_enabled() and [
+            t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            and (t.requires_grad or forward_ad.unpack_dual(t).tangent is not None)]
+        if not tracked:
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args, **kwargs)
         out = _NotDifferentiable.apply(name, op, args, kwargs, *tracked)

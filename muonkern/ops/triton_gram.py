@@ -39,7 +39,7 @@ import torch
 from .fallback import GramProducts, dense_gram_products, gram_iteration
 from .ns5_args import gram_restart_steps, step_coefficients
 from .triton_graphs import graph_pays, graphed_factors
-from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, batched, check_triton_ns5_args,
+from .triton_symmetric import (_DTYPES, BMM_HAS_OUT_DTYPE, SyrkConfig, _interpreting, _require_triton, batched, check_triton_ns5_args,
                                dense_product, dot_precision, normalize, symmetric_output, triton)
 
 if triton is not None:
@@ -295,7 +295,7 @@ def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, pro
         return product(R, R, c, R, b, a) if c != 0 else dense.polynomial(R, a, b, c)
 
     def output(Q, Y):
-        if out_dtype != torch.float32 or Q.device.type != "cuda" or not hasattr(torch.ops.aten.bmm, "dtype"):
+        if out_dtype != torch.float32 or Q.device.type != "cuda" or not BMM_HAS_OUT_DTYPE:
             return dense.apply(Q, Y)
         return torch.bmm(Q, Y, out_dtype=out_dtype) if wide else torch.bmm(Y, Q, out_dtype=out_dtype)
 

@@ -214,6 +214,9 @@ def _require_triton(name: str, *tensors: torch.Tensor) -> None:
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# torch.bmm(..., out_dtype=) (aten::bmm.dtype: bf16/fp16 operands, fp32 result from the accumulator)
+BMM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+
 
 def symmetric_output(name: str, shape: tuple, like: torch.Tensor, out: Optional[torch.Tensor],
                      inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -353,15 +356,12 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     P = torch.empty_like(A)
     # two buffers in turn: bmm must not write the X it reads
     buffers = [torch.empty((batch, m, n), dtype=dtype, device=X.device) for _ in range(2)]
-    triples = step_coefficients(steps, coefficients)
     # the buffers are this function's own: the products launch without xxt's per-call checks
-    for i, (a, b, c) in enumerate(triples[:-1]):
+    for i, (a, b, c) in enumerate(step_coefficients(steps, coefficients)):
+        if i > 0:   # the previous step's product; the last one is _last_product's
+            X = torch.bmm(P, X, out=buffers[i % 2])
         _launch(X, A, 1.0, 0.0, False, config)
         _launch(A, P, c, b, True, config, a)
-        X = torch.bmm(P, X, out=buffers[i % 2])
-    a, b, c = triples[-1]
-    _launch(X, A, 1.0, 0.0, False, config)
-    _launch(A, P, c, b, True, config, a)
     out = _last_product(P, X, transposed, G.dtype)
     return out if G.dim() == 3 else out[0]
 
@@ -371,12 +371,10 @@ def _last_product(P: torch.Tensor, X: torch.Tensor, transposed: bool, out_dtype:
     Xᵀ·P (P is symmetric): cuBLAS writes the tall matrix itself, with no transposing copy. A
     float32 result comes from cuBLAS's fp32 accumulator where it can (``torch.bmm(out_dtype=)``,
     CUDA), with no bf16 result to convert."""
-    direct = out_dtype == torch.float32 and P.dtype != out_dtype and P.is_cuda and hasattr(torch.ops.aten.bmm, "dtype")
-    if transposed:
-        out = torch.bmm(X.mT, P, out_dtype=out_dtype) if direct else torch.bmm(X.mT, P)
-    else:
-        out = torch.bmm(P, X, out_dtype=out_dtype) if direct else torch.bmm(P, X)
-    return out.to(out_dtype)
+    lhs, rhs = (X.mT, P) if transposed else (P, X)
+    if out_dtype == torch.float32 and P.dtype != out_dtype and P.is_cuda and BMM_HAS_OUT_DTYPE:
+        return torch.bmm(lhs, rhs, out_dtype=out_dtype)
+    return torch.bmm(lhs, rhs).to(out_dtype)
 
 
 def wgmma_in_ptx(compiled) -> bool:
