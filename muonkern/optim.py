@@ -80,7 +80,7 @@ class Muon(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         params = [p[1] if isinstance(p, tuple) else p for p in params]  # named_parameters() works too
         for p in params:
-            if not isinstance(p, torch.Tensor) or not (p.is_floating_point() and not p.is_complex()):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():   # complex is not floating point
                 raise TypeError(f"Muon: parameters must be real floating-point tensors, got "
                                 f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
         if param_group.get("use_muon") is None:

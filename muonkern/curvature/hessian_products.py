@@ -202,6 +202,8 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
     ``finite_diff`` then hands ``consume`` None.
     """
     with attention_for(method):
+        # before any pass: _step_length refuses 16-bit parameters
+        length = _step_length(params) if method == "finite_diff" else None
         if method == "rev_rev":
             engine = RevRevEngine(loss_fn, params)
             g = engine.grad
@@ -209,7 +211,6 @@ def grad_and_hvps(loss_fn: LossFn, params: Dict[str, torch.Tensor], count: int,
             g = gradient(loss_fn, params)
         else:
             g = None
-        length = _step_length(params) if method == "finite_diff" else None
         fwd_rev_broken = False
         for i0 in range(0, count, batch_size):
             vs = [vector(i) for i in range(i0, min(count, i0 + batch_size))]

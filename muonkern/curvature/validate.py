@@ -40,15 +40,26 @@ def check_params(params: Params) -> Dict[str, torch.Tensor]:
 
 def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
     """ValueError naming the first tensor with a NaN or infinity (one device sync for all)."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    _check_finite_labeled([(f"{what}[{name!r}]", t) for name, t in tensors.items()])
+
+
+def _check_finite_labeled(labeled: List[Tuple[str, torch.Tensor]]) -> None:
+    finite = torch.stack([torch.isfinite(t).all() for _, t in labeled])
     if not bool(finite.all()):
-        name = list(tensors)[int((~finite).nonzero()[0])]
-        raise ValueError(f"{what}[{name!r}] has non-finite values (NaN or infinity)")
+        label = labeled[int((~finite).nonzero()[0])][0]
+        raise ValueError(f"{label} has non-finite values (NaN or infinity)")
 
 
 def check_like(params: Dict[str, torch.Tensor], v: Params, what: str) -> Dict[str, torch.Tensor]:
-    """Check that ``v`` has exactly the keys and shapes of ``params``; return it in params order,
-    in each parameter's dtype and device."""
+    """Check that ``v`` has exactly the keys and shapes of ``params`` and finite values; return it
+    in params order, in each parameter's dtype and device."""
+    out = _like(params, v, what)
+    check_finite(out, what)
+    return out
+
+
+def _like(params: Dict[str, torch.Tensor], v: Params, what: str) -> Dict[str, torch.Tensor]:
+    """check_like without the finiteness check."""
     if not isinstance(v, Mapping):
         raise TypeError(f"{what} must be a dict name -> tensor, got {type(v).__name__}")
     missing = [k for k in params if k not in v]
@@ -68,7 +79,6 @@ def check_like(params: Dict[str, torch.Tensor], v: Params, what: str) -> Dict[st
         if t.is_complex():
             raise TypeError(f"{what}[{name!r}] is complex; only real directions are supported")
         out[name] = t.detach().to(dtype=p.dtype, device=p.device)
-    check_finite(out, what)
     return out
 
 
@@ -86,7 +96,11 @@ def direction_list(params: Dict[str, torch.Tensor], directions
     if isinstance(directions, (list, tuple)):
         if len(directions) == 0:
             raise ValueError("directions is an empty list")
-        return [check_like(params, d, f"directions[{i}]") for i, d in enumerate(directions)], False
+        checked = [_like(params, d, f"directions[{i}]") for i, d in enumerate(directions)]
+        # one device sync for all the directions' finiteness
+        _check_finite_labeled([(f"directions[{i}][{name!r}]", t)
+                               for i, d in enumerate(checked) for name, t in d.items()])
+        return checked, False
     raise TypeError("directions must be a dict name -> tensor or a list of such dicts, "
                     f"got {type(directions).__name__}")
 
