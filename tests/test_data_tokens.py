@@ -1,6 +1,8 @@
 """The user's own token files in nanoGPT's format (uint16 train.bin / val.bin read through np.memmap)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,9 @@ def test_batches_are_windows_of_the_files(tmp_path):
         assert torch.equal(row, (row[0] + torch.arange(32)) % 300)
     assert torch.equal(next(data.batches(4, 32, "train", seed=1))[0], x)  # deterministic
     assert not torch.equal(next(data.batches(4, 32, "train", seed=2))[0], x)
+    whole = list(itertools.islice(data.batches(4, 32, "train", seed=1), 4))
+    resumed = next(data.batches(4, 32, "train", seed=1, skip=3))  # a resumed run's next batch
+    assert torch.equal(resumed[0], whole[3][0]) and torch.equal(resumed[1], whole[3][1])
     vx, _ = next(data.batches(2, 8, "val"))
     for row in vx:  # a window of val.bin, which steps by 7 modulo 300 (train.bin steps by 1)
         assert torch.equal((row[1:] - row[:-1]) % 300, torch.full((7,), 7))

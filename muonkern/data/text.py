@@ -43,8 +43,9 @@ class ByteCorpus:
         self.splits = {"train": data[:cut], "val": data[cut:]}
 
     def batches(self, batch_size: int, context: int, split: str = "train",
-                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Infinite, deterministic (x, y) batches of random windows; y is x shifted by one."""
+                seed: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Infinite, deterministic (x, y) batches of random windows; y is x shifted by one.
+        ``skip``: start after the first ``skip`` batches."""
         if split not in self.splits:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         data = self.splits[split]
@@ -52,7 +53,7 @@ class ByteCorpus:
         if len(data) < context + 1:
             raise ValueError(f"the {split} split ({len(data)} bytes) is shorter than context + 1 = {context + 1}")
         offsets = torch.arange(context + 1)
-        for starts in window_starts(len(data), batch_size, context, seed):
+        for starts in window_starts(len(data), batch_size, context, seed, skip):
             window = data[starts[:, None] + offsets].long()
             yield window[:, :-1], window[:, 1:]
 

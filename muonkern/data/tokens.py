@@ -21,10 +21,13 @@ def check_window(batch_size: int, context: int) -> None:
     check_positive_int(context, "context")
 
 
-def window_starts(n_tokens: int, batch_size: int, context: int, seed: int) -> Iterator[torch.Tensor]:
+def window_starts(n_tokens: int, batch_size: int, context: int, seed: int, skip: int = 0) -> Iterator[torch.Tensor]:
     """Seeded starts (batch_size,) of random windows of context + 1 tokens in a stream of n_tokens:
-    every window, the last one included (nanoGPT's get_batch)."""
+    every window, the last one included (nanoGPT's get_batch). ``skip``: the starts after the
+    first ``skip`` batches' (a resumed run), drawn without reading any window."""
     gen = torch.Generator().manual_seed(seed)
+    for _ in range(skip):
+        torch.randint(0, n_tokens - context, (batch_size,), generator=gen)
     while True:
         yield torch.randint(0, n_tokens - context, (batch_size,), generator=gen)
 
@@ -54,8 +57,9 @@ class TokenFiles:
             if size == 0:
                 raise ValueError(f"{path} is empty")
             tokens = np.memmap(path, dtype=dtype, mode="r")
-            # one pass over the file: each chunk's lowest and highest id
-            ranges = [(int(c.min()), int(c.max())) for c in
+            # one pass over the file: each chunk's highest id, and its lowest for a signed dtype
+            signed = np.dtype(dtype).kind == "i"
+            ranges = [(int(c.min()) if signed else 0, int(c.max())) for c in
                       (tokens[i:i + _SCAN_CHUNK] for i in range(0, len(tokens), _SCAN_CHUNK))]
             low, top = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
             if low < 0:
@@ -69,9 +73,9 @@ class TokenFiles:
         return sum(len(t) for t in self.splits.values())
 
     def batches(self, batch_size: int, context: int, split: str = "train",
-                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                seed: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Infinite, deterministic (x, y) batches of random windows, LongTensors (batch_size, context);
-        y is x shifted by one token."""
+        y is x shifted by one token. ``skip``: start after the first ``skip`` batches."""
         if split not in self.splits:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         data = self.splits[split]
@@ -79,7 +83,7 @@ class TokenFiles:
         if len(data) < context + 1:
             raise ValueError(f"{self.data_dir / (split + '.bin')} holds {len(data)} tokens, too short for "
                              f"context {context} (needs at least context + 1 = {context + 1})")
-        for starts in window_starts(len(data), batch_size, context, seed):
+        for starts in window_starts(len(data), batch_size, context, seed, skip):
             window = torch.from_numpy(np.stack([data[s:s + context + 1].astype(np.int64) for s in starts.tolist()]))
             yield window[:, :-1], window[:, 1:]
 

@@ -8,6 +8,7 @@ rank draws the full batches and keeps its rows (distributed.Context.shard).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -51,17 +52,20 @@ def _corpus(dataset: str, data_dir: str, vocab_size: int):
 
 
 def _sources(cfg: StudyConfig, alpha: float, seed: int):
-    """batches(size, role) -> an iterator of full (x, y) batches for role train/val/probe. The
-    grammar or corpus is shared by every run of the process (the sweep's and the main runs)."""
+    """batches(size, role, skip=0) -> an iterator of full (x, y) batches for role train/val/probe,
+    after its first `skip` batches. The grammar or corpus is shared by every run of the process
+    (the sweep's and the main runs)."""
     stream_seed = {"train": 1000 * seed + _TRAIN, "val": 1000 * seed + _VAL, "probe": 1000 * seed + _PROBE}
     if cfg.dataset == "pcfg":
         grammar = _grammar(cfg.vocab_size, cfg.n_classes, cfg.grammar_seed)
         exponent = {"train": alpha, "val": cfg.val_alpha, "probe": alpha}
-        return lambda size, role: grammar.batches(size, cfg.context, emission_alpha=exponent[role],
-                                                  seed=stream_seed[role])
+        # the grammar's stream is sequential: skipped batches are sampled and dropped
+        return lambda size, role, skip=0: itertools.islice(
+            grammar.batches(size, cfg.context, emission_alpha=exponent[role], seed=stream_seed[role]), skip, None)
     corpus = _corpus(cfg.dataset, cfg.data_dir, cfg.vocab_size)
     split = {"train": "train", "val": "val", "probe": "train"}
-    return lambda size, role: corpus.batches(size, cfg.context, split[role], seed=stream_seed[role])
+    # random windows: skipped batches cost their starts only
+    return lambda size, role, skip=0: corpus.batches(size, cfg.context, split[role], seed=stream_seed[role], skip=skip)
 
 
 def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context, skip: int = 0) -> Streams:
@@ -74,9 +78,8 @@ def make_streams(cfg: StudyConfig, alpha: float, seed: int, ctx: Context, skip: 
         return tuple(ctx.shard(t).to(device) for t in batch)
 
     def train():
-        for i, batch in enumerate(batches(cfg.batch_size, "train")):
-            if i >= skip:
-                yield local(batch)
+        for batch in batches(cfg.batch_size, "train", skip):
+            yield local(batch)
 
     val_source = batches(cfg.batch_size, "val")
     val = [local(next(val_source)) for _ in range(cfg.val_batches)]

@@ -120,11 +120,16 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
             progress.update(1)
         if checkpoint is not None and checkpoint.due(step) and step < steps:
             # the losses as the run reports them, means over the ranks (every rank takes part)
-            losses = ctx.mean_(torch.stack([t.double() for t in train_losses]))
+            losses = _rank_means(train_losses, ctx)
             checkpoint.save(lambda: dict(step=step, evals=evals, records=records, levels=levels, val=val,
                                          best=best, train_losses=losses.cpu(), model=model.state_dict(),
                                          optimizer=opt.state_dict()))
-    train_loss = ctx.mean_(torch.stack([t.double() for t in train_losses])).tolist() if train_losses else []
+    train_loss = _rank_means(train_losses, ctx).tolist() if train_losses else []
     # how this run was made, for a report over runs that may come from earlier invocations
     made = {"world_size": ctx.world, "probe_method": cfg.probe_method if probes else None}
     return {"evals": evals, "train_loss": train_loss, "probes": records, "made": made}
+
+
+def _rank_means(losses: list, ctx: Context) -> torch.Tensor:
+    """The per-step training losses as the run reports them: float64 means over the ranks."""
+    return ctx.mean_(torch.stack([t.double() for t in losses]))
