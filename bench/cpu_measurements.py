@@ -3,12 +3,17 @@
     python bench/cpu_measurements.py muon-vs-torch   # muonkern.optim.Muon against torch.optim.Muon
     python bench/cpu_measurements.py partitions      # study probe: two partitions shared or apart
     python bench/cpu_measurements.py grouped-tall    # ns5_grouped vs ns5 on tall CPU matrices
+    python bench/cpu_measurements.py eps-drop        # ns5 at norm eps with eps dropped from the norm
+    python bench/cpu_measurements.py quadratic-nds   # NDS at homogeneous curvature, ns5 and sign
+    python bench/cpu_measurements.py dispatch        # the ops' Autograd kernel, per call
 
 Each prints what it measured; one thread, as the tests run.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 import warnings
 
@@ -17,14 +22,11 @@ from torch import nn
 
 import muonkern
 
-# the configuration of tests/test_optim.py::test_matches_torch_optim_muon
-MUON_SHAPES = [(32, 64), (64, 32), (17, 40)]
-MUON_OPTIONS = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
-MUON_STEPS = 10
-
-
-def _muon_scale(rows: int, cols: int, adjust_lr: str) -> float:
-    return max(1.0, rows / cols) ** 0.5 if adjust_lr == "original" else 0.2 * max(rows, cols) ** 0.5
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from reference import TORCH_MUON_OPTIONS as MUON_OPTIONS  # noqa: E402
+from reference import TORCH_MUON_SHAPES as MUON_SHAPES  # noqa: E402
+from reference import TORCH_MUON_STEPS as MUON_STEPS  # noqa: E402
+from reference import muon_scale, ns5_float64, rel_err  # noqa: E402
 
 
 def _final_distance(shape, adjust_lr: str, seed: int, momentum: float) -> float:
@@ -40,7 +42,7 @@ def _final_distance(shape, adjust_lr: str, seed: int, momentum: float) -> float:
         ours.grad, theirs.grad = g.clone(), g.clone()
         opt_ours.step()
         opt_theirs.step()
-    return float((ours - theirs).detach().abs().max()) / (MUON_OPTIONS["lr"] * _muon_scale(*shape, adjust_lr))
+    return float((ours - theirs).detach().abs().max()) / (MUON_OPTIONS["lr"] * muon_scale(*shape, adjust_lr))
 
 
 def muon_vs_torch() -> None:
@@ -94,8 +96,59 @@ def grouped_tall() -> None:
         print(f"{shape[0]}x{shape[1]}: max |ns5 - ns5_grouped| = {diff:.4g}")
 
 
+def eps_drop() -> None:
+    """tests/test_ns5_grouped.py::test_coefficients_steps_eps: matrices of norm eps (its shapes of
+    short side >= 8), the float64 replica with eps against one that drops eps from the norm."""
+    from test_ns5_grouped import SHAPES
+    eps, errors = 1e-3, []
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        for shape in (s for s in SHAPES if min(s[-2:]) >= 8):
+            G = torch.randn(shape, generator=gen, dtype=torch.float64)
+            G = G / torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True) * eps
+            errors.append(float(rel_err(ns5_float64(G, eps=0.0), ns5_float64(G, eps=eps)).max()))
+    print(f"{len(errors)} matrices of norm {eps}: eps dropped from the norm misses the float64 replica "
+          f"by {min(errors):.2f} to {max(errors):.2f}")
+
+
+def quadratic_nds() -> None:
+    """tests/test_quadratic.py::test_run_quadratic_rows: average NDS at alpha_w = 0 per method."""
+    from muonkern.study import quadratic as q
+    from muonkern.study.config import StudyConfig
+    cfg = StudyConfig(quad_m=8, quad_n=10, quad_groups=3, quad_group_size=2, quad_alpha_ws=(0.0, 2.0),
+                      quad_alpha_sigmas=(0.5,), quad_steps=12, quad_instances=2, quad_lr_per_decade=2)
+    rows = [r for r in q.run_quadratic(cfg)["rows"] if r["alpha_w"] == 0]
+    for method in q.METHODS:
+        nds = [r["nds_avg"] for r in rows if r["method"] == method]
+        print(f"{method}: average NDS at alpha_w = 0, {min(nds):.4f} to {max(nds):.4f} over {len(nds)} rows")
+
+
+def dispatch() -> None:
+    """README (*Not differentiable*): ns5 of a 1x2x2 input at steps=0, 20000 calls, best of 5 rounds,
+    through the Autograd kernel and below it (the kernel skipped)."""
+    G, op = torch.randn(1, 2, 2), torch.ops.muonkern.ns5
+
+    def per_call_us() -> float:
+        for _ in range(2000):
+            op(G, 0)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(20000):
+                op(G, 0)
+            best = min(best, (time.perf_counter() - start) / 20000)
+        return best * 1e6
+
+    through = per_call_us()
+    with torch._C._AutoDispatchBelowAutograd():
+        below = per_call_us()
+    print(f"ns5 per call ({muonkern.backend()} backend): {through:.2f} us through the Autograd kernel, "
+          f"{below:.2f} us below it")
+
+
 def main() -> None:
-    jobs = {"muon-vs-torch": muon_vs_torch, "partitions": partitions, "grouped-tall": grouped_tall}
+    jobs = {"muon-vs-torch": muon_vs_torch, "partitions": partitions, "grouped-tall": grouped_tall,
+            "eps-drop": eps_drop, "quadratic-nds": quadratic_nds, "dispatch": dispatch}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=list(jobs))
     torch.set_num_threads(1)

@@ -19,16 +19,9 @@ import muonkern
 from muonkern.ops.ns5_routing import ns5_route
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from ns5_cases import ns5, relative_difference  # noqa: E402  (the tests' own op call and metric)
 from ns5_fused_algorithms import median_us  # noqa: E402
-
-
-def _ns5(G, steps=5, eps=1e-7, algorithm="auto"):
-    return torch.ops.muonkern.ns5(G, steps, None, eps, algorithm)
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def pair_spread() -> None:
@@ -38,7 +31,7 @@ def pair_spread() -> None:
         diffs = []
         for seed in range(12):
             G = torch.randn(2, 384, 1536, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
-            diffs.append(_relative(_ns5(G[0], steps, algorithm="gram"), _ns5(G, steps, algorithm="gram")[0]))
+            diffs.append(relative_difference(ns5(G[0], steps, algorithm="gram"), ns5(G, steps, algorithm="gram")[0]))
         diffs.sort()
         print(f"steps={steps}: one matrix vs a batch of two, relative difference worst {diffs[-1]:.4g}, "
               f"median {diffs[len(diffs) // 2]:.4g}")
@@ -51,11 +44,11 @@ def symmetric_configs() -> None:
     from muonkern.ops import triton_symmetric as ts
     G = torch.randn(4096, 4096, device="cuda")
     for _ in range(3):
-        _ns5(G)
+        ns5(G, algorithm="auto")
     torch.cuda.synchronize()
     for key, config in ts._syrk_autotuned.cache.items():
         print("autotuner's pick", key, config)
-    print(f"op (autotuned): {triton.testing.do_bench(lambda: _ns5(G), rep=400):.3f} ms")
+    print(f"op (autotuned): {triton.testing.do_bench(lambda: ns5(G, algorithm='auto'), rep=400):.3f} ms")
     X = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
     A = torch.empty_like(X)
     S = ts.xxt(X)
@@ -81,7 +74,7 @@ def fused_clusters() -> None:
                 os.environ["MUONKERN_NS5_CLUSTER"] = cluster
                 route = ns5_route(G, 5, algorithm)
                 cells.append(f"{cluster} -> {route.path}/{route.cluster}: "
-                             f"{median_us(lambda x: _ns5(x, algorithm=algorithm), G):.1f} us")
+                             f"{median_us(lambda x: ns5(x, algorithm=algorithm), G):.1f} us")
             del os.environ["MUONKERN_NS5_CLUSTER"]
             print(shape, algorithm, " | ".join(cells), "| model picks", ns5_route(G, 5, algorithm).cluster)
 
@@ -91,7 +84,7 @@ def graph_bytes() -> None:
     before = muonkern._C.ns5_graph_bytes()
     G = torch.randn(2040, 2056, device="cuda")
     for _ in range(2):  # a signature's second call captures
-        _ns5(G, algorithm="standard")
+        ns5(G, algorithm="standard")
     print(f"2040x2056 standard: {(muonkern._C.ns5_graph_bytes() - before) / 2 ** 20:.1f} MiB")
 
 

@@ -217,6 +217,13 @@ def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32,
 BF16_NS5_ATOL = 2.0 ** -5
 
 
+# tests/test_optim.py::test_matches_torch_optim_muon, whose budget bench/cpu_measurements.py
+# (muon-vs-torch) measures on the same configuration
+TORCH_MUON_SHAPES = [(32, 64), (64, 32), (17, 40)]
+TORCH_MUON_OPTIONS = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+TORCH_MUON_STEPS = 10
+
+
 def muon_scale(rows: int, cols: int, adjust_lr: str = "original") -> float:
     """The update scale of Muon's adjust_lr rules, written out independently of muonkern.optim."""
     if adjust_lr == "original":

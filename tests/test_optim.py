@@ -49,6 +49,7 @@ from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENT
 from muonkern.optim import Muon, muon_param_groups
 from ns5_cases import shape_id
 from reference import BF16_NS5_ATOL
+from reference import TORCH_MUON_OPTIONS, TORCH_MUON_SHAPES, TORCH_MUON_STEPS
 from reference import muon_scale as ref_scale
 
 EXACT = dict(rtol=0, atol=0)
@@ -661,20 +662,23 @@ def test_bad_options_raise(kwargs, group, match):
 def test_bad_option_types_raise(kwargs, match):
     with pytest.raises(TypeError, match=match):
         Muon([nn.Parameter(torch.randn(8, 4))], **kwargs)
+
+
+def test_bad_flatten_raises():
     with pytest.raises(TypeError, match="flatten"):
         Muon([{"params": [nn.Parameter(torch.randn(8, 4))], "flatten": "yes"}])
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
-@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (17, 40)], ids=shape_id)
+@pytest.mark.parametrize("shape", TORCH_MUON_SHAPES, ids=shape_id)
 def test_matches_torch_optim_muon(gen, adjust_lr, shape):
     """Against torch.optim.Muon, an implementation that shares no code with this package (its own
     bf16 Newton-Schulz with fused addmm products, norm clamped at eps): the same update up to the
     bf16 rounding of the orthogonalization. After 10 steps, in units of lr * scale (`python
     bench/cpu_measurements.py muon-vs-torch`, 30 runs): worst 0.094; a momentum of 0.9 instead of
     0.95 moves it by at least 0.25. Budget 0.2."""
-    steps, options = 10, dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+    steps, options = TORCH_MUON_STEPS, TORCH_MUON_OPTIONS
     start = torch.randn(shape, generator=gen)
     grads = make_grads(gen, [shape], steps)
     ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())

@@ -95,7 +95,8 @@ def test_run_quadratic_rows():
         if r["alpha_w"] == 0:
             # homogeneous curvature: NDS is the share of the direction inside the modes' span, 1 for
             # GD and the exact polar step (both in the span), below it for ns5's bf16 result and
-            # far below for sign descent (measured 0.97-0.99 and 0.58-0.65)
+            # far below for sign descent (0.97-0.99 and 0.58-0.65: `python bench/cpu_measurements.py
+            # quadratic-nds`)
             if r["method"] in ("gd", "muon_polar"):
                 assert r["nds_avg"] == pytest.approx(1.0, abs=1e-9)
             else:

@@ -130,7 +130,11 @@ def test_every_preset_builds_its_language_and_model(preset):
     with torch.device("meta"):  # the paper's 91.7M parameters without allocating them
         model = GPT(GPTConfig(vocab_size=vocab_size(cfg), context=cfg.context, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, d_model=cfg.d_model))
-    assert model.num_params() > 0
+    # the embedding covers the language's ids; the sizes muonkern/study/config.py cites per preset
+    # (11.0M and 91.7M: within half a unit of their last digit)
+    assert model.embed.num_embeddings == vocab_size(cfg)
+    if preset != "tiny":
+        assert model.num_params() == pytest.approx({"small": 11.0e6, "paper": 91.7e6}[preset], abs=0.05e6)
 
 
 NO_SWEEP = [*SMALL, "--set", "lr_sweep=false", "--set", "seeds=0"]
