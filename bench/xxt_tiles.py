@@ -8,7 +8,7 @@ import itertools
 import torch
 from test_bench_anchors import _anchor_module, _dion_module
 
-from muonkern.ops.triton_symmetric import SyrkConfig, xxt
+from muonkern.ops.triton_symmetric import WIDE_CONFIGS, SyrkConfig, xxt
 
 
 
@@ -46,6 +46,10 @@ def main():
     configs = [SyrkConfig(128, bk, num_warps=w, num_stages=st, group=g)
                for bk, st, w, g in itertools.product([32, 64, 128], [3, 4, 5], [4, 8], [8, 16])
                if bk * st <= 384]  # 128×128 with 4 stages needs more than 228 KB of shared memory
+    # wide 128×256 tiles: (128 + 256)·BLOCK_K·2 bytes a stage, within 228 KB at BLOCK_K·stages <= 256
+    configs += [SyrkConfig(128, bk, num_warps=8, num_stages=st, group=g, wide=True)
+                for bk, st, g in itertools.product([32, 64], [3, 4, 5], [8, 16]) if bk * st <= 256]
+    configs = sorted(set(configs + list(WIDE_CONFIGS)), key=str)
     for m, n in [(4096, 4096), (8192, 8192), (2048, 8192)]:
         X = torch.randn(m, n, device="cuda").bfloat16()
         A = torch.empty(m, m, device="cuda", dtype=torch.bfloat16)

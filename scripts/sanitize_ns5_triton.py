@@ -13,7 +13,7 @@ and ns5_small (muonkern.ops.triton_small) per configuration on the shapes it ser
 import torch
 
 from muonkern.ops import triton_gram, triton_small
-from muonkern.ops.triton_symmetric import CONFIGS, ns5_symmetric, symmetric_polynomial, xxt
+from muonkern.ops.triton_symmetric import CONFIGS, WIDE_CONFIGS, ns5_symmetric, symmetric_polynomial, xxt
 
 
 def close(got, want, what):
@@ -23,7 +23,7 @@ def close(got, want, what):
 
 def main():
     gen = torch.Generator().manual_seed(0)
-    for config in CONFIGS:
+    for config in (*CONFIGS, *WIDE_CONFIGS):
         for shape, transpose in (((2, 200, 300), False), ((130, 70), True)):
             X = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
             X = X.mT if transpose else X
@@ -31,8 +31,9 @@ def main():
             close(xxt(X, out=out, config=config), X.double() @ X.double().mT, ("xxt", config, shape))
             A = (X @ X.mT / X.shape[-1]).contiguous()
             out = torch.full_like(A, float("nan"))
-            want = -4.775 * A.double() + 2.0315 * A.double() @ A.double()
-            close(symmetric_polynomial(A, -4.775, 2.0315, out=out, config=config), want, ("poly", config))
+            I = torch.eye(A.shape[-1], device="cuda", dtype=torch.float64)
+            want = 3.4445 * I - 4.775 * A.double() + 2.0315 * A.double() @ A.double()
+            close(symmetric_polynomial(A, -4.775, 2.0315, out=out, config=config, a=3.4445), want, ("poly", config))
     for config in triton_gram.CONFIGS:
         for programs in (None, 7):
             for shape, transpose in (((2, 200, 300), False), ((130, 70), True)):
@@ -60,7 +61,7 @@ def main():
     assert torch.isfinite(ns5_symmetric(G, config=CONFIGS[0])).all()
     assert torch.isfinite(triton_gram.ns5_gram_symmetric(G, config=triton_gram.CONFIGS[0])).all()
     torch.cuda.synchronize()
-    print(f"sanitize_ns5_triton: {len(CONFIGS)} + {len(triton_gram.CONFIGS)} product configs matched float64; "
+    print(f"sanitize_ns5_triton: {len(CONFIGS) + len(WIDE_CONFIGS)} + {len(triton_gram.CONFIGS)} product configs matched float64; "
           f"ns5_small ran {small_runs} (config, shape) cases, finite")
 
 

@@ -38,16 +38,25 @@ XXT_SHAPES = [(64, 64), (1, 1), (200, 300), (384, 96), (3, 130, 257), (4, 96, 80
               (1000, 1000)]
 
 
+# the autotuned square tiles, and each wide configuration (not autotuned: WIDE_CONFIGS)
+TILE_CONFIGS = [None, *ts.WIDE_CONFIGS]
+
+
+def config_id(config) -> str:
+    return "autotuned" if config is None else f"wide{config.block}x{2 * config.block}s{config.num_stages}"
+
+
 @needs_gpu
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("transposed_view", [False, True], ids=["contiguous", "mT-view"])
 @pytest.mark.parametrize("shape", XXT_SHAPES, ids=shape_id)
-def test_xxt_matches_float64(gen, shape, transposed_view):
+def test_xxt_matches_float64(gen, shape, transposed_view, config):
     if transposed_view:  # X is the transpose of a contiguous (…, n, m) tensor: read in place
         X = randn(gen, *shape[:-2], shape[-1], shape[-2], dtype=torch.bfloat16, device="cuda").mT
     else:
         X = randn(gen, *shape, dtype=torch.bfloat16, device="cuda")
     out = poisoned((*shape[:-1], shape[-2]))
-    C = ts.xxt(X, out=out)
+    C = ts.xxt(X, out=out, config=config)
     assert C.data_ptr() == out.data_ptr() and C.shape == out.shape
     X64 = X.double()
     assert_symmetric_product(C, X64 @ X64.mT, X64, shape[-1])
@@ -78,14 +87,15 @@ def random_symmetric(gen, *shape) -> torch.Tensor:
 
 
 @needs_gpu
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("kind", ["ns-gram", "random"])
 @pytest.mark.parametrize("shape", [(64, 64), (3, 130, 130), (2, 512, 512), (1000, 1000), (1, 1)], ids=shape_id)
-def test_symmetric_polynomial_matches_float64(gen, shape, kind):
+def test_symmetric_polynomial_matches_float64(gen, shape, kind, config):
     m = shape[-1]
     A = ns_like_gram(gen, (*shape[:-1], 2 * m)) if kind == "ns-gram" else random_symmetric(gen, *shape)
     a, b, c = 3.4445, -4.7750, 2.0315
     out = poisoned(shape)
-    P = ts.symmetric_polynomial(A, b, c, out=out, a=a)
+    P = ts.symmetric_polynomial(A, b, c, out=out, config=config, a=a)
     assert P.data_ptr() == out.data_ptr()
     A64 = A.double()
     I = torch.eye(m, dtype=torch.float64, device=A.device)
@@ -166,8 +176,9 @@ def test_ns5_op_takes_the_symmetric_route(gen, monkeypatch):
 @needs_gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="wgmma is Hopper's (sm_90)")
+@pytest.mark.parametrize("config", [ts.CONFIGS[0], ts.WIDE_CONFIGS[0]], ids=["square", "wide"])
 @pytest.mark.parametrize("case", ["xxt", "xxt-mT-view", "polynomial"])
-def test_wgmma_on_sm90(gen, case):
+def test_wgmma_on_sm90(gen, case, config):
     """The compiled kernel issues warp-group MMAs (wgmma.mma_async), not Ampere's mma.sync."""
     X = randn(gen, 1, 512, 1024, dtype=torch.bfloat16, device="cuda")
     if case == "xxt-mT-view":
@@ -175,14 +186,14 @@ def test_wgmma_on_sm90(gen, case):
     if case == "polynomial":
         X = X[..., :512]
     C = torch.empty(1, 512, 512, dtype=torch.bfloat16, device="cuda")
-    compiled = ts._launch(X, C, 1.0, 0.5 if case == "polynomial" else 0.0, case == "polynomial", ts.CONFIGS[0])
+    compiled = ts._launch(X, C, 1.0, 0.5 if case == "polynomial" else 0.0, case == "polynomial", config)
     assert ts.wgmma_in_ptx(compiled)
 
 
 # ---- CPU: Triton's interpreter -----------------------------------------------------------------
 
 _INTERPRETER_SCRIPT = r"""
-import json, sys
+import itertools, json, sys
 import torch
 import triton
 import triton.language as tl
@@ -212,10 +223,14 @@ def max_rel(C, ref):
     return float(((C.double() - ref).abs().max() / ref.abs().max()).item())
 
 # 2. X Xᵀ on shapes that are not multiples of the 16-tiles, batched, 1x1 and a transposed view,
-#    into outputs poisoned with NaN; float32 operands (exact-input products), float32 and bf16 out.
+#    into outputs poisoned with NaN; float32 operands (exact-input products), float32 and bf16 out;
+#    square 16-tiles and wide 16x32 ones (16x16: the lower row half of the one wide tile lies wholly
+#    past M; 100x20: four wide tiles a side in two bands)
+CONFIGS = [ts.INTERPRETER_CONFIG, ts.INTERPRETER_WIDE_CONFIG]
 xxt = []
-for shape, view in [((37, 50), False), ((3, 70, 33), False), ((1, 1), False), ((16, 16), False),
-                    ((2, 40, 96), True), ((53, 7), False)]:
+for (shape, view), config in itertools.product(
+        [((37, 50), False), ((3, 70, 33), False), ((1, 1), False), ((16, 16), False),
+         ((2, 40, 96), True), ((53, 7), False), ((100, 20), False)], CONFIGS):
     if view:
         X = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).mT
     else:
@@ -223,33 +238,34 @@ for shape, view in [((37, 50), False), ((3, 70, 33), False), ((1, 1), False), ((
     ref = X.double() @ X.double().mT
     for out_dtype in (torch.float32, torch.bfloat16):
         out = torch.full(ref.shape, float("nan"), dtype=out_dtype)
-        C = ts.xxt(X, out=out)
-        xxt.append({"shape": list(shape), "view": view, "out": str(out_dtype),
+        C = ts.xxt(X, out=out, config=config)
+        xxt.append({"shape": list(shape), "view": view, "wide": config.wide, "out": str(out_dtype),
                     "nan": bool(C.isnan().any()), "symmetric": bool(torch.equal(C, C.mT)),
                     "same_out": C.data_ptr() == out.data_ptr(), "err": max_rel(C, ref)})
 report["xxt"] = xxt
 
 # 3. a I + b A + c A A on symmetric A (a = 0 and the first step's a)
 poly = []
-for shape, a in [((45, 45), 0.0), ((2, 33, 33), 3.4445), ((1, 1), 3.4445)]:
+for (shape, a), config in itertools.product([((45, 45), 0.0), ((2, 33, 33), 3.4445), ((1, 1), 3.4445)], CONFIGS):
     A = torch.randn(*shape, generator=gen)
     A = (A + A.mT) / 2
     out = torch.full(shape, float("nan"))
-    P = ts.symmetric_polynomial(A, -4.775, 2.0315, out=out, a=a)
+    P = ts.symmetric_polynomial(A, -4.775, 2.0315, out=out, config=config, a=a)
     ref = a * torch.eye(shape[-1], dtype=torch.float64) - 4.775 * A.double() + 2.0315 * A.double() @ A.double()
-    poly.append({"shape": list(shape), "nan": bool(P.isnan().any()),
+    poly.append({"shape": list(shape), "wide": config.wide, "nan": bool(P.isnan().any()),
                  "symmetric": bool(torch.equal(P, P.mT)), "same_out": P.data_ptr() == out.data_ptr(),
                  "err": max_rel(P, ref)})
 report["poly"] = poly
 
 # 4. The whole iteration with float32 operands against its float64 replica (wide, tall, 2-D,
-#    Polar Express's per-step triples, steps = 0 and 1)
+#    Polar Express's per-step triples, steps = 0 and 1, wide tiles)
 ns5 = []
-for shape, coefficients, steps in [((2, 24, 40), None, 5), ((40, 24), None, 5),
-                                   ((3, 20, 20), POLAR_EXPRESS, 5), ((2, 24, 40), None, 0),
-                                   ((2, 24, 40), None, 1), ((40, 24), None, 1)]:
+for shape, coefficients, steps, config in [
+        ((2, 24, 40), None, 5, None), ((40, 24), None, 5, None), ((3, 20, 20), POLAR_EXPRESS, 5, None),
+        ((2, 24, 40), None, 0, None), ((2, 24, 40), None, 1, None), ((40, 24), None, 1, None),
+        ((2, 40, 72), None, 5, ts.INTERPRETER_WIDE_CONFIG)]:
     G = torch.randn(*shape, generator=gen)
-    out = ts.ns5_symmetric(G, steps, coefficients, dtype=torch.float32)
+    out = ts.ns5_symmetric(G, steps, coefficients, config=config, dtype=torch.float32)
     ref = ns5_float64(G, steps, coefficients)
     err = float(((out.double() - ref).norm() / ref.norm()).item())
     ns5.append({"shape": list(shape), "same_shape": list(out.shape) == list(shape),
@@ -282,23 +298,25 @@ import json
 from muonkern.ops import triton_symmetric as ts
 from sm90_compile import compile_sm90
 
-cfg = ts.CONFIGS[0]
 results = []
-for has_linear, k_major in [(False, True), (False, False), (True, True)]:
+for has_linear, k_major, cfg in [(False, True, ts.CONFIGS[0]), (False, False, ts.CONFIGS[0]),
+                                 (True, True, ts.CONFIGS[0]), (False, True, ts.WIDE_CONFIGS[0]),
+                                 (True, True, ts.WIDE_CONFIGS[0])]:
     # X row-major (stride along K is 1) or a transposed view (stride along M is 1)
     unit = "stride_xk" if k_major else "stride_xm"
     signature = {"X": "*bf16", "C": "*bf16", "M": "i32", "K": "i32", "BATCH": "i32", "stride_xb": "i64",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_cb": "i64", "stride_cm": "i32",
                  "stride_cn": "constexpr", "alpha": "fp32", "beta": "fp32", "gamma": "fp32", "HAS_LINEAR": "constexpr",
-                 "BLOCK": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr", "DOT_PRECISION": "constexpr"}
+                 "BLOCK": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr", "DOT_PRECISION": "constexpr",
+                 "WIDE": "constexpr"}
     signature[unit] = "constexpr"
     constexprs = {unit: 1, "stride_cn": 1, "HAS_LINEAR": has_linear, "BLOCK": cfg.block,
-                  "BLOCK_K": cfg.block_k, "GROUP": cfg.group, "DOT_PRECISION": "tf32"}
+                  "BLOCK_K": cfg.block_k, "GROUP": cfg.group, "DOT_PRECISION": "tf32", "WIDE": cfg.wide}
     divisible = ["X", "C", "M", "K", "stride_xb", "stride_xk" if unit == "stride_xm" else "stride_xm",
                  "stride_cb", "stride_cm"]
     kernel = compile_sm90(ts._syrk_kernel, signature, constexprs, divisible, cfg.num_warps, cfg.num_stages)
     ptx = kernel.asm["ptx"]
-    results.append({"case": [has_linear, k_major], "wgmma": ts.wgmma_in_ptx(kernel),
+    results.append({"case": [has_linear, k_major, cfg.wide], "wgmma": ts.wgmma_in_ptx(kernel),
                     "mma_sync": "mma.sync" in ptx, "cp_async": "cp.async" in ptx})
 print(json.dumps({"results": results}))
 """

@@ -104,7 +104,7 @@ if triton is not None:
             tile_m, tile_n = _upper_tile((t % per_matrix).to(tl.int32), tiles, GROUP)
             acc = _tile_partial(A + batch * s_ab, B + batch * s_bb, s_am, s_ak, s_bk, s_bn, M, K,
                                 tile_m, tile_n, (seg_start - t * per_tile).to(tl.int32),
-                                (end - t * per_tile).to(tl.int32), BLOCK, BLOCK_K, DOT_PRECISION)
+                                (end - t * per_tile).to(tl.int32), BLOCK, BLOCK, BLOCK_K, DOT_PRECISION)
             tl.store(WS + pid * BLOCK * BLOCK + slot, acc)
             tl.debug_barrier()   # every thread's stores before the flag (release, GPU scope)
             tl.atomic_xchg(FLAGS + pid, 1, sem="release")
@@ -118,7 +118,7 @@ if triton is not None:
             batch = t // per_matrix
             tile_m, tile_n = _upper_tile((t % per_matrix).to(tl.int32), tiles, GROUP)
             acc = _tile_partial(A + batch * s_ab, B + batch * s_bb, s_am, s_ak, s_bk, s_bn, M, K,
-                                tile_m, tile_n, k_first, per_tile, BLOCK, BLOCK_K, DOT_PRECISION)
+                                tile_m, tile_n, k_first, per_tile, BLOCK, BLOCK, BLOCK_K, DOT_PRECISION)
             if k_first > 0:
                 # programs from the owner of the tile's first iteration up to this one published
                 # the earlier iterations (each its range's last part); empty ranges published nothing

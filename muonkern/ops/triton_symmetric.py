@@ -18,7 +18,10 @@ is launched only to exit. ``_upper_tile`` turns the 1-D program id into a (row, 
 bands of GROUP tile rows, column by column within a band (the grouped ordering of Triton's
 matmul tutorial, restricted to the triangle), so programs that run at the same time read the
 same row blocks of X and find them in L2. A diagonal tile replaces its lower half with the mirror
-of its upper half, so C is exactly symmetric and no element is written twice.
+of its upper half, so C is exactly symmetric and no element is written twice. A wide
+configuration (``SyrkConfig.wide``) maps the triangle of 2·BLOCK-square tiles instead, two
+programs per tile, each BLOCK × 2·BLOCK (the wgmma instruction's widest N at BLOCK = 128); there
+the second program of the last diagonal tile may lie wholly past M and store nothing.
 
 Operands bf16 (fp16 works too) with fp32 accumulation; float32 operands run exact-input
 ("ieee") products, which Triton's CPU interpreter runs and the tests use (slow on a GPU). Any
@@ -43,28 +46,29 @@ try:
 except ImportError:  # the package must work without triton; the kernels below then do not exist
     triton = None
 
-__all__ = ["CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
+__all__ = ["CONFIGS", "WIDE_CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
            "wgmma_in_ptx", "xxt"]
 
 
 @dataclass(frozen=True)
 class SyrkConfig:
     """Launch parameters: square output tiles of BLOCK×BLOCK, BLOCK_K columns of X per loop step,
-    and GROUP tile rows per band of the program order (L2 reuse)."""
+    and GROUP tile rows per band of the program order (L2 reuse). ``wide``: each program computes
+    BLOCK×2·BLOCK, one row half of a 2·BLOCK-square tile of the triangle (see ``_syrk_kernel``)."""
 
     block: int
     block_k: int
     num_warps: int
     num_stages: int
     group: int = 8
+    wide: bool = False
 
 
 # H100 (sm_90, 228 KB of shared memory per SM): 128×128 tiles keep a wgmma pipeline busy on
 # large matrices (the fastest of python bench/xxt_tiles.py's sweep: BLOCK_K 64 with 4-5 stages at
 # 4096² and 8192², 32 with 4 stages at 2048×8192); 64×64 tiles give a small matrix enough programs
 # (m = 512: 10 tiles of 128, 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most
-# 160 KB here. Non-square tiles would not map onto the triangle of tile pairs, so every tile is
-# square.
+# 160 KB here. Wide tiles (WIDE_CONFIGS below) are not among them until timed.
 CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=16),
     SyrkConfig(128, 64, num_warps=8, num_stages=5, group=16),
@@ -74,9 +78,20 @@ CONFIGS = (
     SyrkConfig(64, 64, num_warps=4, num_stages=5),
 )
 
+# Wide tiles, 128×256 (wgmma's widest N), as dion's X·Xᵀ kernel may take where its autotuner
+# likes (its X·Xᵀ ran 0.756 ms at 8192² bf16 against 0.918 for the best square configuration here:
+# README, *Symmetric products*). Not timed on a GPU yet, so not among the autotuner's CONFIGS;
+# `config=` runs them, and bench/xxt_tiles.py sweeps them beside the square ones. Shared memory:
+# (128 + 256)·BLOCK_K·2 bytes per stage, 192 KB at 4 stages of BLOCK_K 64.
+WIDE_CONFIGS = (
+    SyrkConfig(128, 64, num_warps=8, num_stages=3, group=8, wide=True),
+    SyrkConfig(128, 64, num_warps=8, num_stages=4, group=8, wide=True),
+)
+
 # Small tiles for the interpreter (it runs every tile in numpy); group 2 so that the shapes the
 # tests use have several bands, a partial last one included.
 INTERPRETER_CONFIG = SyrkConfig(16, 16, num_warps=1, num_stages=1, group=2)
+INTERPRETER_WIDE_CONFIG = SyrkConfig(16, 16, num_warps=1, num_stages=1, group=2, wide=True)
 
 
 def available() -> bool:
@@ -120,22 +135,46 @@ if triton is not None:
                      stride_cb, stride_cm, stride_cn,
                      alpha, beta, gamma,
                      HAS_LINEAR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
         """C = X Xᵀ, or C = alpha·X Xᵀ + beta·X + gamma·I for a square X (HAS_LINEAR), per matrix
-        of a batch: X (batch, M, K), C (batch, M, M); one program per upper-triangle tile."""
-        tiles = tl.cdiv(M, BLOCK)
-        per_matrix = tiles * (tiles + 1) // 2
+        of a batch: X (batch, M, K), C (batch, M, M); one program per upper-triangle tile.
+
+        WIDE: the triangle is of 2·BLOCK-square tiles, and two programs share each one, a row half
+        (BLOCK × 2·BLOCK) apiece, stored as two BLOCK-square tiles. On the diagonal the lower half's
+        left tile lies below the diagonal (the upper half stores its mirror) and is computed but
+        not stored: BLOCK/M of the work, 1.6% at M = 8192 (more where M is no multiple of 2·BLOCK:
+        the halves past M are computed too, and a row half wholly past M stores nothing)."""
         pid = tl.program_id(0)
+        if WIDE:
+            tiles = tl.cdiv(M, 2 * BLOCK)
+            per_matrix = tiles * (tiles + 1)
+        else:
+            tiles = tl.cdiv(M, BLOCK)
+            per_matrix = tiles * (tiles + 1) // 2
         batch = pid // per_matrix
-        tile_m, tile_n = _upper_tile(pid % per_matrix, tiles, GROUP)
         X += batch.to(tl.int64) * stride_xb
         C += batch.to(tl.int64) * stride_cb
+        if WIDE:
+            local = pid % per_matrix
+            tile_m, tile_n = _upper_tile(local // 2, tiles, GROUP)
+            _syrk_tile(X, C, M, K, 2 * tile_m + local % 2, tile_n, stride_xm, stride_xk, stride_cm, stride_cn,
+                       alpha, beta, gamma, HAS_LINEAR, BLOCK, 2 * BLOCK, BLOCK_K, DOT_PRECISION)
+        else:
+            tile_m, tile_n = _upper_tile(pid % per_matrix, tiles, GROUP)
+            _syrk_tile(X, C, M, K, tile_m, tile_n, stride_xm, stride_xk, stride_cm, stride_cn,
+                       alpha, beta, gamma, HAS_LINEAR, BLOCK, BLOCK, BLOCK_K, DOT_PRECISION)
 
+    @triton.jit
+    def _syrk_tile(X, C, M, K, tile_m, tile_n, stride_xm, stride_xk, stride_cm, stride_cn, alpha, beta, gamma,
+                   HAS_LINEAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Rows tile_m·BLOCK_M.. and columns tile_n·BLOCK_N.. of C (the kernel above), stored with
+        their mirror; BLOCK_N is BLOCK_M, or 2·BLOCK_M for a wide tile."""
         # X[m-block, k] · X[n-block, k]ᵀ over all of K
         acc = _tile_partial(X, X, stride_xm, stride_xk, stride_xk, stride_xm, M, K, tile_m, tile_n,
-                            0, tl.cdiv(K, BLOCK_K), BLOCK, BLOCK_K, DOT_PRECISION)
-        offs_m = tile_m * BLOCK + tl.arange(0, BLOCK)
-        offs_n = tile_n * BLOCK + tl.arange(0, BLOCK)
+                            0, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m = offs_m < M
         in_n = offs_n < M
         if HAS_LINEAR:  # the polynomial's linear and constant terms, in fp32 before the one rounding to C
@@ -143,22 +182,30 @@ if triton is not None:
             lin = tl.load(lin_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
             diagonal = offs_m[:, None] == offs_n[None, :]
             acc = alpha * acc + beta * lin.to(tl.float32) + tl.where(diagonal, gamma, 0.0)
-        _store_symmetric(C, acc.to(C.dtype.element_ty), tile_m, tile_n, M, stride_cm, stride_cn, BLOCK)
+        out = acc.to(C.dtype.element_ty)
+        if BLOCK_N == BLOCK_M:
+            _store_symmetric(C, out, tile_m, tile_n, M, stride_cm, stride_cn, BLOCK_M)
+        else:
+            # the two BLOCK_M-square halves: out[:, :BLOCK_M] and out[:, BLOCK_M:]
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_M)), (0, 2, 1)))
+            if tile_m <= 2 * tile_n:
+                _store_symmetric(C, left, tile_m, 2 * tile_n, M, stride_cm, stride_cn, BLOCK_M)
+            _store_symmetric(C, right, tile_m, 2 * tile_n + 1, M, stride_cm, stride_cn, BLOCK_M)
 
     @triton.jit
     def _tile_partial(A, B, s_am, s_ak, s_bk, s_bn, M, K, tile_m, tile_n, k_first, k_stop,
-                      BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
         """Σ over inner-dimension blocks k_first .. k_stop-1 of A[tile_m rows, k] · B[k, tile_n cols],
-        fp32 (BLOCK, BLOCK). Rows past M wrap to valid rows (never stored), so loads need only the
-        K mask."""
-        offs = tl.arange(0, BLOCK)
+        fp32 (BLOCK_M, BLOCK_N), tile_m counted in BLOCK_M rows and tile_n in BLOCK_N columns. Rows
+        and columns past M wrap to valid ones (never stored), so loads need only the K mask."""
         offs_k = tl.arange(0, BLOCK_K)
-        rows = (tile_m * BLOCK + offs) % M
-        cols = (tile_n * BLOCK + offs) % M
+        rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)) % M
         k0 = k_first * BLOCK_K
         a_ptrs = A + rows[:, None] * s_am + (k0 + offs_k)[None, :] * s_ak
         b_ptrs = B + (k0 + offs_k)[:, None] * s_bk + cols[None, :] * s_bn
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_first, k_stop):
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
@@ -280,10 +327,15 @@ def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_lin
         def grid(meta_):
             tiles = triton.cdiv(M, meta_["BLOCK"])
             return (batch * tiles * (tiles + 1) // 2,)
-        return _syrk_autotuned[grid](*args, **meta)
-    tiles = triton.cdiv(M, config.block)
-    return _syrk_kernel[(batch * tiles * (tiles + 1) // 2,)](
-        *args, BLOCK=config.block, BLOCK_K=config.block_k, GROUP=config.group,
+        return _syrk_autotuned[grid](*args, WIDE=False, **meta)
+    if config.wide:   # two programs per 2·BLOCK-square tile of the triangle
+        tiles = triton.cdiv(M, 2 * config.block)
+        programs = batch * tiles * (tiles + 1)
+    else:
+        tiles = triton.cdiv(M, config.block)
+        programs = batch * tiles * (tiles + 1) // 2
+    return _syrk_kernel[(programs,)](
+        *args, BLOCK=config.block, BLOCK_K=config.block_k, GROUP=config.group, WIDE=config.wide,
         num_warps=config.num_warps, num_stages=config.num_stages, **meta)
 
 
