@@ -38,7 +38,7 @@ XXT_SHAPES = [(64, 64), (1, 1), (200, 300), (384, 96), (3, 130, 257), (4, 96, 80
               (1000, 1000)]
 
 
-# the autotuned square tiles, and each wide configuration (not autotuned: WIDE_CONFIGS)
+# the autotuned tiles (square and wide), and each wide configuration by itself
 TILE_CONFIGS = [None, *ts.WIDE_CONFIGS]
 
 

@@ -68,7 +68,7 @@ class SyrkConfig:
 # large matrices (the fastest of python bench/xxt_tiles.py's sweep: BLOCK_K 64 with 4-5 stages at
 # 4096² and 8192², 32 with 4 stages at 2048×8192); 64×64 tiles give a small matrix enough programs
 # (m = 512: 10 tiles of 128, 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most
-# 160 KB here. Wide tiles (WIDE_CONFIGS below) are not among them until timed.
+# 160 KB here. The autotuner times them beside the wide tiles below.
 CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=16),
     SyrkConfig(128, 64, num_warps=8, num_stages=5, group=16),
@@ -78,11 +78,10 @@ CONFIGS = (
     SyrkConfig(64, 64, num_warps=4, num_stages=5),
 )
 
-# Wide tiles, 128×256 (wgmma's widest N), as dion's X·Xᵀ kernel may take where its autotuner
-# likes (its X·Xᵀ ran 0.756 ms at 8192² bf16 against 0.918 for the best square configuration here:
-# README, *Symmetric products*). Not timed on a GPU yet, so not among the autotuner's CONFIGS;
-# `config=` runs them, and bench/xxt_tiles.py sweeps them beside the square ones. Shared memory:
-# (128 + 256)·BLOCK_K·2 bytes per stage, 192 KB at 4 stages of BLOCK_K 64.
+# Wide tiles, 128×256 (wgmma's widest N): fewer operand loads per product on large matrices (dion's
+# X·Xᵀ with such tiles ran 0.756 ms at 8192² bf16 against 0.918 for the best square configuration
+# here: README, *Symmetric products*). Autotuned beside CONFIGS. Shared memory: (128 + 256)·BLOCK_K·2
+# bytes per stage, 192 KB at 4 stages of BLOCK_K 64.
 WIDE_CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=3, group=8, wide=True),
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=8, wide=True),
@@ -233,17 +232,19 @@ if triton is not None:
             tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
                      mask=in_n[:, None] & in_m[None, :])
 
-    def autotuned(kernel, configs: Sequence[SyrkConfig]):
+    def autotuned(kernel, configs: Sequence[SyrkConfig], takes_wide: bool = False):
         """`kernel` autotuned over `configs`, once per (M, K, batch, kind) and dtype: a first call
         pays for timing each config (a few hundred ms); later calls with the same key reuse the
         choice. The batch is part of the key because many small matrices want other tiles than
-        one large one."""
+        one large one. ``takes_wide``: the kernel has the WIDE parameter, set from each config."""
+        def params(c: SyrkConfig) -> dict:
+            p = {"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group}
+            return {**p, "WIDE": c.wide} if takes_wide else p
         return triton.autotune(
-            configs=[triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group},
-                                   num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            configs=[triton.Config(params(c), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
             key=["M", "K", "BATCH", "HAS_LINEAR"])(kernel)
 
-    _syrk_autotuned = autotuned(_syrk_kernel, CONFIGS)
+    _syrk_autotuned = autotuned(_syrk_kernel, CONFIGS + WIDE_CONFIGS, takes_wide=True)
 
 
 def _interpreting() -> bool:
@@ -307,6 +308,15 @@ def _batched(name: str, X: torch.Tensor, out: Optional[torch.Tensor]) -> tuple[t
     return batched(X), batched(out)
 
 
+def _programs(batch: int, M: int, block: int, wide: bool) -> int:
+    """Programs of a launch: one per upper-triangle BLOCK tile, or two per 2·BLOCK tile when wide."""
+    if wide:
+        tiles = triton.cdiv(M, 2 * block)
+        return batch * tiles * (tiles + 1)
+    tiles = triton.cdiv(M, block)
+    return batch * tiles * (tiles + 1) // 2
+
+
 def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_linear: bool,
             config: Optional[SyrkConfig], gamma: float = 0.0):
     """Runs the kernel on X (batch, M, K) into C (batch, M, M); returns what the launch returns
@@ -324,17 +334,8 @@ def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_lin
     if config is None and (_interpreting() or X.device.type != "cuda"):
         config = INTERPRETER_CONFIG
     if config is None:
-        def grid(meta_):
-            tiles = triton.cdiv(M, meta_["BLOCK"])
-            return (batch * tiles * (tiles + 1) // 2,)
-        return _syrk_autotuned[grid](*args, WIDE=False, **meta)
-    if config.wide:   # two programs per 2·BLOCK-square tile of the triangle
-        tiles = triton.cdiv(M, 2 * config.block)
-        programs = batch * tiles * (tiles + 1)
-    else:
-        tiles = triton.cdiv(M, config.block)
-        programs = batch * tiles * (tiles + 1) // 2
-    return _syrk_kernel[(programs,)](
+        return _syrk_autotuned[lambda meta_: (_programs(batch, M, meta_["BLOCK"], meta_["WIDE"]),)](*args, **meta)
+    return _syrk_kernel[(_programs(batch, M, config.block, config.wide),)](
         *args, BLOCK=config.block, BLOCK_K=config.block_k, GROUP=config.group, WIDE=config.wide,
         num_warps=config.num_warps, num_stages=config.num_stages, **meta)
 
