@@ -2,13 +2,16 @@
 torch.matmul and, where staged (bench/NOTES.md), flash-muon's and dion's X·Xᵀ kernels:
 
     python bench/xxt_tiles.py          # bf16, 4096², 8192², 2048×8192; best of 5 × 20 calls
+    python bench/xxt_tiles.py --table  # README's table: X·Xᵀ and the polynomial kernel, square vs
+                                       # wide tiles vs the autotuned pick vs dion's kernels
 """
 import itertools
+import sys
 
 import torch
 from test_bench_anchors import _anchor_module, _dion_module
 
-from muonkern.ops.triton_symmetric import WIDE_CONFIGS, SyrkConfig, xxt
+from muonkern.ops.triton_symmetric import CONFIGS, WIDE_CONFIGS, SyrkConfig, symmetric_polynomial, xxt
 
 
 
@@ -60,5 +63,29 @@ def main():
         print(f"   worst {times[-1][0]:.4f} ms")
 
 
+def table():
+    """Per shape, X·Xᵀ and P = b·A + c·A·A (A = X Xᵀ; dion's ns_line_2 computes the same) in ms:
+    dion, the autotuned launch, the two 8-warp square configurations and each wide one; then the
+    largest relative error of X·Xᵀ against float64 (bf16 output: one rounding, 2^-8)."""
+    dion = _dion_module()
+    configs = {"autotuned": None, **{f"{'wide' if c.wide else 'square'} s{c.num_stages}": c
+                                     for c in (*CONFIGS[:2], *WIDE_CONFIGS)}}
+    worst = 0.0
+    for m, n in [(8192, 8192), (4096, 4096), (2048, 8192)]:
+        X = torch.randn(m, n, device="cuda").bfloat16()
+        A, P = (torch.empty(m, m, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        exact = X.double() @ X.double().mT
+        for c in configs.values():
+            worst = max(worst, float((xxt(X, out=P, config=c).double() - exact).abs().max() / exact.abs().max()))
+        xxt(X, out=A)
+        rows = {f"X Xᵀ, {m}x{n}": (lambda: dion.ns_line_1(X, out=P), lambda c: xxt(X, out=P, config=c)),
+                f"P, {m}x{m}": (lambda: dion.ns_line_2(A, -4.7750, 2.0315, out=P),
+                                lambda c: symmetric_polynomial(A, -4.7750, 2.0315, out=P, config=c))}
+        for name, (theirs, ours) in rows.items():
+            cells = [f"dion {best_ms(theirs):.4f}"] + [f"{k} {best_ms(lambda: ours(c)):.4f}" for k, c in configs.items()]
+            print(f"{name}: " + " | ".join(cells), flush=True)
+    print(f"largest relative error of X Xᵀ against float64: {worst:.4f}")
+
+
 if __name__ == "__main__":
-    main()
+    table() if "--table" in sys.argv[1:] else main()

@@ -389,8 +389,10 @@ def test_two_layer_transformer_against_dense_hessian(gen, method, rtol):
                                                    ("finite_diff", "finite_diff", 1e-12), ("taylor", "rev_rev", 1e-8)])
 def test_partitions_share_one_pass(gen, method, reference, rtol):
     """directional_quadratics_for_partitions: each partition's fields as its own call gives them,
-    for one direction and a list; the HVP methods evaluate the loss's primal once for all
-    partitions (one evaluation fewer per extra partition than separate calls)."""
+    for one direction and a list. rev_rev and finite_diff evaluate the loss's primal once for all
+    partitions (one evaluation fewer per extra partition than separate calls); fwd_rev, which runs
+    the forward in each of its HVP passes, packs all partitions' HVPs into shared passes of
+    batch_size (ceil(K·ΣG / 3) evaluations against Σ ceil(K·G / 3))."""
     model, loss_fn, params = _small_gpt_problem(gen, 3)
     partitions = {"module": C.groups_by_module(model, 2), "top": C.groups_by_module(model, 1)}
     calls = []
@@ -399,7 +401,8 @@ def test_partitions_share_one_pass(gen, method, reference, rtol):
         calls.append(1)
         return loss_fn(p)
 
-    for dirs in (_rand_like(params, gen), [_rand_like(params, gen) for _ in range(2)]):
+    sizes = [len(groups) for groups in partitions.values()]
+    for k, dirs in ((1, _rand_like(params, gen)), (2, [_rand_like(params, gen) for _ in range(2)])):
         shared_fn = loss_fn if method == "taylor" else counted   # Taylor mode needs the GPT's loss itself
         calls.clear()
         got = C.directional_quadratics_for_partitions(shared_fn, params, dirs, partitions, method=method, batch_size=3)
@@ -413,7 +416,9 @@ def test_partitions_share_one_pass(gen, method, reference, rtol):
             for field in ("gain", "curvature", "norm_sq", "nds", "blocks", "within", "cross"):
                 torch.testing.assert_close(getattr(got[name], field), getattr(want, field), rtol=rtol,
                                            atol=rtol * scale)
-        if method != "taylor":
+        if method == "fwd_rev":
+            assert (shared, len(calls)) == (math.ceil(k * sum(sizes) / 3), sum(math.ceil(k * g / 3) for g in sizes))
+        elif method != "taylor":
             assert len(calls) - shared == len(partitions) - 1, (len(calls), shared)
     with pytest.raises(ValueError, match="partitions must be a non-empty dict"):
         C.directional_quadratics_for_partitions(loss_fn, params, dirs, {}, method=method)

@@ -296,15 +296,15 @@ def test_kernels_under_interpreter(gen):
 _COMPILE_SCRIPT = r"""
 import json
 from muonkern.ops import triton_symmetric as ts
-from sm90_compile import compile_sm90
+from sm90_compile import compile_sm90, sm90_summary
 
 results = []
-for has_linear, k_major, cfg in [(False, True, ts.CONFIGS[0]), (False, False, ts.CONFIGS[0]),
-                                 (True, True, ts.CONFIGS[0]), (False, True, ts.WIDE_CONFIGS[0]),
-                                 (True, True, ts.WIDE_CONFIGS[0])]:
+for has_linear, k_major, cfg, out in [(False, True, ts.CONFIGS[0], "bf16"), (False, False, ts.CONFIGS[0], "bf16"),
+                                      (True, True, ts.CONFIGS[0], "bf16"), (False, True, ts.WIDE_CONFIGS[0], "bf16"),
+                                      (True, True, ts.WIDE_CONFIGS[0], "bf16"), (False, True, ts.WIDE_CONFIGS[0], "fp32")]:
     # X row-major (stride along K is 1) or a transposed view (stride along M is 1)
     unit = "stride_xk" if k_major else "stride_xm"
-    signature = {"X": "*bf16", "C": "*bf16", "M": "i32", "K": "i32", "BATCH": "i32", "stride_xb": "i64",
+    signature = {"X": "*bf16", "C": "*" + out, "M": "i32", "K": "i32", "BATCH": "i32", "stride_xb": "i64",
                  "stride_xm": "i32", "stride_xk": "i32", "stride_cb": "i64", "stride_cm": "i32",
                  "stride_cn": "constexpr", "alpha": "fp32", "beta": "fp32", "gamma": "fp32", "HAS_LINEAR": "constexpr",
                  "BLOCK": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr", "DOT_PRECISION": "constexpr",
@@ -315,9 +315,8 @@ for has_linear, k_major, cfg in [(False, True, ts.CONFIGS[0]), (False, False, ts
     divisible = ["X", "C", "M", "K", "stride_xb", "stride_xk" if unit == "stride_xm" else "stride_xm",
                  "stride_cb", "stride_cm"]
     kernel = compile_sm90(ts._syrk_kernel, signature, constexprs, divisible, cfg.num_warps, cfg.num_stages)
-    ptx = kernel.asm["ptx"]
-    results.append({"case": [has_linear, k_major, cfg.wide], "wgmma": ts.wgmma_in_ptx(kernel),
-                    "mma_sync": "mma.sync" in ptx, "cp_async": "cp.async" in ptx})
+    results.append({"case": [has_linear, k_major, cfg.wide, out], "cp_async": "cp.async" in kernel.asm["ptx"],
+                    **sm90_summary(kernel)})
 print(json.dumps({"results": results}))
 """
 
@@ -325,10 +324,16 @@ print(json.dumps({"results": results}))
 @needs_triton
 def test_compiles_to_wgmma_for_sm90():
     """Compile only (no GPU needed, tests/sm90_compile.py): for sm_90 the kernel's PTX issues
-    wgmma.mma_async and pipelines its loads with cp.async, for a row-major X, a transposed view
-    and the polynomial's epilogue."""
+    wgmma.mma_async (m64n256k16 with wide tiles) and pipelines its loads with cp.async, for a
+    row-major X, a transposed view and the polynomial's epilogue, and the bf16 outputs ns5 writes
+    spill nothing. Prints each case's registers and spilled bytes (-rP), a float32 output's too."""
     for row in run_compile_script(_COMPILE_SCRIPT):
+        print(row)
+        has_linear, k_major, wide, out = row["case"]
         assert row["wgmma"] and not row["mma_sync"] and row["cp_async"], row
+        assert ("m64n256k16" in row["wgmma_shapes"]) == wide, row
+        if out == "bf16":
+            assert row.get("spill_bytes", 0) == 0, row
 
 
 def test_module_imports_without_triton():

@@ -92,9 +92,12 @@ def directional_quadratics_for_partitions(loss_fn: LossFn, params: Params,
     """:func:`directional_quadratics` with blocks for several partitions of the parameters at once
     (``partitions``: name -> groups, as ``groups`` there): {name: its DirectionalQuadratics}.
 
-    The HVP methods share one primal computation and one gradient among all partitions (the sum
-    of their group counts in HVPs per direction, as separate calls take, but one forward and one
-    differentiable backward fewer per extra partition); ``taylor`` runs one call per partition."""
+    The HVP methods take the sum of the partitions' group counts in HVPs per direction, as separate
+    calls do. ``rev_rev`` and ``finite_diff`` share one primal computation and one gradient among
+    all partitions (one forward and one backward fewer per extra partition); ``fwd_rev``, which
+    runs the forward in each of its passes, packs all partitions' HVPs into shared passes of
+    ``batch_size`` (fewer passes where the partitions' counts leave passes partly filled);
+    ``taylor`` runs one call per partition."""
     if not isinstance(partitions, Mapping) or len(partitions) == 0:
         raise ValueError("partitions must be a non-empty dict name -> groups")
     params, dirs, single = _checked(params, directions, method, batch_size)

@@ -46,7 +46,7 @@ try:
 except ImportError:  # the package must work without triton; the kernels below then do not exist
     triton = None
 
-__all__ = ["CONFIGS", "WIDE_CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
+__all__ = ["CONFIGS", "TUNED_CONFIGS", "WIDE_CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
            "wgmma_in_ptx", "xxt"]
 
 
@@ -68,7 +68,7 @@ class SyrkConfig:
 # large matrices (the fastest of python bench/xxt_tiles.py's sweep: BLOCK_K 64 with 4-5 stages at
 # 4096² and 8192², 32 with 4 stages at 2048×8192); 64×64 tiles give a small matrix enough programs
 # (m = 512: 10 tiles of 128, 36 of 64). Shared memory: 2·BLOCK·BLOCK_K·2 bytes per stage, at most
-# 160 KB here. The autotuner times them beside the wide tiles below.
+# 160 KB here.
 CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=16),
     SyrkConfig(128, 64, num_warps=8, num_stages=5, group=16),
@@ -78,14 +78,17 @@ CONFIGS = (
     SyrkConfig(64, 64, num_warps=4, num_stages=5),
 )
 
-# Wide tiles, 128×256 (wgmma's widest N): fewer operand loads per product on large matrices (dion's
-# X·Xᵀ with such tiles ran 0.756 ms at 8192² bf16 against 0.918 for the best square configuration
-# here: README, *Symmetric products*). Autotuned beside CONFIGS. Shared memory: (128 + 256)·BLOCK_K·2
+# Wide tiles, 128×256 (wgmma's widest N): fewer operand loads per output on large matrices (X·Xᵀ
+# at 8192² bf16 on an H100: 0.796 ms, against 0.902 for the best square configuration; at 4096² they
+# lose, 0.152 against 0.116: `python bench/xxt_tiles.py --table`). Shared memory: (128 + 256)·BLOCK_K·2
 # bytes per stage, 192 KB at 4 stages of BLOCK_K 64.
 WIDE_CONFIGS = (
     SyrkConfig(128, 64, num_warps=8, num_stages=3, group=8, wide=True),
     SyrkConfig(128, 64, num_warps=8, num_stages=4, group=8, wide=True),
 )
+
+# what the autotuner times per (M, K, batch, kind)
+TUNED_CONFIGS = CONFIGS + WIDE_CONFIGS
 
 # Small tiles for the interpreter (it runs every tile in numpy); group 2 so that the shapes the
 # tests use have several bands, a partial last one included.
@@ -232,19 +235,19 @@ if triton is not None:
             tl.store(C + offs_n[:, None] * stride_cm + offs_m[None, :] * stride_cn, tl.trans(out),
                      mask=in_n[:, None] & in_m[None, :])
 
-    def autotuned(kernel, configs: Sequence[SyrkConfig], takes_wide: bool = False):
+    def autotuned(kernel, configs: Sequence[SyrkConfig]):
         """`kernel` autotuned over `configs`, once per (M, K, batch, kind) and dtype: a first call
         pays for timing each config (a few hundred ms); later calls with the same key reuse the
         choice. The batch is part of the key because many small matrices want other tiles than
-        one large one. ``takes_wide``: the kernel has the WIDE parameter, set from each config."""
+        one large one. A kernel with a WIDE parameter takes it from each config."""
         def params(c: SyrkConfig) -> dict:
             p = {"BLOCK": c.block, "BLOCK_K": c.block_k, "GROUP": c.group}
-            return {**p, "WIDE": c.wide} if takes_wide else p
+            return {**p, "WIDE": c.wide} if "WIDE" in kernel.arg_names else p
         return triton.autotune(
             configs=[triton.Config(params(c), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
             key=["M", "K", "BATCH", "HAS_LINEAR"])(kernel)
 
-    _syrk_autotuned = autotuned(_syrk_kernel, CONFIGS + WIDE_CONFIGS, takes_wide=True)
+    _syrk_autotuned = autotuned(_syrk_kernel, TUNED_CONFIGS)
 
 
 def _interpreting() -> bool:
@@ -377,7 +380,7 @@ def normalize(G: torch.Tensor, dtype: torch.dtype, eps: float, out: Optional[tor
     """X0 = G / (‖G‖_F + eps) per matrix in ``dtype`` (into ``out`` if given), the norm summed
     and the quotient taken in float32 (float64 for a float64 G), one rounding to ``dtype``: two passes over G (the norm, then
     the quotient written straight in ``dtype``), where converting G first takes four."""
-    # float32, or float64 for a float64 G (vector_norm's dtype= may not narrow)
+    # promote_types: vector_norm's dtype= may not narrow a float64 G
     norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
     if out is None:
         out = torch.empty(G.shape, dtype=dtype, device=G.device)
