@@ -96,13 +96,19 @@ class StudyConfig:
         skip = {"alphas", "seeds", "device", "checkpoint_every", "probe_hvp_batch", "probe_method", "lr_sweep", "sweep_steps",
                 "sweep_seed", "sweep_adamw_lrs", "sweep_muon_lrs", "sweep_muon_adamw_lrs", "muon_lr",
                 "muon_adamw_lr", "adamw_lr"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip and not k.startswith("quad_")}
+        return {"run_format": RUN_FORMAT,
+                **{k: v for k, v in self.to_dict().items() if k not in skip and not k.startswith("quad_")}}
 
     def quadratic_identity(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k.startswith("quad_")}
 
 
 PROBE_METHODS = ("rev_rev", "fwd_rev", "taylor")
+
+# Part of every run's identity: raised where a run's data stream or its saved record changes for the
+# same configuration, so that results and snapshots of earlier versions are not reused (2: window
+# starts over [0, n - context), snapshots holding the ranks' mean losses).
+RUN_FORMAT = 2
 
 PRESETS = {
     # CPU, under 3 minutes on 2 cores end to end (CI runs it): a 2-layer GPT, two imbalance levels,

@@ -74,15 +74,16 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
         opt.load_state_dict(resumed["optimizer"])
         step, evals, records, levels = resumed["step"], resumed["evals"], resumed["records"], resumed["levels"]
         val, best = resumed["val"], resumed["best"]
-        train_losses = list(resumed["train_losses"].to(ctx.device).unbind())  # float64, rank means
+        restored = resumed["train_losses"].to(ctx.device)  # float64, rank means already
         if progress is not None:
             progress.update(step)
     else:
-        evals, train_losses, records = [], [], []
+        evals, records, restored = [], [], None
         val = best = _evaluate(model, streams.val, ctx)
         evals.append([0, val])
         levels: list[int] = []
         step = 0
+    train_losses = []   # this invocation's, this rank's
     while True:
         kinds = []
         if probes and levels:
@@ -120,16 +121,18 @@ def train_run(cfg: StudyConfig, optimizer: str, alpha: float, seed: int, lrs: di
             progress.update(1)
         if checkpoint is not None and checkpoint.due(step) and step < steps:
             # the losses as the run reports them, means over the ranks (every rank takes part)
-            losses = _rank_means(train_losses, ctx)
+            losses = _reported_losses(restored, train_losses, ctx)
             checkpoint.save(lambda: dict(step=step, evals=evals, records=records, levels=levels, val=val,
                                          best=best, train_losses=losses.cpu(), model=model.state_dict(),
                                          optimizer=opt.state_dict()))
-    train_loss = _rank_means(train_losses, ctx).tolist() if train_losses else []
+    train_loss = _reported_losses(restored, train_losses, ctx).tolist()
     # how this run was made, for a report over runs that may come from earlier invocations
     made = {"world_size": ctx.world, "probe_method": cfg.probe_method if probes else None}
     return {"evals": evals, "train_loss": train_loss, "probes": records, "made": made}
 
 
-def _rank_means(losses: list, ctx: Context) -> torch.Tensor:
-    """The per-step training losses as the run reports them: float64 means over the ranks."""
-    return ctx.mean_(torch.stack([t.double() for t in losses]))
+def _reported_losses(restored: torch.Tensor | None, losses: list, ctx: Context) -> torch.Tensor:
+    """The per-step training losses as the run reports them, float64 means over the ranks: those
+    restored from a snapshot (means already, not averaged again) and then this invocation's."""
+    new = ctx.mean_(torch.stack(losses).double()) if losses else torch.zeros(0, dtype=torch.float64, device=ctx.device)
+    return new if restored is None else torch.cat([restored, new])
