@@ -18,31 +18,13 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 import muonkern
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from reference import TORCH_MUON_OPTIONS as MUON_OPTIONS  # noqa: E402
 from reference import TORCH_MUON_SHAPES as MUON_SHAPES  # noqa: E402
 from reference import TORCH_MUON_STEPS as MUON_STEPS  # noqa: E402
-from reference import muon_scale, ns5_float64, rel_err  # noqa: E402
-
-
-def _final_distance(shape, adjust_lr: str, seed: int, momentum: float) -> float:
-    """max |ours - torch's| after MUON_STEPS steps, in units of lr * scale (ours at `momentum`)."""
-    from muonkern.optim import Muon
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(shape, generator=gen)
-    grads = [torch.randn(shape, generator=gen) for _ in range(MUON_STEPS)]
-    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
-    opt_ours = Muon([ours], adjust_lr=adjust_lr, **{**MUON_OPTIONS, "momentum": momentum})
-    opt_theirs = torch.optim.Muon([theirs], adjust_lr_fn=adjust_lr, **MUON_OPTIONS)
-    for g in grads:
-        ours.grad, theirs.grad = g.clone(), g.clone()
-        opt_ours.step()
-        opt_theirs.step()
-    return float((ours - theirs).detach().abs().max()) / (MUON_OPTIONS["lr"] * muon_scale(*shape, adjust_lr))
+from reference import ns5_float64, rel_err, torch_muon_distance  # noqa: E402
 
 
 def muon_vs_torch() -> None:
@@ -50,8 +32,8 @@ def muon_vs_torch() -> None:
     for shape in MUON_SHAPES:
         for adjust_lr in ("original", "match_rms_adamw"):
             for seed in range(5):
-                same.append(_final_distance(shape, adjust_lr, seed, MUON_OPTIONS["momentum"]))
-                wrong.append(_final_distance(shape, adjust_lr, seed, 0.9))
+                same.append(torch_muon_distance(torch.Generator().manual_seed(seed), shape, adjust_lr))
+                wrong.append(torch_muon_distance(torch.Generator().manual_seed(seed), shape, adjust_lr, momentum=0.9))
     print(f"{len(same)} runs of {MUON_STEPS} steps ({len(MUON_SHAPES)} shapes x 2 scale rules x 5 seeds), "
           f"max |ours - torch.optim.Muon| / (lr * scale): worst {max(same):.4f}; with momentum 0.9 "
           f"instead of 0.95 the least {min(wrong):.4f}")

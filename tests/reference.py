@@ -224,6 +224,24 @@ TORCH_MUON_OPTIONS = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
 TORCH_MUON_STEPS = 10
 
 
+def torch_muon_distance(gen: torch.Generator, shape, adjust_lr: str, momentum: float | None = None) -> float:
+    """max |muonkern's Muon - torch.optim.Muon| over the parameter after TORCH_MUON_STEPS steps from
+    one random start with the same random gradients, in units of lr * scale; ours at `momentum`
+    (default TORCH_MUON_OPTIONS's, as torch's)."""
+    from muonkern.optim import Muon
+    start = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(TORCH_MUON_STEPS)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    mine = {**TORCH_MUON_OPTIONS, **({} if momentum is None else {"momentum": momentum})}
+    optimizers = [Muon([ours], adjust_lr=adjust_lr, **mine),
+                  torch.optim.Muon([theirs], adjust_lr_fn=adjust_lr, **TORCH_MUON_OPTIONS)]
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        for opt in optimizers:
+            opt.step()
+    return float((ours - theirs).detach().abs().max()) / (TORCH_MUON_OPTIONS["lr"] * muon_scale(*shape, adjust_lr))
+
+
 def muon_scale(rows: int, cols: int, adjust_lr: str = "original") -> float:
     """The update scale of Muon's adjust_lr rules, written out independently of muonkern.optim."""
     if adjust_lr == "original":
