@@ -48,8 +48,8 @@ inline DirquadSizes dirquad_sizes(at::TensorList grads, at::TensorList direction
       TORCH_CHECK_TYPE(is_kernel_dtype(dtype),
                        what() + " has dtype " + python_dtype_name(dtype) +
                            "; expected a real floating-point tensor (float16, bfloat16, float32 or float64)");
-      TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(),
-                       what() + " has dtype " + python_dtype_name(t.scalar_type()) + ", " + ref_what() +
+      TORCH_CHECK_TYPE(dtype == ref.scalar_type(),
+                       what() + " has dtype " + python_dtype_name(dtype) + ", " + ref_what() +
                            " has dtype " + python_dtype_name(ref.scalar_type()) +
                            "; the tensors of one parameter must share a dtype");
       TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), what() + " has shape " + shape_string(t.sizes()) + ", " +

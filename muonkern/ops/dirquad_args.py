@@ -13,7 +13,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .ns5_args import NS5_DTYPES
+from .ns5_args import KERNEL_DTYPES
 
 
 def dirquad_sizes(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
@@ -36,7 +36,7 @@ def dirquad_sizes(grads: Sequence[torch.Tensor], directions: Sequence[torch.Tens
         for i, t in enumerate(tensors):
             p = i % P
             ref = grads[p]
-            if t.dtype not in NS5_DTYPES:
+            if t.dtype not in KERNEL_DTYPES:
                 raise TypeError(f"dirquad: {name}[{i}] has dtype {t.dtype}; expected a real "
                                 "floating-point tensor (float16, bfloat16, float32 or float64)")
             if t.dtype != ref.dtype:

@@ -107,7 +107,8 @@ def resolve_coefficients(coefficients, steps: int) -> list[float] | None:
     return flat
 
 
-NS5_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtypes the kernels take, ns5 and dirquad alike (csrc/kernel_dtype.h, is_kernel_dtype)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_ns5_args(G: torch.Tensor, steps: int, coefficients: Sequence[float] | None, eps: float,
@@ -121,7 +122,7 @@ def check_ns5_tensor(G: torch.Tensor) -> None:
     """The checks of the tensor alone: rank and dtype."""
     if G.dim() < 2:
         raise ValueError(f"ns5: expected a tensor of rank >= 2 with shape (..., m, n), got shape {tuple(G.shape)}")
-    if G.dtype not in NS5_DTYPES:
+    if G.dtype not in KERNEL_DTYPES:
         raise TypeError("ns5: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {G.dtype}")
 
