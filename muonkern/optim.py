@@ -139,16 +139,16 @@ class Muon(torch.optim.Optimizer):
         collectives, first step only. Under pipeline or tensor parallelism the ranks hold different
         matrices, which would silently receive other ranks' updates, or hang a collective."""
         device = next((p.device for params in stepped for p in params), torch.device("cpu"))
-        rows = []
+        counts, norms = [], []   # per bucket: (count, rows, cols) and the squared norm of its matrices
         for group, params in zip(self.param_groups, stepped):
             plain = [p for p in params if not isinstance(p, DTensor)]
             if not group["use_muon"] or not plain:
                 continue
             for key, members in _buckets(plain, plain, group["split_rows"], group["flatten"]).items():
-                norm_sq = torch.stack([p.detach().double().square().sum() for p, _ in members]).sum()
-                rows.append(torch.stack([torch.tensor(float(v), dtype=torch.float64, device=device)
-                                         for v in (len(members), key[0], key[1])] + [norm_sq.to(device)]))
-        table = torch.stack(rows) if rows else torch.zeros(1, 4, dtype=torch.float64, device=device)
+                counts.append((len(members), key[0], key[1]))
+                norms.append(torch.stack([p.detach().double().square().sum() for p, _ in members]).sum().to(device))
+        table = (torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), torch.stack(norms)[:, None]], 1)
+                 if counts else torch.zeros(1, 4, dtype=torch.float64, device=device))
         # the table sizes first (a collective on tables of different sizes would hang), then the
         # tables and their negatives in one MAX: the maximum and minus the minimum of every entry
         size = torch.tensor([table.shape[0], -table.shape[0]], dtype=torch.float64, device=device)

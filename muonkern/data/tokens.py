@@ -57,11 +57,13 @@ class TokenFiles:
             if size == 0:
                 raise ValueError(f"{path} is empty")
             tokens = np.memmap(path, dtype=dtype, mode="r")
-            # one pass over the file: each chunk's highest id, and its lowest for a signed dtype
-            signed = np.dtype(dtype).kind == "i"
-            ranges = [(int(c.min()) if signed else 0, int(c.max())) for c in
-                      (tokens[i:i + _SCAN_CHUNK] for i in range(0, len(tokens), _SCAN_CHUNK))]
-            low, top = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+            # one pass over the file, chunk by chunk: the highest id, and the lowest for a signed dtype
+            low = top = 0
+            for i in range(0, len(tokens), _SCAN_CHUNK):
+                chunk = tokens[i:i + _SCAN_CHUNK]
+                top = max(top, int(chunk.max()))
+                if tokens.dtype.kind == "i":
+                    low = min(low, int(chunk.min()))
             if low < 0:
                 raise ValueError(f"{path} holds token id {low} < 0")
             if top >= self.vocab_size:
