@@ -224,12 +224,13 @@ try:
 except RuntimeError as e:
     outs["backward"] = str(e)
 import torch.autograd.forward_ad as fwAD
-with fwAD.dual_level():
-    try:
-        torch.ops.muonkern.ns5(fwAD.make_dual(inputs["G"], torch.ones_like(inputs["G"])))
-        outs["forward_ad"] = "ran"
-    except NotImplementedError:
-        outs["forward_ad"] = "NotImplementedError"
+for key, grad_mode in (("forward_ad", True), ("forward_ad_no_grad", False)):
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        try:
+            torch.ops.muonkern.ns5(fwAD.make_dual(inputs["G"], torch.ones_like(inputs["G"])))
+            outs[key] = "ran"
+        except NotImplementedError:
+            outs[key] = "NotImplementedError"
 torch.save(outs, sys.argv[2])
 """
 
@@ -269,10 +270,11 @@ def test_backward_raises(gen, forced_fallback_run):
     grouped = muonkern.ns5_grouped([G, randn(gen, 8, 8)])
     with pytest.raises(RuntimeError, match="derivative for muonkern::ns5_grouped is not implemented"):
         sum(o.sum() for o in grouped).backward()
-    with fwAD.dual_level(), pytest.raises(NotImplementedError):   # forward mode: no jvp either
-        ns5(fwAD.make_dual(G.detach(), torch.ones_like(G)))
+    for grad_mode in (True, False):   # forward mode: no jvp either, under no_grad too
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode), pytest.raises(NotImplementedError):
+            ns5(fwAD.make_dual(G.detach(), torch.ones_like(G)))
     assert "derivative for muonkern::ns5 is not implemented" in forced_fallback_run[1]["backward"]
-    assert forced_fallback_run[1]["forward_ad"] == "NotImplementedError"
+    assert forced_fallback_run[1]["forward_ad"] == forced_fallback_run[1]["forward_ad_no_grad"] == "NotImplementedError"
 
 
 def test_fallback_agrees_with_extension(forced_fallback_run):

@@ -71,11 +71,13 @@ def _not_differentiable(name: str):
     op = getattr(torch.ops.muonkern, name).default
 
     def kernel(*args, **kwargs):
-        # inputs that require grad, or carry a forward-mode tangent (which then raises: no jvp);
-        # grad mode first, so calls under no_grad (an optimizer's) skip the scan
-        tracked = torch.is_grad_enabled() and [
+        # inputs that require grad (in grad mode), or carry a forward-mode tangent (in a dual level,
+        # grad mode or not; it then raises: no jvp), as the extension's C++ kernel tracks them;
+        # neither mode on (an optimizer's calls): no scan
+        grad, dual = torch.is_grad_enabled(), forward_ad._current_level >= 0
+        tracked = (grad or dual) and [
             t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-            and (t.requires_grad or forward_ad.unpack_dual(t).tangent is not None)]
+            and ((grad and t.requires_grad) or (dual and forward_ad.unpack_dual(t).tangent is not None))]
         if not tracked:
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args, **kwargs)
