@@ -211,8 +211,10 @@ def test_config_validation():
     for bad in (math.nan, math.inf):  # NaN passed every "< 0" check and gave a one-token language
         with pytest.raises(ValueError, match="emission_alpha must be finite"):
             ZipfPCFG(PCFGConfig()).sample_tokens(10, bad, _gen(0))
-    with pytest.raises(ValueError, match="Zipf exponents"):
-        PCFGConfig(rule_alpha=math.nan)
+    for field in ("rule_alpha", "emission_alpha"):
+        for bad in (math.nan, math.inf):  # an infinite exponent puts all mass on rank 1
+            with pytest.raises(ValueError, match="Zipf exponents must be finite"):
+                PCFGConfig(**{field: bad})
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         next(ZipfPCFG(PCFGConfig()).batches(0, 4))
     with pytest.raises(ValueError, match="context must be an int >= 1"):

@@ -42,7 +42,8 @@ def test_config_errors():
     for field, bad in (("vocab_size", 10.7), ("n_layer", 0), ("d_model", True)):
         with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
             GPTConfig(**{**MICRO, field: bad})
-    for field, bad in (("norm_eps", -1.0), ("norm_eps", 0.0), ("rope_base", math.inf), ("rope_base", math.nan)):
+    for field, bad in (("norm_eps", -1.0), ("norm_eps", 0.0), ("rope_base", math.inf), ("rope_base", math.nan),
+                       ("norm_eps", True)):
         with pytest.raises(ValueError, match=f"{field} must be positive and finite"):
             GPTConfig(**MICRO, **{field: bad})
 

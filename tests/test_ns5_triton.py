@@ -370,7 +370,7 @@ def test_normalize_sums_in_float32_and_rounds_once(gen, dtype, operand):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["wide", "tall"])
-def test_last_product_orientation_and_dtype(gen, transposed):
+def testlast_product_orientation_and_dtype(gen, transposed):
     """ns5_symmetric's last step: P·X (wide) or, for a tall G, Xᵀ·P, which is (P·X)ᵀ because P is
     symmetric, written as the tall matrix itself (contiguous) in G's dtype. On the CPU it converts a
     bf16 product; the float32 output straight from cuBLAS (``out_dtype=``) runs in the GPU tests of
@@ -378,7 +378,7 @@ def test_last_product_orientation_and_dtype(gen, transposed):
     P = randn(gen, 2, 24, 24, dtype=torch.float64)
     P = ((P + P.mT) / 2).to(torch.bfloat16)
     X = randn(gen, 2, 24, 40, dtype=torch.bfloat16)
-    out = ts._last_product(P, X, transposed, torch.float32)
+    out = ts.last_product(P, X, transposed, torch.float32)
     want = P.double() @ X.double()
     want = want.mT if transposed else want
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == want.shape

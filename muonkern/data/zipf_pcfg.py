@@ -89,8 +89,8 @@ class PCFGConfig:
             raise ValueError("n_nonterminals and rules_per_symbol must be >= 1")
         if self.rule_length < 1 or self.max_depth < 1:
             raise ValueError("rule_length and max_depth must be >= 1")
-        if not (self.rule_alpha >= 0 and self.emission_alpha >= 0):  # NaN fails too
-            raise ValueError(f"Zipf exponents must be >= 0, got rule_alpha={self.rule_alpha}, "
+        if not (0 <= self.rule_alpha < math.inf and 0 <= self.emission_alpha < math.inf):  # NaN fails too
+            raise ValueError(f"Zipf exponents must be finite and >= 0, got rule_alpha={self.rule_alpha}, "
                              f"emission_alpha={self.emission_alpha}")
         if not 0.0 <= self.p_nonterminal <= 1.0:
             raise ValueError("p_nonterminal must be in [0, 1]")

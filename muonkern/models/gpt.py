@@ -70,7 +70,8 @@ class GPTConfig:
             check_positive_int(getattr(self, name), f"GPTConfig.{name}")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            # bool is an int subclass: True would pass as 1.0
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"GPTConfig.{name} must be positive and finite, got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")

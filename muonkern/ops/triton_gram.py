@@ -39,8 +39,8 @@ import torch
 from .fallback import GramProducts, dense_gram_products, gram_iteration
 from .ns5_args import gram_restart_steps, step_coefficients
 from .triton_graphs import graph_pays, graphed_factors
-from .triton_symmetric import (_DTYPES, BMM_HAS_OUT_DTYPE, SyrkConfig, _interpreting, _require_triton, batched, check_triton_ns5_args,
-                               dense_product, dot_precision, normalize, symmetric_output, triton)
+from .triton_symmetric import (_DTYPES, SyrkConfig, _interpreting, _require_triton, batched, check_triton_ns5_args,
+                               dense_product, dot_precision, last_product, normalize, symmetric_output, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -294,12 +294,11 @@ def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, pro
     def polynomial(R, a, b, c):   # c = 0: no product, as the reference computes it
         return product(R, R, c, R, b, a) if c != 0 else dense.polynomial(R, a, b, c)
 
-    def output(Q, Y):
-        if out_dtype != torch.float32 or Q.device.type != "cuda" or not BMM_HAS_OUT_DTYPE:
-            return dense.apply(Q, Y)
-        return torch.bmm(Q, Y, out_dtype=out_dtype) if wide else torch.bmm(Y, Q, out_dtype=out_dtype)
+    def output(Q, Y):   # Q·Y, or Y·Q for a tall Y (= (Yᵀ)ᵀ·Q, Q symmetric)
+        return last_product(Q, Y if wide else Y.mT, not wide, out_dtype)
 
     dense = dense_gram_products(wide)
     return GramProducts(gram=(lambda Y: product(Y, Y.mT)) if wide else (lambda Y: product(Y.mT, Y)),
                         polynomial=polynomial, accumulate=product,
-                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply, output=output)
+                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply,
+                        output=output if out_dtype == torch.float32 else dense.apply)

@@ -414,15 +414,15 @@ def ns5_symmetric(G: torch.Tensor, steps: int = 5, coefficients: Optional[Sequen
     buffers = [torch.empty((batch, m, n), dtype=dtype, device=X.device) for _ in range(2)]
     # the buffers are this function's own: the products launch without xxt's per-call checks
     for i, (a, b, c) in enumerate(step_coefficients(steps, coefficients)):
-        if i > 0:   # the previous step's product; the last one is _last_product's
+        if i > 0:   # the previous step's product; the last one is last_product's
             X = torch.bmm(P, X, out=buffers[i % 2])
         _launch(X, A, 1.0, 0.0, False, config)
         _launch(A, P, c, b, True, config, a)
-    out = _last_product(P, X, transposed, G.dtype)
+    out = last_product(P, X, transposed, G.dtype)
     return out if G.dim() == 3 else out[0]
 
 
-def _last_product(P: torch.Tensor, X: torch.Tensor, transposed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def last_product(P: torch.Tensor, X: torch.Tensor, transposed: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """The last step's P·X (wide) in G's orientation and dtype, contiguous. A tall G's result is
     Xᵀ·P (P is symmetric): cuBLAS writes the tall matrix itself, with no transposing copy. A
     float32 result comes from cuBLAS's fp32 accumulator where it can (``torch.bmm(out_dtype=)``,
