@@ -105,6 +105,35 @@ def test_symmetric_polynomial_matches_float64(gen, shape, kind, config):
 
 
 @needs_gpu
+@pytest.mark.parametrize("kind", ["xxt", "polynomial"])
+def test_large_outputs_run_the_fixed_wide_tiles(gen, kind):
+    """From LARGE_M output rows a launch that names no configuration runs LARGE_M_CONFIG (wide
+    tiles: m64n256k16 wgmma on Hopper) and matches float64 (poisoned output)."""
+    m = ts.LARGE_M
+    X = randn(gen, m, 64, dtype=torch.bfloat16, device="cuda")
+    A = ns_like_gram(gen, (m, 64)) if kind == "polynomial" else X
+    a, b, c = (3.4445, -4.7750, 2.0315) if kind == "polynomial" else (0.0, 0.0, 1.0)
+    C = poisoned((1, m, m))
+    compiled = ts._launch(A.unsqueeze(0), C, c, b, kind == "polynomial", None, a)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert "m64n256k16" in compiled.asm["ptx"]
+    A64 = A.double()
+    if kind == "xxt":
+        assert_symmetric_product(C[0], A64 @ A64.mT, A64, 64)
+    else:
+        I = torch.eye(m, dtype=torch.float64, device="cuda")
+        assert_symmetric_product(C[0], a * I + b * A64 + c * (A64 @ A64), abs(c) ** 0.5 * A64, m,
+                                 terms=a * I + abs(b) * A64.abs() + abs(c) * (A64.abs() @ A64.abs()))
+
+
+def test_default_config_fixes_large_outputs_only():
+    assert ts.default_config(ts.LARGE_M) == ts.default_config(4 * ts.LARGE_M) == ts.LARGE_M_CONFIG
+    assert ts.LARGE_M_CONFIG.wide
+    assert ts.default_config(ts.LARGE_M - 1) is None   # the autotuner's
+    assert ts.default_config(ts.LARGE_M, interpreted=True) == ts.INTERPRETER_CONFIG
+
+
+@needs_gpu
 def test_symmetric_polynomial_rejects_aliasing_and_bad_shapes(gen):
     A = random_symmetric(gen, 64, 64)
     with pytest.raises(ValueError, match="share memory"):

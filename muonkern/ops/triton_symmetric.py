@@ -26,7 +26,8 @@ the second program of the last diagonal tile may lie wholly past M and store not
 Operands bf16 (fp16 works too) with fp32 accumulation; float32 operands run exact-input
 ("ieee") products, which Triton's CPU interpreter runs and the tests use (slow on a GPU). Any
 strides work, so a transposed view ``X.mT`` needs no copy. Tile shapes: autotuned on CUDA over a
-few H100 configurations (``CONFIGS``, keyed on the problem size), or given as ``config=``.
+few H100 configurations (``TUNED_CONFIGS``, keyed on the problem size) below ``LARGE_M`` output
+rows, fixed from there on (``LARGE_M_CONFIG``), or given as ``config=``.
 
 CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported). Without triton this module still imports; its functions then raise RuntimeError.
@@ -46,8 +47,8 @@ try:
 except ImportError:  # the package must work without triton; the kernels below then do not exist
     triton = None
 
-__all__ = ["CONFIGS", "TUNED_CONFIGS", "WIDE_CONFIGS", "SyrkConfig", "available", "ns5_symmetric", "symmetric_polynomial",
-           "wgmma_in_ptx", "xxt"]
+__all__ = ["CONFIGS", "LARGE_M", "LARGE_M_CONFIG", "TUNED_CONFIGS", "WIDE_CONFIGS", "SyrkConfig", "available",
+           "default_config", "ns5_symmetric", "symmetric_polynomial", "wgmma_in_ptx", "xxt"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,13 @@ WIDE_CONFIGS = (
 
 # what the autotuner times per (M, K, batch, kind)
 TUNED_CONFIGS = CONFIGS + WIDE_CONFIGS
+
+# Outputs of LARGE_M rows or more skip the autotuner and take the wide 3-stage tiles: at 8192² they
+# ran fastest for both products (X·Xᵀ 0.796 ms, b·A + c·A·A 0.794), where the autotuner, timing
+# each configuration once with the L2 cleared, picked 0.867 for the latter (bench/NOTES.md, *Wide
+# tiles*); the triangle then holds over 1000 wide programs, 8 waves of an H100's SMs.
+LARGE_M = 8192
+LARGE_M_CONFIG = WIDE_CONFIGS[0]
 
 # Small tiles for the interpreter (it runs every tile in numpy); group 2 so that the shapes the
 # tests use have several bands, a partial last one included.
@@ -320,6 +328,14 @@ def _programs(batch: int, M: int, block: int, wide: bool) -> int:
     return batch * tiles * (tiles + 1) // 2
 
 
+def default_config(M: int, interpreted: bool = False) -> Optional[SyrkConfig]:
+    """The configuration of a launch with M output rows that names none: the interpreter's small
+    tiles, LARGE_M_CONFIG from LARGE_M rows on, else None (the autotuner picks)."""
+    if interpreted:
+        return INTERPRETER_CONFIG
+    return LARGE_M_CONFIG if M >= LARGE_M else None
+
+
 def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_linear: bool,
             config: Optional[SyrkConfig], gamma: float = 0.0):
     """Runs the kernel on X (batch, M, K) into C (batch, M, M); returns what the launch returns
@@ -334,8 +350,8 @@ def _launch(X: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, has_lin
         return None
     args = (X, C, M, K, batch, *X.stride(), *C.stride(), float(alpha), float(beta), float(gamma))
     meta = dict(HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(X.dtype))
-    if config is None and (_interpreting() or X.device.type != "cuda"):
-        config = INTERPRETER_CONFIG
+    if config is None:
+        config = default_config(M, interpreted=_interpreting() or X.device.type != "cuda")
     if config is None:
         return _syrk_autotuned[lambda meta_: (_programs(batch, M, meta_["BLOCK"], meta_["WIDE"]),)](*args, **meta)
     return _syrk_kernel[(_programs(batch, M, config.block, config.wide),)](
