@@ -5,7 +5,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..checks import check_positive_int
+from ..checks import check_int_at_least, check_positive_int
 
 Params = Mapping[str, torch.Tensor]
 
@@ -143,5 +143,4 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def check_samples(samples: int) -> None:
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
-        raise ValueError(f"samples must be an int >= 2 (for a standard error), got {samples!r}")
+    check_int_at_least(samples, "samples", 2, "for a standard error")

@@ -10,7 +10,8 @@ from typing import Iterator
 
 import torch
 
-from .tokens import check_window, window_starts
+from ..checks import check_window
+from .tokens import window_starts
 
 VOCAB_SIZE = 256
 

@@ -10,15 +10,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..checks import check_positive_int
+from ..checks import check_window
 
 SPLITS = ("train", "val")
-
-
-def check_window(batch_size: int, context: int) -> None:
-    """Batch sizes and contexts of the loaders: ints >= 1 (a zero or negative one gave empty batches)."""
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(context, "context")
 
 
 def window_starts(n_tokens: int, batch_size: int, context: int, seed: int, skip: int = 0) -> Iterator[torch.Tensor]:

@@ -64,7 +64,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .tokens import check_window
+from ..checks import check_window
 
 __all__ = ["PCFGConfig", "ZipfPCFG", "stats", "zipf_probs"]
 
