@@ -550,8 +550,9 @@ def test_errors(gen):
         C.within_estimate(loss_fn, params, u, {"a": ["w1", "b1", "w2", "b2", "w3"]}, samples=4)
     with pytest.raises(ValueError, match="empty list"):
         C.directional_quadratics(loss_fn, params, [])
-    with pytest.raises(ValueError, match="samples"):
-        C.hessian_trace(loss_fn, params, samples=1)
+    for bad in (1, 2.0, True):
+        with pytest.raises(ValueError, match=r"samples must be an int >= 2 \(for a standard error\)"):
+            C.hessian_trace(loss_fn, params, samples=bad)
     with pytest.raises(ValueError, match="k must be"):
         C.top_eigenvalues(loss_fn, params, k=100)
     with pytest.raises(ValueError, match="depth"):
