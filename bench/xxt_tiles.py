@@ -4,14 +4,18 @@ torch.matmul and, where staged (bench/NOTES.md), flash-muon's and dion's X·Xᵀ
     python bench/xxt_tiles.py          # bf16, 4096², 8192², 2048×8192; best of 5 × 20 calls
     python bench/xxt_tiles.py --table  # README's table: X·Xᵀ and the polynomial kernel, square vs
                                        # wide tiles vs the autotuned pick vs dion's kernels
+    python bench/xxt_tiles.py --fixed  # 6144² and 8192²: the launch without config= (fixed tiles
+                                       # from LARGE_M rows), the autotuner's, each TUNED_CONFIGS entry
 """
+import contextlib
 import itertools
 import sys
 
 import torch
 from test_bench_anchors import _anchor_module, _dion_module
 
-from muonkern.ops.triton_symmetric import CONFIGS, WIDE_CONFIGS, SyrkConfig, symmetric_polynomial, xxt
+from muonkern.ops import triton_symmetric
+from muonkern.ops.triton_symmetric import CONFIGS, TUNED_CONFIGS, WIDE_CONFIGS, SyrkConfig, symmetric_polynomial, xxt
 
 
 
@@ -87,5 +91,39 @@ def table():
     print(f"largest relative error of X Xᵀ against float64: {worst:.4f}")
 
 
+@contextlib.contextmanager
+def autotuner_everywhere():
+    """Launches without config= go to the autotuner at every size (no fixed tiles from LARGE_M)."""
+    fixed_from = triton_symmetric.LARGE_M
+    triton_symmetric.LARGE_M = sys.maxsize
+    try:
+        yield
+    finally:
+        triton_symmetric.LARGE_M = fixed_from
+
+
+def fixed():
+    """Per size and product: the launch without config=, the same with the autotuner at every size,
+    then each configuration the autotuner times; last, the autotuner's picks."""
+    def label(c: SyrkConfig) -> str:
+        return f"{'wide' if c.wide else f'square {c.block}'} k{c.block_k} w{c.num_warps} s{c.num_stages}"
+    for m in (6144, 8192):
+        X = torch.randn(m, m, device="cuda").bfloat16()
+        A, P = (torch.empty(m, m, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        xxt(X, out=A)
+        A.div_(torch.linalg.vector_norm(A.float()))   # an ns5-like A, ‖A‖ = 1
+        products = {"X Xᵀ": lambda c: xxt(X, out=P, config=c),
+                    "P": lambda c: symmetric_polynomial(A, -4.7750, 2.0315, out=P, config=c, a=3.4445)}
+        for name, run in products.items():
+            cells = [f"default {best_ms(lambda: run(None)):.4f}"]
+            with autotuner_everywhere():
+                cells.append(f"autotuned {best_ms(lambda: run(None)):.4f}")
+            cells += [f"{label(c)} {best_ms(lambda: run(c)):.4f}" for c in TUNED_CONFIGS]
+            print(f"{name}, {m}²: " + " | ".join(cells), flush=True)
+    for key, config in triton_symmetric._syrk_autotuned.cache.items():
+        print(f"autotuner's pick for (M, K, batch, has_linear, dtypes) = {key}: {config}")
+
+
 if __name__ == "__main__":
-    table() if "--table" in sys.argv[1:] else main()
+    modes = {"--table": table, "--fixed": fixed}
+    modes.get(next((a for a in sys.argv[1:] if a in modes), None), main)()
