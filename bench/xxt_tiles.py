@@ -5,7 +5,8 @@ torch.matmul and, where staged (bench/NOTES.md), flash-muon's and dion's X·Xᵀ
     python bench/xxt_tiles.py --table  # README's table: X·Xᵀ and the polynomial kernel, square vs
                                        # wide tiles vs the autotuned pick vs dion's kernels
     python bench/xxt_tiles.py --fixed  # 6144² and 8192²: the launch without config= (fixed tiles
-                                       # from LARGE_M rows), the autotuner's, each TUNED_CONFIGS entry
+                                       # from LARGE_M rows), the autotuner's, each TUNED_CONFIGS entry;
+                                       # then ns5_symmetric at 8192² fixed vs autotuned vs wide s4
 """
 import contextlib
 import itertools
@@ -15,7 +16,8 @@ import torch
 from test_bench_anchors import _anchor_module, _dion_module
 
 from muonkern.ops import triton_symmetric
-from muonkern.ops.triton_symmetric import CONFIGS, TUNED_CONFIGS, WIDE_CONFIGS, SyrkConfig, symmetric_polynomial, xxt
+from muonkern.ops.triton_symmetric import (CONFIGS, TUNED_CONFIGS, WIDE_CONFIGS, SyrkConfig, ns5_symmetric,
+                                           symmetric_polynomial, xxt)
 
 
 
@@ -122,6 +124,13 @@ def fixed():
             print(f"{name}, {m}²: " + " | ".join(cells), flush=True)
     for key, config in triton_symmetric._syrk_autotuned.cache.items():
         print(f"autotuner's pick for (M, K, batch, has_linear, dtypes) = {key}: {config}")
+    G = torch.randn(8192, 8192, device="cuda")
+    for _ in range(2):   # two rounds: the spread of one launch's timings
+        cells = [f"default {best_ms(lambda: ns5_symmetric(G), reps=5):.3f}"]
+        with autotuner_everywhere():
+            cells.append(f"autotuned {best_ms(lambda: ns5_symmetric(G), reps=5):.3f}")
+        cells.append(f"wide s4 {best_ms(lambda: ns5_symmetric(G, config=WIDE_CONFIGS[1]), reps=5):.3f}")
+        print("ns5_symmetric, 8192² fp32, ms: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

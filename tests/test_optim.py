@@ -48,8 +48,7 @@ import muonkern
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from muonkern.optim import Muon, muon_param_groups
 from ns5_cases import shape_id
-from reference import BF16_NS5_ATOL
-from reference import TORCH_MUON_SHAPES, torch_muon_distance
+from reference import BF16_NS5_ATOL, TORCH_MUON_SHAPES, torch_muon_distance
 from reference import muon_scale as ref_scale
 
 EXACT = dict(rtol=0, atol=0)

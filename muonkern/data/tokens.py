@@ -53,10 +53,11 @@ class TokenFiles:
             tokens = np.memmap(path, dtype=dtype, mode="r")
             # one pass over the file, chunk by chunk: the highest id, and the lowest for a signed dtype
             low = top = 0
+            signed = tokens.dtype.kind == "i"
             for i in range(0, len(tokens), _SCAN_CHUNK):
                 chunk = tokens[i:i + _SCAN_CHUNK]
                 top = max(top, int(chunk.max()))
-                if tokens.dtype.kind == "i":
+                if signed:
                     low = min(low, int(chunk.min()))
             if low < 0:
                 raise ValueError(f"{path} holds token id {low} < 0")

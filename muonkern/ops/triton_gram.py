@@ -281,9 +281,9 @@ def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, pro
                             out_dtype: Optional[torch.dtype] = None) -> GramProducts:
     """The Gram iteration's products with every symmetric one on the stream-K kernel: X Xᵀ (or
     Xᵀ X), c·R·R + b·R + a·I in one epilogue, P·Q and P·R·P as upper triangles (the factors are
-    polynomials in one matrix, so they commute); Q·X (or X·Q) stays dense, and the last one writes
-    float32 straight from its accumulator where ``out_dtype`` is float32 and cuBLAS can (CUDA,
-    ``torch.bmm(..., out_dtype=)``): no bf16 result to convert. Operands valid by construction:
+    polynomials in one matrix, so they commute); Q·X (or X·Q) stays dense, and the last one comes
+    out in ``out_dtype`` (default: the operands'), float32 straight from its accumulator where
+    cuBLAS can (``triton_symmetric.last_product``): no bf16 result to convert. Operands valid by construction:
     straight to the launch, without symmetric_product's checks."""
 
     def product(A, B, alpha=1.0, D=None, beta=0.0, gamma=0.0):
@@ -294,11 +294,10 @@ def symmetric_gram_products(wide: bool, config: Optional[SyrkConfig] = None, pro
     def polynomial(R, a, b, c):   # c = 0: no product, as the reference computes it
         return product(R, R, c, R, b, a) if c != 0 else dense.polynomial(R, a, b, c)
 
-    def output(Q, Y):   # Q·Y, or Y·Q for a tall Y (= (Yᵀ)ᵀ·Q, Q symmetric)
-        return last_product(Q, Y if wide else Y.mT, not wide, out_dtype)
+    def output(Q, Y):   # Q·Y, or Y·Q for a tall Y (= (Yᵀ)ᵀ·Q, Q symmetric), in out_dtype
+        return last_product(Q, Y if wide else Y.mT, not wide, out_dtype or Q.dtype)
 
     dense = dense_gram_products(wide)
     return GramProducts(gram=(lambda Y: product(Y, Y.mT)) if wide else (lambda Y: product(Y.mT, Y)),
                         polynomial=polynomial, accumulate=product,
-                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply,
-                        output=output if out_dtype == torch.float32 else dense.apply)
+                        conjugate=lambda P, R: product(product(P, R), P), apply=dense.apply, output=output)

@@ -91,10 +91,13 @@ WIDE_CONFIGS = (
 # what the autotuner times per (M, K, batch, kind)
 TUNED_CONFIGS = CONFIGS + WIDE_CONFIGS
 
-# Outputs of LARGE_M rows or more skip the autotuner and take the wide 3-stage tiles: at 8192² they
-# ran fastest for both products (X·Xᵀ 0.796 ms, b·A + c·A·A 0.794), where the autotuner, timing
-# each configuration once with the L2 cleared, picked 0.867 for the latter (bench/NOTES.md, *Wide
-# tiles*); the triangle then holds over 1000 wide programs, 8 waves of an H100's SMs.
+# Outputs of LARGE_M rows or more skip the autotuner and take the wide 3-stage tiles: the fastest
+# configuration for both products at 8192² in two sweeps on two H100s (X·Xᵀ 0.796 and 0.746 ms,
+# a·I + b·A + c·A·A 0.794 and 0.769) and the autotuner's own pick in the second, where its timings
+# of one launch spread by 15% (power-bound products). Fixing it saves the first call's timing of
+# every configuration and keeps the choice from moving between processes (bench/NOTES.md, *Fixed
+# tiles from 8192 rows*: `python bench/xxt_tiles.py --fixed`). There the triangle holds over 1000
+# wide programs, 8 waves of an H100's SMs.
 LARGE_M = 8192
 LARGE_M_CONFIG = WIDE_CONFIGS[0]
 
