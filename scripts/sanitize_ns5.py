@@ -1,5 +1,6 @@
 """A short run of every CUDA kernel of muonkern::ns5 for compute-sanitizer (memcheck, racecheck):
-the fused kernel at each cluster size (both algorithms), the general path (normalize, cuBLASLt, finish) and the Gram
+the fused kernel at each cluster size (both algorithms; float32 cases also with a norm outside the
+deferred-scale range and with 0 steps), the general path (normalize, cuBLASLt, finish) and the Gram
 iteration (the same pieces and the diagonal kernel; one wide matrix with its scale deferred to the
 GEMMs), over several dtypes, orientations and odd sizes.
 The multi-launch paths run three times: directly, then captured into a CUDA graph and replayed, then
@@ -63,4 +64,12 @@ for path, cluster, algorithm, shape, dtype in cases:
         out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
         torch.cuda.synchronize()
         assert out.isfinite().all(), (path, cluster, algorithm, shape, dtype)
+    if path == "fused" and dtype == torch.float32:
+        # the fused kernel's other normalizations: X scaled in shared memory (a norm out of the
+        # deferred range, or no step), a cluster recomputing its first Gram matrix
+        for scale, steps in [(2.0 ** 40, 5), (1.0, 0)]:
+            G = torch.randn(*shape, device="cuda") * scale
+            out = torch.ops.muonkern.ns5(G, steps, None, 1e-7, algorithm)
+            torch.cuda.synchronize()
+            assert out.isfinite().all(), (path, cluster, algorithm, shape, scale, steps)
 print("ns5 kernels ran:", len(cases), "cases")

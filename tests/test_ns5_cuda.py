@@ -282,6 +282,28 @@ def test_fused_cluster_sizes(gen, monkeypatch, cluster, algorithm, shape):
     assert_ns5_output(ns5(G, algorithm=algorithm), G)
 
 
+@cuda_kernels
+@pytest.mark.parametrize("cluster", ["1", "4"])
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("scale", [2.0 ** -50, 2.0 ** -20, 2.0 ** 40], ids=["2^-50", "2^-20", "2^40"])
+def test_fused_input_scales(gen, monkeypatch, cluster, algorithm, scale):
+    """The fused kernel defers 1/(||G|| + eps) to its products for norms within [1e-10, 1e10] and
+    scales X in shared memory outside (2^-50 and 2^40 here: norms near 1e-13 and 2e14); a cluster
+    learns the norm from its first Gram reduction. Powers of two leave the bf16 rounding unchanged,
+    so every case keeps the float64 budget, after 5 steps and after 0 (the normalized input)."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
+    G = randn(gen, 3, 64, 300, device="cuda") * scale
+    norms = torch.linalg.vector_norm(G.double(), dim=(-2, -1))
+    inside = bool(((norms >= 1e-10) & (norms <= 1e10)).all())
+    assert inside == (scale == 2.0 ** -20), (scale, norms.tolist())
+    for steps in (5, 0):
+        assert_fused_route(G, steps, cluster=int(cluster), algorithm=algorithm)
+    poison_allocator()
+    assert_ns5_output(ns5(G, algorithm=algorithm), G)
+    assert_ns5_output(ns5(G, 0, algorithm=algorithm), G, steps=0, rtol=NORMALIZE_RTOL)
+
+
 # Restart schedules (gram_restart_steps): 1 or 3 steps none, 5 after step 2, 6 after steps 2 and 4;
 # the Polar Express schedule's per-step coefficients.
 @cuda_kernels

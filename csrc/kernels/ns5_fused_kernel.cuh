@@ -9,6 +9,15 @@
 //   4. X_slice = B X_slice + a X_slice             (in place)
 // With few matrices a cluster spreads one matrix over several SMs; S = 1 is the plain one-block case.
 //
+// The normalization is deferred: X starts as bf16(G) unscaled, read from global memory in one pass
+// that also sums its squares, and the scale s = 1/(||G|| + eps) goes to the products instead: s^2 on
+// every Gram matrix (in the cluster reduction's fp32 sum, or the product's alpha), s on the last
+// product's epilogue. Everything between is linear in X, so the unscaled iterate stays s^-1 times the
+// scaled one. With S > 1 the blocks' sums of squares travel with the first Gram reduction, so no
+// cluster barrier is spent on the norm. Norms outside [kDeferredMinNorm, kDeferredMaxNorm] (and
+// non-finite ones) scale X in shared memory instead (bf16(bf16(G) s), one more rounding), and a
+// cluster then recomputes that first Gram matrix.
+//
 // The Gram iteration (algorithm="gram", csrc/ns5_gram.cpp states it) runs on the same pieces: A = X X^T
 // as above (at the start and after each restart only), then per step on Rp x Rp matrices only,
 // P = a I + b R + c R R and R = (P R) P on one triangle of tiles (products of polynomials in R are
@@ -208,10 +217,10 @@ __device__ __forceinline__ void strip_product(float (&acc)[kTiles][2][4], uint32
   }
 }
 
-// Those rows of the strip <- acc + a * (their old value).
+// Those rows of the strip <- alpha * acc + beta * (their old value).
 template <int kTiles>
 __device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, const float (&acc)[kTiles][2][4],
-                                            float a) {
+                                            float alpha, float beta) {
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i)
@@ -222,20 +231,21 @@ __device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, 
         __nv_bfloat162* x =
             reinterpret_cast<__nv_bfloat162*>(X + (row0 + 16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
         const float2 old = __bfloat1622float2(*x);
-        *x = __floats2bfloat162_rn(acc[i][j][2 * h] + a * old.x, acc[i][j][2 * h + 1] + a * old.y);
+        *x = __floats2bfloat162_rn(alpha * acc[i][j][2 * h] + beta * old.x,
+                                   alpha * acc[i][j][2 * h + 1] + beta * old.y);
       }
 }
 
-// X = B X + a X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all rows: it
-// reads only its strip of X, so it may overwrite the strip once its products are in registers.
+// X = alpha B X + beta X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all
+// rows: it reads only its strip of X, so it may overwrite the strip once its products are in registers.
 template <int kRowTiles>
-__device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+__device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha, float beta) {
   const int warp = threadIdx.x / 32;
   const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
   for (int c0 = 16 * warp; c0 < Cs; c0 += 16 * kWarps) {
     float acc[kRowTiles][2][4] = {};
     strip_product<kRowTiles, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, 0, c0);
-    store_strip<kRowTiles>(X, ldx, 0, c0, acc, a);
+    store_strip<kRowTiles>(X, ldx, 0, c0, acc, alpha, beta);
   }
 }
 
@@ -243,7 +253,7 @@ __device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ld
 // the rows, so that no warp idles. A warp's half of the strip is the other warp's k operand, so the
 // stores wait for a block barrier (every thread of the block must call this).
 template <int kRowTiles>
-__device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+__device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha, float beta) {
   constexpr int kHalf = kRowTiles / 2;
   const int warp = threadIdx.x / 32;
   const int c0 = 16 * (warp / 2), row0 = 16 * kHalf * (warp % 2);
@@ -252,24 +262,26 @@ __device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B,
   float acc[kHalf][2][4] = {};
   if (active) strip_product<kHalf, 16 * kRowTiles>(acc, x_addr, ldx, b_addr, ldb, row0, c0);
   __syncthreads();
-  if (active) store_strip<kHalf>(X, ldx, row0, c0, acc, a);
+  if (active) store_strip<kHalf>(X, ldx, row0, c0, acc, alpha, beta);
 }
 
 template <int kRowTiles>
-__device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float a) {
+__device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha,
+                                                     float beta) {
   if (Cs <= 16 * (kWarps / 2)) {
-    apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, a);
+    apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   } else {
-    apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, a);
+    apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   }
 }
 
-__device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float a) {
+__device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float alpha,
+                                                 float beta) {
   switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
-    case 1: apply_polynomial_any<2>(X, ldx, Cs, B, ldb, a); break;
-    case 2: apply_polynomial_any<4>(X, ldx, Cs, B, ldb, a); break;
-    case 3: apply_polynomial_any<6>(X, ldx, Cs, B, ldb, a); break;
-    default: apply_polynomial_any<8>(X, ldx, Cs, B, ldb, a); break;
+    case 1: apply_polynomial_any<2>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    case 2: apply_polynomial_any<4>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    case 3: apply_polynomial_any<6>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    default: apply_polynomial_any<8>(X, ldx, Cs, B, ldb, alpha, beta); break;
   }
 }
 
@@ -303,31 +315,34 @@ __device__ __forceinline__ void for_each_element(const T* g, int m, int n, int64
   }
 }
 
-// Sum of `v` over the cluster's blocks (every thread gets it). `slot` is one shared float.
+// Sum over the cluster's blocks of the float in each block's `slot` (every thread gets it, the
+// same in every block: the same additions in the same order). The slots must be published by a
+// cluster barrier before and not rewritten before another.
 template <int kCluster>
-__device__ __forceinline__ float cluster_sum(float v, float* slot) {
-  if (kCluster == 1) return v;
+__device__ __forceinline__ float cluster_sum_published(float* slot) {
   cg::cluster_group cluster = cg::this_cluster();
-  if (threadIdx.x == 0) *slot = v;
-  cluster.sync();
   float total = 0.f;
   for (int r = 0; r < kCluster; ++r) total += *cluster.map_shared_rank(slot, r);
-  cluster.sync();  // nobody rewrites `slot` before every block has read it
   return total;
 }
 
-// A (bf16, every block) = sum over the cluster of the fp32 partial Gram matrices P. Block `rank`
-// reduces rows [rank*Rp/S, (rank+1)*Rp/S) and writes them into every block's A.
-template <int kCluster>
-__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda) {
+// A (bf16, every block) = factor() times the sum over the cluster of the fp32 partial Gram matrices
+// P. factor() runs in every thread after the barrier that publishes the partials (and whatever the
+// blocks wrote to shared memory before the call). Block `rank` reduces rows [rank*Rp/S,
+// (rank+1)*Rp/S) and writes them into every block's A.
+template <int kCluster, typename Factor>
+__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda, Factor&& factor) {
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int rows = Rp / kCluster, quads = Rp / 4;
   cluster.sync();  // every partial is written
+  const float f = factor();
   for (int e = threadIdx.x; e < rows * quads; e += kWarps * 32) {
     const int i = rank * rows + e / quads, j = 4 * (e % quads);
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
+    // Partial unrolling: with every rank's loads and remote addresses in flight, the cluster-of-8
+    // instantiations spilled registers.
+#pragma unroll 4
     for (int r = 0; r < kCluster; ++r) {
       const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(P, r) + i * Rp + j);
       sum.x += v.x;
@@ -335,8 +350,9 @@ __device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda) {
       sum.z += v.z;
       sum.w += v.w;
     }
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x, sum.y), hi = __floats2bfloat162_rn(sum.z, sum.w);
-#pragma unroll
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x * f, sum.y * f),
+                         hi = __floats2bfloat162_rn(sum.z * f, sum.w * f);
+#pragma unroll 1
     for (int r = 0; r < kCluster; ++r) {
       __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(cluster.map_shared_rank(A, r) + i * lda + j);
       dst[0] = lo;
@@ -358,7 +374,7 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   bf16* B = A + Rp * lda;
   bf16* C = B + Rp * lda;  // C, D: Gram only
   bf16* D = C + Rp * lda;
-  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 for cluster_sum
+  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 sum slot
   float* partials = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
@@ -372,26 +388,71 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
 
   for (int64_t b = blockIdx.x / kCluster; b < p.batch; b += gridDim.x / kCluster) {
     const T* g = G + batch_offset(p.in, b) + sub_offset;
-    float sumsq = 0.f;
-    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int, int) { sumsq += v * v; });
-    const float total = cluster_sum<kCluster>(block_sum(sumsq, scratch), scratch + 32);
-    const float scale = 1.f / (sqrtf(total) + p.eps);
-
     for (int e = threadIdx.x; e < Rp * ldx / 8; e += kWarps * 32) reinterpret_cast<uint4*>(X)[e] = make_uint4(0, 0, 0, 0);
     __syncthreads();
+    float sumsq = 0.f;
     for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
-      X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v * scale);
+      X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v);
+      sumsq += v * v;
     });
-    __syncthreads();
+    const float block_sumsq = block_sum(sumsq, scratch);  // its barriers also complete X
+    float* sumsq_slot = scratch + 32;                     // published by the first cluster reduction
+    if (threadIdx.x == 0) *sumsq_slot = block_sumsq;
 
-    // out = X X^T (bf16), summed over the cluster; complete in every block on return
+    // The deferred scale (header comment): s^2 for the Gram matrices and s for the last product, or
+    // 1 and 1 with X scaled in place by scale_x (out of range, or no step to take the scale).
+    // settle_scale returns whether X needs that.
+    float gram_scale = 1.f, out_scale = 1.f, x_scale = 1.f;
+    bool scale_known = false;
+    const auto settle_scale = [&](float total) {
+      const float norm = sqrtf(total), inv = 1.f / (norm + p.eps);
+      scale_known = true;
+      if (p.steps > 0 && norm >= kDeferredMinNorm && norm <= kDeferredMaxNorm) {
+        gram_scale = inv * inv;
+        out_scale = inv;
+        return false;
+      }
+      x_scale = inv;
+      return true;
+    };
+    const auto scale_x = [&] {  // then a block barrier before X is read
+      for (int e = threadIdx.x; e < Rp * ldx / 2; e += kWarps * 32) {
+        __nv_bfloat162* x = reinterpret_cast<__nv_bfloat162*>(X) + e;
+        const float2 v = __bfloat1622float2(*x);
+        *x = __floats2bfloat162_rn(v.x * x_scale, v.y * x_scale);
+      }
+    };
+    if (kCluster == 1 || p.steps == 0) {  // no Gram reduction to carry the sums
+      float total = block_sumsq;
+      if constexpr (kCluster > 1) {
+        cg::this_cluster().sync();  // the slots are published
+        total = cluster_sum_published<kCluster>(sumsq_slot);
+        cg::this_cluster().sync();  // nobody rewrites a slot before every block has read it
+      }
+      if (settle_scale(total)) scale_x();
+      __syncthreads();
+    }
+
+    // out = s^2 X X^T (bf16), summed over the cluster; complete in every block on return
     const auto gram_matrix = [&](bf16* out) {
-      if (kCluster == 1) {
-        symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, 1.f, 0.f);
+      if constexpr (kCluster == 1) {
+        symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, gram_scale, 0.f);
         __syncthreads();
-      } else {
+        return;
+      }
+      // A second pass only where the first one's reduction settled the scale on scaling X: the
+      // same in every block of the cluster, as they summed the same slots.
+      for (bool again = true; again;) {
         symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
-        cluster_reduce_gram<kCluster>(partials, Rp, out, lda);  // ends on a cluster barrier
+        again = false;
+        cluster_reduce_gram<kCluster>(partials, Rp, out, lda, [&] {  // ends on a cluster barrier
+          if (!scale_known) again = settle_scale(cluster_sum_published<kCluster>(sumsq_slot));
+          return gram_scale;
+        });
+        if (again) {
+          scale_x();
+          __syncthreads();
+        }
       }
     };
     if constexpr (!kGram) {
@@ -400,7 +461,8 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         gram_matrix(A);
         symmetric_product<true>(A, A, lda, Rp, Rp, B, A, lda, cc, cb);
         __syncthreads();
-        apply_polynomial(X, ldx, Cs, Rp, B, lda, ca);
+        const float alpha = s + 1 == p.steps ? out_scale : 1.f;
+        apply_polynomial(X, ldx, Cs, Rp, B, lda, alpha, alpha * ca);
         __syncthreads();
       }
     } else if (p.steps > 0) {
@@ -412,7 +474,8 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         const bool stretch_start = s == 1 || ((params.restarts >> (s - 1)) & 1u);
         // (no restart bit is read at the last step: s may be 32 there, past the mask's width)
         const bool last = s == p.steps, restart = !last && ((params.restarts >> s) & 1u);
-        symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);  // P = c R R + b R + a I
+        // P = c R R + b R + a I
+        symmetric_product<true>(R, R, lda, Rp, Rp, poly, R, lda, cc, cb, ca);
         __syncthreads();
         const bf16* P = poly;  // this step's P, wherever the swap below leaves it
         if (stretch_start) {  // Q = P: P's buffer becomes Q's
@@ -422,12 +485,12 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
           // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
           // inputs (bench/gram_rounding_emulation.py). Only Q X, at a restart or the end, reads Q
           // before the next barrier: P R below reads P and R, and writes the spare.
-          apply_polynomial(Q, lda, Rp, Rp, P, lda, 0.f);
+          apply_polynomial(Q, lda, Rp, Rp, P, lda, 1.f, 0.f);
           if (restart || last) __syncthreads();
         }
         if (last) break;
         if (restart) {  // X = Q X, R = X X^T, Q = I
-          apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);
+          apply_polynomial(X, ldx, Cs, Rp, Q, lda, 1.f, 0.f);
           __syncthreads();
           gram_matrix(R);
           continue;
@@ -437,7 +500,7 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         symmetric_product<false>(spare, P, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
         __syncthreads();
       }
-      apply_polynomial(X, ldx, Cs, Rp, Q, lda, 0.f);  // the result Q X
+      apply_polynomial(X, ldx, Cs, Rp, Q, lda, out_scale, 0.f);  // the result s Q X
       __syncthreads();
     }
 

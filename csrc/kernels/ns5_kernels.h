@@ -39,6 +39,12 @@ struct Ns5Problem {
   MUONKERN_HOST_DEVICE int64_t long_side() const { return m < n ? n : m; }
 };
 
+// Norms for which a kernel may defer the scale 1/(||G|| + eps) to its Gram products: X X^T of the
+// unscaled bf16(G) neither overflows fp32 (its entries are at most ||G||^2) nor loses its products
+// to underflow. Outside (and for inf/NaN) the kernels scale X themselves.
+inline constexpr float kDeferredMinNorm = 1e-10f;
+inline constexpr float kDeferredMaxNorm = 1e10f;
+
 // ---- fused path: one launch; each matrix on a cluster of 1, 2, 4 or 8 blocks, all on chip ----
 inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows lives in registers
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters

@@ -32,12 +32,6 @@ constexpr int kTile = 32;
 constexpr int kRowsPerPass = 8;  // a 32 x 8 thread block covers a tile in 4 passes
 constexpr int kThreads = kTile * kRowsPerPass;
 
-// Norms for which a deferred scale is safe: X0 X0^T of the unscaled bf16(G) neither overflows fp32
-// (its entries are at most ||G||^2) nor loses its products to underflow. Outside (and for inf/NaN)
-// the kernel scales X itself.
-constexpr float kDeferredMinNorm = 1e-10f;
-constexpr float kDeferredMaxNorm = 1e10f;
-
 constexpr int kFlatPerThread = 16;
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kFlatPerThread;  // elements per flat work unit
 
