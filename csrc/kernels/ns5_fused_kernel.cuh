@@ -275,6 +275,17 @@ __device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, c
   }
 }
 
+// Q = P Q for Rp x Rp matrices: at most 8 strips, so the two-warps-per-strip variant only (one
+// inlined copy fewer of the one-warp variant: the Gram kernel's code size costs instruction fetches).
+__device__ __forceinline__ void square_product(bf16* Q, int ld, int Rp, const bf16* P) {
+  switch (Rp / 32) {
+    case 1: apply_polynomial_halves<2>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
+    case 2: apply_polynomial_halves<4>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
+    case 3: apply_polynomial_halves<6>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
+    default: apply_polynomial_halves<8>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
+  }
+}
+
 __device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float alpha,
                                                  float beta) {
   switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
@@ -438,20 +449,20 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
       if constexpr (kCluster == 1) {
         symmetric_product<false>(X, X, ldx, Cs, Rp, out, nullptr, lda, gram_scale, 0.f);
         __syncthreads();
-        return;
-      }
-      // A second pass only where the first one's reduction settled the scale on scaling X: the
-      // same in every block of the cluster, as they summed the same slots.
-      for (bool again = true; again;) {
-        symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
-        again = false;
-        cluster_reduce_gram<kCluster>(partials, Rp, out, lda, [&] {  // ends on a cluster barrier
-          if (!scale_known) again = settle_scale(cluster_sum_published<kCluster>(sumsq_slot));
-          return gram_scale;
-        });
-        if (again) {
-          scale_x();
-          __syncthreads();
+      } else {
+        // A second pass only where the first one's reduction settled the scale on scaling X: the
+        // same in every block of the cluster, as they summed the same slots.
+        for (bool again = true; again;) {
+          symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
+          again = false;
+          cluster_reduce_gram<kCluster>(partials, Rp, out, lda, [&] {  // ends on a cluster barrier
+            if (!scale_known) again = settle_scale(cluster_sum_published<kCluster>(sumsq_slot));
+            return gram_scale;
+          });
+          if (again) {
+            scale_x();
+            __syncthreads();
+          }
         }
       }
     };
@@ -485,23 +496,22 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
           // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
           // inputs (bench/gram_rounding_emulation.py). Only Q X, at a restart or the end, reads Q
           // before the next barrier: P R below reads P and R, and writes the spare.
-          apply_polynomial(Q, lda, Rp, Rp, P, lda, 1.f, 0.f);
+          square_product(Q, lda, Rp, P);
           if (restart || last) __syncthreads();
         }
-        if (last) break;
-        if (restart) {  // X = Q X, R = X X^T, Q = I
-          apply_polynomial(X, ldx, Cs, Rp, Q, lda, 1.f, 0.f);
+        if (restart || last) {  // X = Q X (the result s Q X at the end); at a restart R = X X^T, Q = I
+          apply_polynomial(X, ldx, Cs, Rp, Q, lda, last ? out_scale : 1.f, 0.f);
           __syncthreads();
+          if (last) break;
           gram_matrix(R);
           continue;
         }
-        symmetric_product<false>(P, R, lda, Rp, Rp, spare, nullptr, lda, 1.f, 0.f);  // P R
-        __syncthreads();
-        symmetric_product<false>(spare, P, lda, Rp, Rp, R, nullptr, lda, 1.f, 0.f);  // (P R) P
-        __syncthreads();
+        for (int k = 0; k < 2; ++k) {  // spare = P R, then R = spare P (one call site: code size)
+          symmetric_product<false>(k == 0 ? P : spare, k == 0 ? R : P, lda, Rp, Rp, k == 0 ? spare : R, nullptr, lda,
+                                   1.f, 0.f);
+          __syncthreads();
+        }
       }
-      apply_polynomial(X, ldx, Cs, Rp, Q, lda, out_scale, 0.f);  // the result s Q X
-      __syncthreads();
     }
 
     T* out = static_cast<T*>(p.out) + b * m * n + (transpose ? static_cast<int64_t>(lo) * n : lo);
