@@ -16,7 +16,8 @@
 // scaled one. With S > 1 the blocks' sums of squares travel with the first Gram reduction, so no
 // cluster barrier is spent on the norm. Norms outside [kDeferredMinNorm, kDeferredMaxNorm] (and
 // non-finite ones) scale X in shared memory instead (bf16(bf16(G) s), one more rounding), and a
-// cluster then recomputes that first Gram matrix.
+// cluster then recomputes that first Gram matrix. With steps = 0 (no product to take s) X is scaled
+// in shared memory too, a cluster summing the norm over a barrier pair of its own.
 //
 // The Gram iteration (algorithm="gram", csrc/ns5_gram.cpp states it) runs on the same pieces: A = X X^T
 // as above (at the start and after each restart only), then per step on Rp x Rp matrices only,
