@@ -38,6 +38,8 @@
 
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "ns5_device.cuh"
 #include "ns5_kernels.h"
 
@@ -56,18 +58,9 @@ struct FusedParams {
   Ns5Problem problem;
   int Rp, Cs;  // padded short side; columns per block of a cluster
   uint32_t restarts;  // Gram: bit s set to restart after step s (1-based)
+  bool quads;         // G and the output move four elements per access (quads_fit)
   float abc[3 * kFusedMaxSteps];
 };
-
-__device__ __forceinline__ void store_pair(bf16* out, int i, float v0, float v1) {
-  *reinterpret_cast<__nv_bfloat162*>(out + i) = __floats2bfloat162_rn(v0, v1);
-}
-__device__ __forceinline__ void store_pair(float* out, int i, float v0, float v1) {
-  *reinterpret_cast<float2*>(out + i) = make_float2(v0, v1);
-}
-__device__ __forceinline__ void store_one(bf16* out, int i, float v) { out[i] = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_one(float* out, int i, float v) { out[i] = v; }
-
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -81,6 +74,26 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// The inverse of ldmatrix_x4: lane l holds row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix (an
+// mma accumulator fragment's layout, packed to bf16) and gives the address of row l%8 of matrix l/8.
+// The .trans form stores each matrix transposed (the address is then of a row of the transpose).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n"
+               :: "r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n"
+               :: "r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ float2 unpack_bf16x2(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
 // d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulators.
@@ -110,9 +123,9 @@ __device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
   return 2u * ((lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
 }
 
-// out = alpha * Pa Pb^T (+ beta * in if kAddInput) + shift * I, Rp x Rp, out in bf16 or fp32; Pa and
-// Pb are Rp x K. For products known to be symmetric: P P^T, or Pa Pb with Pa, Pb symmetric and
-// commuting. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
+// out = alpha * Pa Pb^T (+ beta * in if kAddInput) + shift * I, Rp x Rp, out in bf16 (or fp32:
+// alpha Pa Pb^T only); Pa and Pb are Rp x K. For products known to be symmetric: P P^T, or Pa Pb with
+// Pa, Pb symmetric and commuting. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
 // mirrored on store.
 template <int kTile, bool kAddInput, typename OutT>
 __device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out, const bf16* in,
@@ -160,29 +173,56 @@ __device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[i][j][e] += sets[set][i][j][e];
     const int g = lane / 4, q = lane % 4;
+    if constexpr (std::is_same_v<OutT, bf16>) {
+      // 16x16 sub-tiles through stmatrix, the mirror through stmatrix.trans, the input through
+      // ldmatrix (all in the accumulator's layout): one instruction where scalar stores took 8 to 24
+      // (these epilogues were a fifth of 48x128x128's instructions, ncu).
+      const uint32_t out_addr = smem_addr(out), in_addr = kAddInput ? smem_addr(in) : 0u;
 #pragma unroll
-    for (int i = 0; i < kM; ++i)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-      for (int j = 0; j < kN; ++j)
+        for (int jj = 0; jj < kN / 2; ++jj) {
+          const int R = r0 + 16 * i, C = c0 + 16 * jj;
+          const uint32_t at = 2u * (R * ld + C) + a_lane_offset(ld);
+          uint32_t old[4], packed[4];
+          if (kAddInput) ldmatrix_x4(old, in_addr + at);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = r0 + 16 * i + g + 8 * h, c = c0 + 8 * j + 2 * q;
-          float v0 = alpha * acc[i][j][2 * h], v1 = alpha * acc[i][j][2 * h + 1];
-          if (kAddInput) {
-            const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(in + r * ld + c));
-            v0 += beta * old.x;
-            v1 += beta * old.y;
+          for (int e = 0; e < 4; ++e) {  // 8x8 matrix e: rows R + 8 (e % 2), columns C + 8 (e / 2)
+            const float* a = &acc[i][2 * jj + e / 2][2 * (e % 2)];
+            float v0 = alpha * a[0], v1 = alpha * a[1];
+            if (kAddInput) {
+              const float2 o = unpack_bf16x2(old[e]);
+              v0 += beta * o.x;
+              v1 += beta * o.y;
+            }
+            if (ti == tj) {  // only diagonal tiles hold diagonal elements
+              const int r = R + g + 8 * (e % 2), c = C + 8 * (e / 2) + 2 * q;
+              if (r == c) v0 += shift;
+              if (r == c + 1) v1 += shift;
+            }
+            packed[e] = pack_bf16x2(v0, v1);
           }
-          if (ti == tj) {  // only diagonal tiles hold diagonal elements
-            if (r == c) v0 += shift;
-            if (r == c + 1) v1 += shift;
-          }
-          store_pair(out, r * ld + c, v0, v1);
-          if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
-            store_one(out, c * ld + r, v0);
-            store_one(out, (c + 1) * ld + r, v1);
-          }
+          stmatrix_x4(out_addr + at, packed);
+          // diagonal tiles are computed whole: mirroring them would race
+          if (ti != tj) stmatrix_x4_trans(out_addr + 2u * (C * ld + R) + b_nk_lane_offset(ld), packed);
         }
+    } else {  // fp32: a cluster's partial Gram matrices, alpha X X^T only
+      static_assert(!kAddInput, "fp32 outputs take no input");
+#pragma unroll
+      for (int i = 0; i < kM; ++i)
+#pragma unroll
+        for (int j = 0; j < kN; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 16 * i + g + 8 * h, c = c0 + 8 * j + 2 * q;
+            const float v0 = alpha * acc[i][j][2 * h], v1 = alpha * acc[i][j][2 * h + 1];
+            *reinterpret_cast<float2*>(out + r * ld + c) = make_float2(v0, v1);
+            if (ti != tj) {  // diagonal tiles are computed whole: mirroring them would race
+              out[c * ld + r] = v0;
+              out[(c + 1) * ld + r] = v1;
+            }
+          }
+    }
   }
 }
 
@@ -218,23 +258,25 @@ __device__ __forceinline__ void strip_product(float (&acc)[kTiles][2][4], uint32
   }
 }
 
-// Those rows of the strip <- alpha * acc + beta * (their old value).
+// Those rows of the strip <- alpha * acc + beta * (their old value), a 16x16 tile per ldmatrix and
+// stmatrix pair.
 template <int kTiles>
 __device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, const float (&acc)[kTiles][2][4],
                                             float alpha, float beta) {
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const uint32_t addr = smem_addr(X) + 2u * (row0 * ldx + c0) + a_lane_offset(ldx);
 #pragma unroll
-  for (int i = 0; i < kTiles; ++i)
+  for (int i = 0; i < kTiles; ++i) {
+    const uint32_t at = addr + 2u * 16 * i * ldx;
+    uint32_t v[4];
+    ldmatrix_x4(v, at);
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        __nv_bfloat162* x =
-            reinterpret_cast<__nv_bfloat162*>(X + (row0 + 16 * i + g + 8 * h) * ldx + c0 + 8 * j + 2 * q);
-        const float2 old = __bfloat1622float2(*x);
-        *x = __floats2bfloat162_rn(alpha * acc[i][j][2 * h] + beta * old.x,
-                                   alpha * acc[i][j][2 * h + 1] + beta * old.y);
-      }
+    for (int e = 0; e < 4; ++e) {  // 8x8 matrix e: rows 8 (e % 2), columns 8 (e / 2) of the tile
+      const float* a = &acc[i][e / 2][2 * (e % 2)];
+      const float2 old = unpack_bf16x2(v[e]);
+      v[e] = pack_bf16x2(alpha * a[0] + beta * old.x, alpha * a[1] + beta * old.y);
+    }
+    stmatrix_x4(at, v);
+  }
 }
 
 // X = alpha B X + beta X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all
@@ -266,34 +308,27 @@ __device__ void apply_polynomial_halves(bf16* X, int ldx, int Cs, const bf16* B,
   if (active) store_strip<kHalf>(X, ldx, row0, c0, acc, alpha, beta);
 }
 
-template <int kRowTiles>
+// kHalvesOnly: the two-warps-per-strip variant whatever Cs. Q = P Q (Rp x Rp: at most 8 strips) takes
+// it, so the Gram kernel inlines one copy fewer of the one-warp variant (its code size costs
+// instruction fetches).
+template <int kRowTiles, bool kHalvesOnly>
 __device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha,
                                                      float beta) {
-  if (Cs <= 16 * (kWarps / 2)) {
+  if (kHalvesOnly || Cs <= 16 * (kWarps / 2)) {
     apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   } else {
     apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   }
 }
 
-// Q = P Q for Rp x Rp matrices: at most 8 strips, so the two-warps-per-strip variant only (one
-// inlined copy fewer of the one-warp variant: the Gram kernel's code size costs instruction fetches).
-__device__ __forceinline__ void square_product(bf16* Q, int ld, int Rp, const bf16* P) {
-  switch (Rp / 32) {
-    case 1: apply_polynomial_halves<2>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
-    case 2: apply_polynomial_halves<4>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
-    case 3: apply_polynomial_halves<6>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
-    default: apply_polynomial_halves<8>(Q, ld, Rp, P, ld, 1.f, 0.f); break;
-  }
-}
-
+template <bool kHalvesOnly = false>
 __device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float alpha,
                                                  float beta) {
   switch (Rp / 32) {  // Rp is a multiple of 32, at most 128
-    case 1: apply_polynomial_any<2>(X, ldx, Cs, B, ldb, alpha, beta); break;
-    case 2: apply_polynomial_any<4>(X, ldx, Cs, B, ldb, alpha, beta); break;
-    case 3: apply_polynomial_any<6>(X, ldx, Cs, B, ldb, alpha, beta); break;
-    default: apply_polynomial_any<8>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    case 1: apply_polynomial_any<2, kHalvesOnly>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    case 2: apply_polynomial_any<4, kHalvesOnly>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    case 3: apply_polynomial_any<6, kHalvesOnly>(X, ldx, Cs, B, ldb, alpha, beta); break;
+    default: apply_polynomial_any<8, kHalvesOnly>(X, ldx, Cs, B, ldb, alpha, beta); break;
   }
 }
 
@@ -325,6 +360,79 @@ __device__ __forceinline__ void for_each_element(const T* g, int m, int n, int64
     for (int u = 0; u < kBatch; ++u)
       if (rows[u] < m) f(v[u], rows[u], cols[u]);
   }
+}
+
+__device__ __forceinline__ float2 float2_of(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 float2_of(__half2 v) { return __half22float2(v); }
+
+// Four consecutive elements as floats, read as one access (p aligned to four elements).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const double* p) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
+  return make_float4(static_cast<float>(a.x), static_cast<float>(a.y), static_cast<float>(b.x),
+                     static_cast<float>(b.y));
+}
+template <typename Half2>  // __nv_bfloat162 or __half2
+__device__ __forceinline__ float4 load4_halves(const void* p) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = float2_of(*reinterpret_cast<const Half2*>(&v.x)),
+               hi = float2_of(*reinterpret_cast<const Half2*>(&v.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) { return load4_halves<__nv_bfloat162>(p); }
+__device__ __forceinline__ float4 load4(const __half* p) { return load4_halves<__half2>(p); }
+
+// bf16(G) into X (row-major, leading dimension ldx) four elements per access, for rows of n (a
+// multiple of 4) contiguous elements whose starts are aligned to four (FusedParams::quads); returns
+// this thread's sum of squares. Lanes stride over a row's quads, warps over rows, kRows rows' loads
+// in flight before any is used. The per-element loop's index arithmetic was a quarter of
+// 48x128x128's instructions (ncu).
+template <typename T>
+__device__ __forceinline__ float load_quads(const T* g, int m, int n, int64_t row_stride, bf16* X, int ldx) {
+  constexpr int kRows = 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float sumsq = 0.f;
+  for (int r0 = warp; r0 < m; r0 += kRows * kWarps)
+    for (int c = 4 * lane; c < n; c += 4 * 32) {
+      float4 v[kRows];
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int r = r0 + u * kWarps;
+        v[u] = r < m ? load4(g + r * row_stride + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int r = r0 + u * kWarps;
+        sumsq += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+        if (r < m)
+          *reinterpret_cast<uint2*>(X + r * ldx + c) =
+              make_uint2(pack_bf16x2(v[u].x, v[u].y), pack_bf16x2(v[u].z, v[u].w));
+      }
+    }
+  return sumsq;
+}
+
+// Four floats to four consecutive elements, written as one access (p aligned to four elements).
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(double* p, float4 v) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v.x, v.y);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v.z, v.w);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+}
+__device__ __forceinline__ void store4(__half* p, float4 v) {
+  const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+  *reinterpret_cast<uint2*>(p) =
+      make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+// out (rows of n elements, contiguous) <- X's m x cols corner, four elements per access (as load_quads).
+template <typename T>
+__device__ __forceinline__ void store_quads(T* out, int n, const bf16* X, int ldx, int m, int cols) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < m; r += kWarps)
+    for (int c = 4 * lane; c < cols; c += 4 * 32) store4(out + r * n + c, load4(X + r * ldx + c));
 }
 
 // Sum over the cluster's blocks of the float in each block's `slot` (every thread gets it, the
@@ -403,10 +511,14 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     for (int e = threadIdx.x; e < Rp * ldx / 8; e += kWarps * 32) reinterpret_cast<uint4*>(X)[e] = make_uint4(0, 0, 0, 0);
     __syncthreads();
     float sumsq = 0.f;
-    for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
-      X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v);
-      sumsq += v * v;
-    });
+    if (params.quads) {
+      sumsq = load_quads(g, sub_m, sub_n, p.in.row_stride, X, ldx);
+    } else {
+      for_each_element(g, sub_m, sub_n, p.in.row_stride, p.in.col_stride, [&](float v, int r, int c) {
+        X[transpose ? c * ldx + r : r * ldx + c] = __float2bfloat16_rn(v);
+        sumsq += v * v;
+      });
+    }
     const float block_sumsq = block_sum(sumsq, scratch);  // its barriers also complete X
     float* sumsq_slot = scratch + 32;                     // published by the first cluster reduction
     if (threadIdx.x == 0) *sumsq_slot = block_sumsq;
@@ -497,7 +609,7 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
           // triangle of P Q added ~0.01 to the distance from the polar factor of ill-conditioned
           // inputs (bench/gram_rounding_emulation.py). Only Q X, at a restart or the end, reads Q
           // before the next barrier: P R below reads P and R, and writes the spare.
-          square_product(Q, lda, Rp, P);
+          apply_polynomial</*kHalvesOnly=*/true>(Q, lda, Rp, Rp, P, lda, 1.f, 0.f);
           if (restart || last) __syncthreads();
         }
         if (restart || last) {  // X = Q X (the result s Q X at the end); at a restart R = X X^T, Q = I
@@ -516,9 +628,13 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     }
 
     T* out = static_cast<T*>(p.out) + b * m * n + (transpose ? static_cast<int64_t>(lo) * n : lo);
-    for (int r = warp; r < sub_m; r += kWarps)
-      for (int c = lane; c < sub_n; c += 32)
-        out[r * n + c] = from_float<T>(__bfloat162float(X[transpose ? c * ldx + r : r * ldx + c]));
+    if (params.quads) {
+      store_quads(out, n, X, ldx, sub_m, sub_n);
+    } else {
+      for (int r = warp; r < sub_m; r += kWarps)
+        for (int c = lane; c < sub_n; c += 32)
+          out[r * n + c] = from_float<T>(__bfloat162float(X[transpose ? c * ldx + r : r * ldx + c]));
+    }
     __syncthreads();  // the next matrix reuses shared memory
   }
 }
@@ -543,6 +659,18 @@ cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, c
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 
+// Whether G's rows and the output's can move four elements per access (load_quads, store_quads): the
+// wide orientation, unit column stride, every other stride and both base addresses multiples of four
+// elements (then so is every block's slice: Cs is a multiple of 16).
+inline bool quads_fit(const Ns5Problem& p, size_t element_bytes) {
+  if (p.transpose() || p.in.col_stride != 1 || p.n % 4 != 0 || p.in.row_stride % 4 != 0) return false;
+  for (int d = 0; d < p.in.batch_dims; ++d)
+    if (p.in.batch_strides[d] % 4 != 0) return false;
+  const uintptr_t quad_bytes = 4 * element_bytes;
+  return reinterpret_cast<uintptr_t>(p.in.data) % quad_bytes == 0 &&
+         reinterpret_cast<uintptr_t>(p.out) % quad_bytes == 0;
+}
+
 // One algorithm's launch for every dtype and cluster size.
 template <bool kGram>
 cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32_t restarts, int cluster, size_t smem,
@@ -557,6 +685,7 @@ cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32
   const unsigned grid = static_cast<unsigned>(p.batch < (1 << 16) ? p.batch : (1 << 16));  // clusters
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
+    params.quads = quads_fit(p, sizeof(T));
     switch (cluster) {
       case 1: return launch_with<T, 1, kGram>(params, grid, smem, stream);
       case 2: return launch_with<T, 2, kGram>(params, grid, smem, stream);
