@@ -125,8 +125,8 @@ __device__ __forceinline__ uint32_t b_kn_lane_offset(int ld) {
 
 // out = alpha * Pa Pb^T (+ beta * in if kAddInput) + shift * I, Rp x Rp, out in bf16 (or fp32:
 // alpha Pa Pb^T only); Pa and Pb are Rp x K. For products known to be symmetric: P P^T, or Pa Pb with
-// Pa, Pb symmetric and commuting. Only the lower triangle of kTile x kTile tiles is computed; off-diagonal tiles are
-// mirrored on store.
+// Pa, Pb symmetric and commuting. Only the lower triangle of kTile x kTile tiles is computed;
+// off-diagonal tiles are mirrored on store.
 template <int kTile, bool kAddInput, typename OutT>
 __device__ void symmetric_product(const bf16* Pa, const bf16* Pb, int ldp, int K, int Rp, OutT* out, const bf16* in,
                                   int ld, float alpha, float beta, float shift) {
@@ -282,7 +282,7 @@ __device__ __forceinline__ void store_strip(bf16* X, int ldx, int row0, int c0, 
 // X = alpha B X + beta X in place, X being Rp x Cs. Each warp owns strips of 16 columns over all
 // rows: it reads only its strip of X, so it may overwrite the strip once its products are in registers.
 template <int kRowTiles>
-__device__ void apply_polynomial(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha, float beta) {
+__device__ void apply_polynomial_strips(bf16* X, int ldx, int Cs, const bf16* B, int ldb, float alpha, float beta) {
   const int warp = threadIdx.x / 32;
   const uint32_t x_addr = smem_addr(X) + b_kn_lane_offset(ldx), b_addr = smem_addr(B) + a_lane_offset(ldb);
   for (int c0 = 16 * warp; c0 < Cs; c0 += 16 * kWarps) {
@@ -317,10 +317,11 @@ __device__ __forceinline__ void apply_polynomial_any(bf16* X, int ldx, int Cs, c
   if (kHalvesOnly || Cs <= 16 * (kWarps / 2)) {
     apply_polynomial_halves<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   } else {
-    apply_polynomial<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
+    apply_polynomial_strips<kRowTiles>(X, ldx, Cs, B, ldb, alpha, beta);
   }
 }
 
+// X = alpha B X + beta X for any Rp: the strip variant that fits Cs (or the halves, kHalvesOnly).
 template <bool kHalvesOnly = false>
 __device__ __forceinline__ void apply_polynomial(bf16* X, int ldx, int Cs, int Rp, const bf16* B, int ldb, float alpha,
                                                  float beta) {
