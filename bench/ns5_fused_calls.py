@@ -25,8 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", default=DEFAULT_CASES,
                         help="SHAPE[:CLUSTER], e.g. 12x64x768:8 (no cluster: the op's choice)")
-    parser.add_argument("--algorithm", choices=["standard", "gram"], default="standard",
-                        help="gram runs the fused kernel's Gram iteration (MUONKERN_NS5_PATH=fused)")
+    parser.add_argument("--algorithm", choices=["standard", "gram", "auto"], default="standard",
+                        help="gram runs the fused kernel's Gram iteration, auto the op's pick per shape "
+                             "(MUONKERN_NS5_PATH=fused)")
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args()
     os.environ["MUONKERN_NS5_PATH"] = "fused"
