@@ -313,7 +313,7 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
 // a launch per kernel and runs its products near the chip's GEMM rate.
 // Constants fitted to H100 timings (48x128x128, 12x64x768, 1x128x600, 132x64x512, 768x768).
 constexpr double kFusedFlopsPerSm = 1.4e12;   // mma.sync from shared memory, one block per SM
-constexpr double kClusterStepSeconds = 6e-6;  // two cluster barriers + the DSMEM reduction, per reduction
+constexpr double kClusterStepSeconds = 6e-6;  // per reduction over the cluster (fitted when it took two barriers)
 constexpr double kGeneralGemmFlops = 5.0e14;  // cuBLASLt bf16 at sizes that leave the fused path
 constexpr double kLaunchSeconds = 8.0e-6;     // per kernel of the general path, host overhead included
 

@@ -438,7 +438,9 @@ __device__ __forceinline__ void store_quads(T* out, int n, const bf16* X, int ld
 
 // Sum over the cluster's blocks of the float in each block's `slot` (every thread gets it, the
 // same in every block: the same additions in the same order). The slots must be published by a
-// cluster barrier before and not rewritten before another.
+// cluster barrier before, and not rewritten before every block has read them (a cluster barrier, or
+// a cluster_reduce_gram that read them: it returns once every block has sent its rows, which each
+// does after reading).
 template <int kCluster>
 __device__ __forceinline__ float cluster_sum_published(float* slot) {
   cg::cluster_group cluster = cg::this_cluster();
@@ -447,17 +449,58 @@ __device__ __forceinline__ float cluster_sum_published(float* slot) {
   return total;
 }
 
+// The cluster reduction's return trip (cluster_reduce_gram): rows go out with st.async, and the
+// destination block's mbarrier counts their bytes, so no cluster barrier (a GPU-wide fence and an L1
+// invalidation in the SASS) waits for them. Addresses are shared::cta ones unless named remote.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Returns once the phase of the given parity has completed; what other blocks wrote before it is visible.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+// `addr` in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ uint32_t remote_addr(uint32_t addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+// 8 bytes to another block's shared memory; its mbarrier `remote_bar` counts them on arrival.
+__device__ __forceinline__ void store_async(uint32_t remote, uint32_t lo, uint32_t hi, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n"
+               ::"r"(remote), "r"(lo), "r"(hi), "r"(remote_bar) : "memory");
+}
+
 // A (bf16, every block) = factor() times the sum over the cluster of the fp32 partial Gram matrices
 // P. factor() runs in every thread after the barrier that publishes the partials (and whatever the
 // blocks wrote to shared memory before the call). Block `rank` reduces rows [rank*Rp/S,
-// (rank+1)*Rp/S) and writes them into every block's A.
+// (rank+1)*Rp/S) and sends them into every block's A with store_async; `arrived` (this block's
+// mbarrier, one arrival per phase) counts what comes back, and `parity` is its current phase.
+// On return A is complete and every block has read this block's partials: a block sends its rows
+// only after it has summed them.
 template <int kCluster, typename Factor>
-__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda, Factor&& factor) {
+__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda, uint32_t arrived, uint32_t& parity,
+                                    Factor&& factor) {
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int rows = Rp / kCluster, quads = Rp / 4;
   cluster.sync();  // every partial is written
+  // every block sends this block its rows of A: Rp x Rp bf16 in all (bytes may arrive before this)
+  if (threadIdx.x == 0) mbarrier_arrive_expect_tx(arrived, 2u * Rp * Rp);
   const float f = factor();
+  const uint32_t a_addr = smem_addr(A);
   for (int e = threadIdx.x; e < rows * quads; e += kWarps * 32) {
     const int i = rank * rows + e / quads, j = 4 * (e % quads);
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -471,16 +514,13 @@ __device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda, Fa
       sum.z += v.z;
       sum.w += v.w;
     }
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x * f, sum.y * f),
-                         hi = __floats2bfloat162_rn(sum.z * f, sum.w * f);
+    const uint32_t lo = pack_bf16x2(sum.x * f, sum.y * f), hi = pack_bf16x2(sum.z * f, sum.w * f);
+    const uint32_t at = a_addr + 2u * (i * lda + j);
 #pragma unroll 1
-    for (int r = 0; r < kCluster; ++r) {
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(cluster.map_shared_rank(A, r) + i * lda + j);
-      dst[0] = lo;
-      dst[1] = hi;
-    }
+    for (int r = 0; r < kCluster; ++r) store_async(remote_addr(at, r), lo, hi, remote_addr(arrived, r));
   }
-  cluster.sync();  // A is complete everywhere, and every partial has been read
+  mbarrier_wait_cluster(arrived, parity);
+  parity ^= 1u;
 }
 
 // kGram: the Gram iteration. A template argument, so the standard iteration's kernel is compiled
@@ -495,8 +535,13 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   bf16* B = A + Rp * lda;
   bf16* C = B + Rp * lda;  // C, D: Gram only
   bf16* D = C + Rp * lda;
-  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);  // 32 floats for block_sum, 1 sum slot
+  // 32 floats for block_sum, the sum slot, a spare float and an 8-byte mbarrier
+  float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);
   float* partials = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
+  // the cluster reduction's mbarrier (8 bytes after the sum slot) and its phase
+  const uint32_t arrived = smem_addr(scratch + 34);
+  uint32_t arrived_parity = 0;
+  if (kCluster > 1 && threadIdx.x == 0) mbarrier_init(arrived, 1);  // published by the reduction's first barrier
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
   const T* G = static_cast<const T*>(p.in.data);
@@ -569,7 +614,7 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         for (bool again = true; again;) {
           symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
           again = false;
-          cluster_reduce_gram<kCluster>(partials, Rp, out, lda, [&] {  // ends on a cluster barrier
+          cluster_reduce_gram<kCluster>(partials, Rp, out, lda, arrived, arrived_parity, [&] {
             if (!scale_known) again = settle_scale(cluster_sum_published<kCluster>(sumsq_slot));
             return gram_scale;
           });
@@ -638,6 +683,10 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     }
     __syncthreads();  // the next matrix reuses shared memory
   }
+  // No block leaves while another may still read its partials. The last reduction's reads precede
+  // the rows each block sends back, which this block waited for; the barrier says so to racecheck,
+  // which does not follow that dependence.
+  if constexpr (kCluster > 1) cg::this_cluster().sync();
 }
 
 template <typename T, int kCluster, bool kGram>
