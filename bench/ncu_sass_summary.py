@@ -43,7 +43,7 @@ def _count(text: str) -> int:
 
 def read_kernels(path: str) -> list[Kernel]:
     kernels: list[Kernel] = []
-    header: list[str] = []
+    col: dict[str, int] = {}  # the current header's column indices
     with open(path, newline="") as f:
         for row in csv.reader(f):
             if not row:
@@ -51,9 +51,8 @@ def read_kernels(path: str) -> list[Kernel]:
             if row[0] == "Kernel Name":
                 kernels.append(Kernel(row[1]))
             elif row[0] == "Address":
-                header = row
-            elif kernels and header:
-                col = {name: i for i, name in enumerate(header)}
+                col = {name: i for i, name in enumerate(row)}
+            elif kernels and col:
                 words = row[col["Source"]].split()
                 if not words:
                     continue
