@@ -283,6 +283,30 @@ def test_fused_cluster_sizes(gen, monkeypatch, cluster, algorithm, shape):
 
 
 @cuda_kernels
+@pytest.mark.parametrize("cluster", ["1", "2", "8"])
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+def test_fused_chained_calls_wait_for_their_input(gen, monkeypatch, cluster, algorithm):
+    """A fused launch lets the next one in the stream start early (programmatic dependent launch),
+    and each waits for the previous kernel's writes before it reads its input. A chain of calls, each
+    on the last one's output (poisoned until written), equals the same chain with the stream
+    synchronized between calls, bit for bit (the kernel is deterministic)."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
+    G = randn(gen, 12, 64, 768, device="cuda")
+    assert_fused_route(G, cluster=int(cluster), algorithm=algorithm)
+    poison_allocator()
+    chained = [G]
+    for _ in range(6):
+        chained.append(ns5(chained[-1], algorithm=algorithm))
+    synchronized = [G]
+    for _ in range(6):
+        synchronized.append(ns5(synchronized[-1], algorithm=algorithm))
+        torch.cuda.synchronize()
+    for step, (a, b) in enumerate(zip(chained[1:], synchronized[1:]), 1):
+        assert torch.equal(a, b), f"call {step} of the chain differs from its synchronized twin"
+
+
+@cuda_kernels
 @pytest.mark.parametrize("cluster", ["1", "4"])
 @pytest.mark.parametrize("algorithm", ["standard", "gram"])
 @pytest.mark.parametrize("scale", [2.0 ** -50, 2.0 ** -20, 2.0 ** 40], ids=["2^-50", "2^-20", "2^40"])

@@ -436,11 +436,19 @@ __device__ __forceinline__ void store_quads(T* out, int n, const bf16* X, int ld
     for (int c = 4 * lane; c < cols; c += 4 * 32) store4(out + r * n + c, load4(X + r * ldx + c));
 }
 
+// The cluster reduction's data path. Clusters of 4 and 8 push: each block sends row range q of its fp32
+// partial Gram matrix to block q with st.async, so no cluster barrier waits for the partials. Clusters
+// of 2 pull over distributed shared memory after a cluster barrier: there (Rp up to 128 on two blocks)
+// each block would push half its 64 KB partial to itself, measured ~1.9 us slower per reduction on an
+// H100 (bench/NOTES.md).
+template <int kCluster>
+constexpr bool kPushPartials = kCluster >= 4;
+
 // Sum over the cluster's blocks of the float in each block's `slot` (every thread gets it, the
 // same in every block: the same additions in the same order). The slots must be published by a
 // cluster barrier before, and not rewritten before every block has read them (a cluster barrier, or
-// a cluster_reduce_gram that read them: it returns once every block has sent its rows, which each
-// does after reading).
+// a pulling cluster_reduce_gram that read them: it returns once every block has sent its rows, which
+// each does after reading).
 template <int kCluster>
 __device__ __forceinline__ float cluster_sum_published(float* slot) {
   cg::cluster_group cluster = cg::this_cluster();
@@ -449,9 +457,9 @@ __device__ __forceinline__ float cluster_sum_published(float* slot) {
   return total;
 }
 
-// The cluster reduction's return trip (cluster_reduce_gram): rows go out with st.async, and the
-// destination block's mbarrier counts their bytes, so no cluster barrier (a GPU-wide fence and an L1
-// invalidation in the SASS) waits for them. Addresses are shared::cta ones unless named remote.
+// The cluster reduction's data move with st.async: the destination block's mbarrier counts the bytes
+// as they land, so no cluster barrier (a GPU-wide fence and an L1 invalidation in the SASS) waits for
+// them. Addresses are shared::cta ones unless named remote.
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -471,56 +479,103 @@ __device__ __forceinline__ void mbarrier_wait_cluster(uint32_t bar, uint32_t par
         : "memory");
   }
 }
+// The two halves of a cluster barrier, for the one that publishes the mbarriers' initialization.
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait_acquire() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 // `addr` in the shared memory of the cluster's block `rank`.
 __device__ __forceinline__ uint32_t remote_addr(uint32_t addr, int rank) {
   uint32_t out;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
   return out;
 }
-// 8 bytes to another block's shared memory; its mbarrier `remote_bar` counts them on arrival.
+// 4, 8 or 16 bytes to another block's shared memory; its mbarrier `remote_bar` counts them on arrival.
+__device__ __forceinline__ void store_async(uint32_t remote, float v, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n"
+               ::"r"(remote), "r"(__float_as_uint(v)), "r"(remote_bar) : "memory");
+}
 __device__ __forceinline__ void store_async(uint32_t remote, uint32_t lo, uint32_t hi, uint32_t remote_bar) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n"
                ::"r"(remote), "r"(lo), "r"(hi), "r"(remote_bar) : "memory");
 }
+__device__ __forceinline__ void store_async(uint32_t remote, float4 v, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n"
+               ::"r"(remote), "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+               "r"(__float_as_uint(v.w)), "r"(remote_bar) : "memory");
+}
 
-// A (bf16, every block) = factor() times the sum over the cluster of the fp32 partial Gram matrices
-// P. factor() runs in every thread after the barrier that publishes the partials (and whatever the
-// blocks wrote to shared memory before the call). Block `rank` reduces rows [rank*Rp/S,
-// (rank+1)*Rp/S) and sends them into every block's A with store_async; `arrived` (this block's
-// mbarrier, one arrival per phase) counts what comes back, and `parity` is its current phase.
-// On return A is complete and every block has read this block's partials: a block sends its rows
-// only after it has summed them.
+// Pushing clusters: this block's partial Gram matrix (fp32, Rp x Rp in `stage`) to the blocks that
+// sum its rows. Block q sums rows [q rows, (q+1) rows), rows = Rp / S, and holds in slot s of its
+// inbox the rows x Rp values of block s; its mbarrier `received` counts them.
+template <int kCluster>
+__device__ __forceinline__ void send_partials(const float* stage, int Rp, uint32_t inbox, uint32_t received, int rank) {
+  const int rows = Rp / kCluster, quads = Rp / 4;
+  for (int e = threadIdx.x; e < Rp * quads; e += kWarps * 32) {
+    const int r = e / quads, owner = r / rows;
+    const uint32_t at = inbox + 4u * ((r + (rank - owner) * rows) * Rp) + 16u * (e % quads);
+    store_async(remote_addr(at, owner), reinterpret_cast<const float4*>(stage)[e], remote_addr(received, owner));
+  }
+}
+
+// A (bf16, every block) = factor() times the sum over the cluster of the fp32 partial Gram matrices.
+// Block `rank` sums rows [rank*Rp/S, (rank+1)*Rp/S) and sends them into every block's A with
+// store_async; `arrived` (this block's mbarrier, one arrival per phase) counts what comes back.
+// Where the partials come from:
+//   pulling (kPushPartials false): `partials` is this block's Rp x Rp partial. A cluster barrier
+//     publishes them (and whatever the blocks wrote to shared memory before the call), then each block
+//     reads its rows of every block's partial. `received` is unused.
+//   pushing: `partials` is this block's inbox, which send_partials fills; `received` (one arrival per
+//     phase) completes at `expected` bytes: every block's slot and whatever else the caller sent.
+// factor() runs in every thread once the partials are in. On return A is complete, and every block
+// has read what it needed of the others' partials or of its inbox: a block sends its rows only after
+// summing them. So no block rewrites a partial, or sends the next reduction's, before it is read.
+struct ReductionBarriers {
+  uint32_t received, arrived;                    // mbarriers (shared::cta addresses)
+  uint32_t received_parity = 0, arrived_parity = 0;  // their current phases
+};
 template <int kCluster, typename Factor>
-__device__ void cluster_reduce_gram(const float* P, int Rp, bf16* A, int lda, uint32_t arrived, uint32_t& parity,
-                                    Factor&& factor) {
+__device__ void cluster_reduce_gram(const float* partials, int Rp, bf16* A, int lda, ReductionBarriers& bars,
+                                    uint32_t expected, Factor&& factor) {
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int rows = Rp / kCluster, quads = Rp / 4;
-  cluster.sync();  // every partial is written
-  // every block sends this block its rows of A: Rp x Rp bf16 in all (bytes may arrive before this)
-  if (threadIdx.x == 0) mbarrier_arrive_expect_tx(arrived, 2u * Rp * Rp);
+  if constexpr (!kPushPartials<kCluster>) cluster.sync();  // every partial is written
+  // (bytes may land before these: an mbarrier's byte count may run negative within a phase)
+  if (threadIdx.x == 0) {
+    if constexpr (kPushPartials<kCluster>) mbarrier_arrive_expect_tx(bars.received, expected);
+    mbarrier_arrive_expect_tx(bars.arrived, 2u * Rp * Rp);  // every block's rows of A
+  }
+  if constexpr (kPushPartials<kCluster>) {
+    mbarrier_wait_cluster(bars.received, bars.received_parity);
+    bars.received_parity ^= 1u;
+  }
   const float f = factor();
   const uint32_t a_addr = smem_addr(A);
   for (int e = threadIdx.x; e < rows * quads; e += kWarps * 32) {
-    const int i = rank * rows + e / quads, j = 4 * (e % quads);
+    const int i = e / quads, j = 4 * (e % quads);
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    // Partial unrolling: with every rank's loads and remote addresses in flight, the cluster-of-8
-    // instantiations spilled registers.
-#pragma unroll 4
+    // Partial unrolling when pulling: with every rank's loads and remote addresses in flight, the
+    // cluster-of-8 instantiations spilled registers.
+#pragma unroll(kPushPartials<kCluster> ? kCluster : 4)
     for (int r = 0; r < kCluster; ++r) {
-      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(P, r) + i * Rp + j);
+      const float* row = kPushPartials<kCluster> ? partials + (r * rows + i) * Rp
+                                                  : cluster.map_shared_rank(partials, r) + (rank * rows + i) * Rp;
+      const float4 v = *reinterpret_cast<const float4*>(row + j);
       sum.x += v.x;
       sum.y += v.y;
       sum.z += v.z;
       sum.w += v.w;
     }
     const uint32_t lo = pack_bf16x2(sum.x * f, sum.y * f), hi = pack_bf16x2(sum.z * f, sum.w * f);
-    const uint32_t at = a_addr + 2u * (i * lda + j);
+    const uint32_t at = a_addr + 2u * ((rank * rows + i) * lda + j);
 #pragma unroll 1
-    for (int r = 0; r < kCluster; ++r) store_async(remote_addr(at, r), lo, hi, remote_addr(arrived, r));
+    for (int r = 0; r < kCluster; ++r) store_async(remote_addr(at, r), lo, hi, remote_addr(bars.arrived, r));
   }
-  mbarrier_wait_cluster(arrived, parity);
-  parity ^= 1u;
+  mbarrier_wait_cluster(bars.arrived, bars.arrived_parity);
+  bars.arrived_parity ^= 1u;
 }
 
 // kGram: the Gram iteration. A template argument, so the standard iteration's kernel is compiled
@@ -535,13 +590,29 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   bf16* B = A + Rp * lda;
   bf16* C = B + Rp * lda;  // C, D: Gram only
   bf16* D = C + Rp * lda;
-  // 32 floats for block_sum, the sum slot, a spare float and an 8-byte mbarrier
+  // 32 floats for block_sum, the sum slot, a spare float, two 8-byte mbarriers, and the cluster's
+  // sums of squares when pushed (8 floats)
   float* scratch = reinterpret_cast<float*>(kGram ? D + Rp * lda : C);
-  float* partials = scratch + 64;                                   // Rp x Rp partial Gram (kCluster > 1)
-  // the cluster reduction's mbarrier (8 bytes after the sum slot) and its phase
-  const uint32_t arrived = smem_addr(scratch + 34);
-  uint32_t arrived_parity = 0;
-  if (kCluster > 1 && threadIdx.x == 0) mbarrier_init(arrived, 1);  // published by the reduction's first barrier
+  // Rp x Rp fp32 (kCluster > 1): this block's partial Gram matrix when pulling, its rows of every
+  // block's partial when pushing (kPushPartials)
+  float* partials = scratch + 64;
+  float* sumsq_inbox = scratch + 40;
+  ReductionBarriers bars{smem_addr(scratch + 34), smem_addr(scratch + 36)};
+  constexpr bool kPush = kPushPartials<kCluster>;
+  bool published = !kPush;  // whether the mbarriers' initialization is known to the cluster
+  if constexpr (kCluster > 1) {
+    if (threadIdx.x == 0) {
+      mbarrier_init(bars.arrived, 1);
+      if constexpr (kPush) mbarrier_init(bars.received, 1);
+    }
+    // Pulling, the reduction's first cluster barrier publishes them; pushing, this one, whose wait
+    // comes after G's first read, which hides it.
+    if constexpr (kPush) cluster_arrive_release();
+  }
+  // Programmatic dependent launch (launch_with): the next kernel in the stream may start its blocks
+  // while this one runs; each waits here, before reading G, for the previous kernel's writes.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n);
   const bool transpose = p.transpose();
   const T* G = static_cast<const T*>(p.in.data);
@@ -566,8 +637,14 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
       });
     }
     const float block_sumsq = block_sum(sumsq, scratch);  // its barriers also complete X
-    float* sumsq_slot = scratch + 32;                     // published by the first cluster reduction
+    // Pulling, the first cluster reduction publishes the slot; pushing, the sums travel beside the
+    // partials, and the slot serves the cluster barrier below only.
+    float* sumsq_slot = scratch + 32;
     if (threadIdx.x == 0) *sumsq_slot = block_sumsq;
+    if constexpr (kPush) {
+      if (!published) cluster_wait_acquire();
+      published = true;
+    }
 
     // The deferred scale (header comment): s^2 for the Gram matrices and s for the last product, or
     // 1 and 1 with X scaled in place by scale_x (out of range, or no step to take the scale).
@@ -612,10 +689,32 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
         // A second pass only where the first one's reduction settled the scale on scaling X: the
         // same in every block of the cluster, as they summed the same slots.
         for (bool again = true; again;) {
-          symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
+          const bool send_sumsq = kPush && !scale_known;  // to every block, beside the partials
+          if constexpr (kPush) {
+            if (send_sumsq && threadIdx.x < kCluster)
+              store_async(remote_addr(smem_addr(sumsq_inbox + rank), threadIdx.x), block_sumsq,
+                          remote_addr(bars.received, threadIdx.x));
+            // The partials wait in `out` and the buffer after it (A and B, both free here), where no
+            // block writes before it has received them.
+            float* stage = reinterpret_cast<float*>(out);
+            symmetric_product<false>(X, X, ldx, Cs, Rp, stage, nullptr, Rp, 1.f, 0.f);
+            __syncthreads();
+            send_partials<kCluster>(stage, Rp, smem_addr(partials), bars.received, rank);
+          } else {
+            symmetric_product<false>(X, X, ldx, Cs, Rp, partials, nullptr, Rp, 1.f, 0.f);
+          }
           again = false;
-          cluster_reduce_gram<kCluster>(partials, Rp, out, lda, arrived, arrived_parity, [&] {
-            if (!scale_known) again = settle_scale(cluster_sum_published<kCluster>(sumsq_slot));
+          const uint32_t expected = 4u * Rp * Rp + (send_sumsq ? 4u * kCluster : 0u);
+          cluster_reduce_gram<kCluster>(partials, Rp, out, lda, bars, expected, [&] {
+            if (!scale_known) {
+              float total = 0.f;
+              if constexpr (kPush) {
+                for (int r = 0; r < kCluster; ++r) total += sumsq_inbox[r];
+              } else {
+                total = cluster_sum_published<kCluster>(sumsq_slot);
+              }
+              again = settle_scale(total);
+            }
             return gram_scale;
           });
           if (again) {
@@ -683,10 +782,11 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     }
     __syncthreads();  // the next matrix reuses shared memory
   }
-  // No block leaves while another may still read its partials. The last reduction's reads precede
-  // the rows each block sends back, which this block waited for; the barrier says so to racecheck,
-  // which does not follow that dependence.
-  if constexpr (kCluster > 1) cg::this_cluster().sync();
+  // Pulling, no block leaves while another may still read its partials. The last reduction's reads
+  // precede the rows each block sends back, which this block waited for; the barrier says so to
+  // racecheck, which does not follow that dependence. Pushing, every block reads its own shared
+  // memory only, and has waited for every byte sent to it.
+  if constexpr (kCluster > 1 && !kPush) cg::this_cluster().sync();
 }
 
 template <typename T, int kCluster, bool kGram>
@@ -704,8 +804,15 @@ cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, c
   cluster.val.clusterDim.x = kCluster;
   cluster.val.clusterDim.y = 1;
   cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  // Programmatic dependent launch: this kernel's blocks may start while the previous kernel in the
+  // stream finishes (they wait for its writes at griddepcontrol.wait), which hides most of the launch
+  // gap between back-to-back calls on small matrices.
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attrs[2] = {cluster, dependent};
+  config.attrs = attrs;
+  config.numAttrs = 2;
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 
