@@ -4,7 +4,8 @@
 // Each matrix belongs to a thread-block cluster of S = 1, 2, 4 or 8 blocks. Block `rank` holds the
 // column slice [rank*Cs, (rank+1)*Cs) of the wide iterate X (R x C, R <= C) and, per step:
 //   1. P_rank = X_slice X_slice^T                  (its share of the Gram matrix)
-//   2. A = sum over the cluster of P_rank          (through distributed shared memory, S > 1)
+//   2. A = sum over the cluster of P_rank          (through distributed shared memory, S > 1:
+//                                                     cluster_reduce_gram)
 //   3. B = b A + c A A                             (every block, redundantly: R^3 is small)
 //   4. X_slice = B X_slice + a X_slice             (in place)
 // With few matrices a cluster spreads one matrix over several SMs; S = 1 is the plain one-block case.
@@ -27,7 +28,7 @@
 // Shared memory per block (bf16 rows padded by 8 elements so ldmatrix rows fall in distinct banks):
 //   X: Rp x (Cs + 8)   Rp = R rounded up to 32, Cs = (C rounded up to 16*S) / S
 //   A, B: Rp x (Rp + 8) each (Gram: A holds R; B, C, D hold P, Q and a spare, in turns)
-//   partials: Rp x Rp fp32    (S > 1 only)
+//   partials: Rp x Rp fp32    (S > 1 only: this block's partial Gram matrix, or its inbox when pushed)
 // Padding rows/columns are zero and stay zero through the iteration, so they never change the result
 // (the Gram iteration's a I puts a on the padded diagonal of P and Q: they stay block-diagonal, and
 // X's padded rows are zero).
