@@ -5,7 +5,7 @@
 // to hold against a float64 NS5. Built with nvcc alone (no torch, seconds of GPU time per variant:
 // build on any machine with nvcc, run the binary on the GPU one):
 //
-//   nvcc -arch=sm_90a -std=c++17 -O3 -t 0 -Icsrc/kernels -o fused_kernel_timing bench/fused_kernel_timing.cu \
+//   nvcc -arch=sm_90a -std=c++17 -O3 -t 0 -Icsrc -Icsrc/kernels -o fused_kernel_timing bench/fused_kernel_timing.cu \
 //        csrc/kernels/ns5_fused.cu csrc/kernels/ns5_fused_standard.cu csrc/kernels/ns5_fused_gram.cu
 //   ./fused_kernel_timing BATCH M N gram|standard CLUSTER [DUMP]
 #include <cuda_runtime.h>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ns5_kernels.h"
+#include "ns5_schedule.h"
 
 namespace {
 
@@ -54,11 +55,7 @@ int main(int argc, char** argv) {
     check(cudaMemset(out[i], 0xff, elements * 4), "cudaMemset");  // NaN: unwritten elements show
   }
   float abc[3 * kSteps];
-  for (int s = 0; s < kSteps; ++s) {  // KellerJordan/Muon's (a, b, c)
-    abc[3 * s] = 3.4445f;
-    abc[3 * s + 1] = -4.7750f;
-    abc[3 * s + 2] = 2.0315f;
-  }
+  for (int i = 0; i < 3 * kSteps; ++i) abc[i] = static_cast<float>(muonkern::kJordanCoefficients[i % 3]);
   const auto problem = [&](int i) {
     muonkern::Ns5Problem p{};
     p.in.data = in[i];
@@ -76,7 +73,7 @@ int main(int argc, char** argv) {
     p.steps = kSteps;
     return p;
   };
-  const muonkern::FusedGram algorithm{gram, gram ? 1u << 2 : 0u};  // 5 steps: restart after step 2
+  const muonkern::FusedGram algorithm{gram, gram ? muonkern::gram_restart_mask(kSteps) : 0u};  // the op's restarts
   cudaStream_t stream;
   check(cudaStreamCreate(&stream), "cudaStreamCreate");
   for (int i = 0; i < 2 * kInputs; ++i)
@@ -97,7 +94,8 @@ int main(int argc, char** argv) {
   std::vector<float> us;
   for (int round = 0; round < kRounds; ++round) {
     check(cudaEventRecord(start, stream), "cudaEventRecord");
-    for (int i = 0; i < kCalls; ++i) muonkern::launch_ns5_fused(problem(i % kInputs), abc, algorithm, cluster, stream);
+    for (int i = 0; i < kCalls; ++i)
+      check(muonkern::launch_ns5_fused(problem(i % kInputs), abc, algorithm, cluster, stream), "launch");
     check(cudaEventRecord(stop, stream), "cudaEventRecord");
     check(cudaEventSynchronize(stop), "timed launches");
     float ms = 0.f;

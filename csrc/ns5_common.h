@@ -14,15 +14,13 @@
 #include <vector>
 
 #include "kernel_dtype.h"
+#include "ns5_schedule.h"
 
 namespace muonkern {
 
 // Schema of the op; muonkern/ops/schemas.py holds the same string for the fallback.
 inline constexpr const char* kNs5Schema =
     "ns5(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-07, str algorithm=\"auto\") -> Tensor";
-
-// (a, b, c) of KellerJordan/Muon's quintic iteration.
-inline constexpr double kJordanCoefficients[3] = {3.4445, -4.7750, 2.0315};
 
 inline void check_ns5_algorithm(std::string_view algorithm) {
   TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "standard" || algorithm == "gram",
@@ -60,19 +58,10 @@ inline void check_ns5_args(const at::Tensor& G, int64_t steps,
 
 // ---- algorithm="gram" and the choice of algorithm="auto" ----------------------------------------
 // The same rules and constants as muonkern/ops/ns5_args.py (where they are explained); a test checks
-// that both choose alike on a grid of shapes. Recalibrate both after GPU timing.
-inline constexpr int64_t kGramRestartInterval = 2;   // restart after every 2nd step (5 steps: after 2)
+// that both choose alike on a grid of shapes. Recalibrate both after GPU timing. The restart schedule
+// is in ns5_schedule.h.
 inline constexpr double kGramMinSaving = 0.25;       // "auto" takes gram where it saves >= 25% of FLOPs
 inline constexpr int64_t kGramMinShortSide = 512;    // ... and the short side is at least this
-
-// The steps after which the Gram iteration restarts (1-based): every kGramRestartInterval-th, except
-// one that would leave a single step to run.
-inline std::vector<int64_t> gram_restart_steps(int64_t steps) {
-  std::vector<int64_t> restarts;
-  for (int64_t s = kGramRestartInterval; s < steps; s += kGramRestartInterval) restarts.push_back(s);
-  if (!restarts.empty() && steps - restarts.back() < kGramRestartInterval) restarts.pop_back();
-  return restarts;
-}
 
 // FLOPs of one matrix with r rows in the products' inner r x r matrices and c columns (r may exceed
 // c: the fused kernel's count per block, c being a block's slice).

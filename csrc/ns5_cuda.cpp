@@ -456,14 +456,10 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
   const at::Tensor G = launch_layout(G_in);
   const Ns5Problem p = describe(G, out.data_ptr(), steps, eps);
   std::vector<float> abc32(abc.begin(), abc.end());
-  FusedGram fused_gram{gram, 0u};
-  if (gram) {
-    for (const int64_t s : gram_restart_steps(steps)) {
-      TORCH_INTERNAL_ASSERT(s < 32, "ns5: a fused-kernel restart after step ", s, " does not fit its 32-bit mask");
-      fused_gram.restarts |= 1u << s;
-    }
-  }
-  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), fused_gram, cluster, at::cuda::getCurrentCUDAStream()));
+  TORCH_INTERNAL_ASSERT(steps <= kFusedMaxSteps, "ns5: the fused kernel takes at most ", kFusedMaxSteps,
+                        " steps, got ", steps);
+  const FusedGram algorithm{gram, gram ? gram_restart_mask(steps) : 0u};
+  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), algorithm, cluster, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -12,7 +12,7 @@ namespace muonkern {
 at::Tensor ns5_normalized(const at::Tensor& G, double eps);
 
 // The op's result under algorithm="gram": G's dtype and shape, contiguous. `abc` holds (a, b, c) per
-// step; restarts after the steps of gram_restart_steps (ns5_common.h).
+// step; restarts after the steps of gram_restart_steps (ns5_schedule.h).
 at::Tensor ns5_gram(const at::Tensor& G, const std::vector<double>& abc, double eps);
 
 }  // namespace muonkern

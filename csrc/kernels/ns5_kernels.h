@@ -50,7 +50,7 @@ inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows liv
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
 inline constexpr int kFusedMaxCluster = 8;      // portable cluster size
 // The Gram iteration instead of the standard one; `restarts` has bit s set to restart after step s
-// (1-based; gram_restart_steps of ns5_common.h).
+// (1-based; gram_restart_mask of ns5_schedule.h).
 struct FusedGram {
   bool enabled;
   uint32_t restarts;
