@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -16,6 +17,8 @@
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
+
+#include "ns5_common.h"
 
 namespace muonkern {
 namespace {
@@ -44,9 +47,12 @@ struct GemmPlan {
   bool timed = false;
 };
 
-// How many of the heuristic's algorithms the first call times. Its first choice is often not the
-// fastest for the square and skinny products of ns5 (a few percent to tens of percent).
-constexpr int kCandidates = 8;
+// How many of the heuristic's algorithms the first call times (MUONKERN_NS5_GEMM_CANDIDATES, 1 to 64,
+// default 8). Its first choice is often not the fastest for the square and skinny products of ns5 (a
+// few percent to tens of percent).
+int heuristic_candidates() {
+  return static_cast<int>(std::clamp<int64_t>(env_int("MUONKERN_NS5_GEMM_CANDIDATES", 8), 1, 64));
+}
 
 cublasLtMatrixLayout_t make_layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
                                    int batch) {
@@ -118,17 +124,21 @@ GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                              &workspace, sizeof(workspace)));
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  std::vector<cublasLtMatmulHeuristicResult_t> results(heuristic_candidates());
   int found = 0;
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, pref,
-                                                       kCandidates, results, &found));
+                                                       static_cast<int>(results.size()), results.data(), &found));
   cublasLtMatmulPreferenceDestroy(pref);
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
                             "x" + std::to_string(s.k) + " bf16 GEMM with output type " + std::to_string(s.out_type));
-  plan.algo = with_split_k(handle, plan, results[0].algo, s, workspace);
-  // the split-K variant of the first choice where there is one, then the heuristic's list
-  if (std::memcmp(&plan.algo, &results[0].algo, sizeof(plan.algo)) != 0) plan.candidates.push_back(plan.algo);
-  for (int i = 0; i < found; ++i) plan.candidates.push_back(results[i].algo);
+  // each algorithm of the heuristic's list, after its split-K variant where it has one; untimed calls
+  // take the first
+  for (int i = 0; i < found; ++i) {
+    const cublasLtMatmulAlgo_t split = with_split_k(handle, plan, results[i].algo, s, workspace);
+    if (std::memcmp(&split, &results[i].algo, sizeof(split)) != 0) plan.candidates.push_back(split);
+    plan.candidates.push_back(results[i].algo);
+  }
+  plan.algo = plan.candidates.front();
   return plans.emplace(s, plan).first->second;
 }
 

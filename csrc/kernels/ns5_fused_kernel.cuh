@@ -600,7 +600,6 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
   float* sumsq_inbox = scratch + 40;
   ReductionBarriers bars{smem_addr(scratch + 34), smem_addr(scratch + 36)};
   constexpr bool kPush = kPushPartials<kCluster>;
-  bool published = !kPush;  // whether the mbarriers' initialization is known to the cluster
   if constexpr (kCluster > 1) {
     if (threadIdx.x == 0) {
       mbarrier_init(bars.arrived, 1);
@@ -642,9 +641,9 @@ __global__ void __launch_bounds__(kWarps * 32) ns5_fused_kernel(const __grid_con
     // partials, and the slot serves the cluster barrier below only.
     float* sumsq_slot = scratch + 32;
     if (threadIdx.x == 0) *sumsq_slot = block_sumsq;
+    // the barrier's wait half, on this block's first matrix only (the same one in every block of the cluster)
     if constexpr (kPush) {
-      if (!published) cluster_wait_acquire();
-      published = true;
+      if (b == blockIdx.x / kCluster) cluster_wait_acquire();
     }
 
     // The deferred scale (header comment): s^2 for the Gram matrices and s for the last product, or
