@@ -2,9 +2,10 @@
 curvature probes.
 
 Run: `python -m pytest bench -q` (the normal test run, `python -m pytest`, collects tests/ only).
-At the end one table is printed and written as markdown and JSON to $MUONKERN_BENCH_OUT
-(default bench_results/): shape, impl, median ms per call, ratio vs the reference eager
-(reference time / impl time, same run) and TFLOP/s counted as 4m^2n + 2m^3 per step.
+Each table is written as markdown and JSON to $MUONKERN_BENCH_OUT (default bench_results/) after
+every benchmark, so a run cut short keeps the rows it measured, and printed at the end. The ns5 one:
+shape, impl, median ms per call, ratio vs the reference eager (reference time / impl time, same run)
+and TFLOP/s counted as 4m^2n + 2m^3 per step.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import time
 import pytest
 import torch
 
-from measure import (environment, markdown, measure_call, rotating_inputs, shape_str, time_rotating,
-                     write_report)
+from measure import (environment, markdown, measure_call, register_report, rotating_inputs, save_reports,
+                     shape_str, time_rotating)
 
 from muonkern.ops import ns5_args
 
@@ -48,6 +49,7 @@ def time_ns5(benchmark, request):
         assert torch.isfinite(timed["first_output"]).all(), \
             f"{impl} returned non-finite values on {shape_str(shape)}"
         median_s = timed["median_s"]
+        register_report(report, lambda: _ns5_built(report))
         _RESULTS.append({
             "report": report, "device": device, "shape": shape_str(shape), "impl": impl, "median_ms": median_s * 1e3,
             "min_ms": timed["min_s"] * 1e3, "calls_per_round": timed["calls_per_round"],
@@ -161,14 +163,34 @@ def _probe_report(rows: list[dict], env: dict) -> str:
                      ["case", "impl", "median ms", "per", "ms per", "ratio", "peak MB"], cells)
 
 
-def pytest_terminal_summary(terminalreporter):
+def _ns5_built(report: str):
+    """The ns5 table of one test file (its rows' ratios against that file's reference rows)."""
+    rows = _table([r for r in _RESULTS if r["report"] == report])
     env = environment()
-    if _OPTIM_RESULTS:
-        write_report(terminalreporter, "optim_bench", _optim_report(_OPTIM_RESULTS, env),
-                      {"environment": env, "results": _OPTIM_RESULTS})
-    if _PROBE_RESULTS:
-        write_report(terminalreporter, "curvature_bench", _probe_report(_PROBE_RESULTS, env),
-                      {"environment": env, "results": _PROBE_RESULTS})
-    for report in dict.fromkeys(r["report"] for r in _RESULTS):  # one table per test file, in run order
-        rows = _table([r for r in _RESULTS if r["report"] == report])
-        write_report(terminalreporter, report, _ns5_report(rows, env), {"environment": env, "results": rows})
+    return _ns5_report(rows, env), {"environment": env, "results": rows}
+
+
+def _optim_built():
+    if not _OPTIM_RESULTS:
+        return None
+    env = environment()
+    return _optim_report(_OPTIM_RESULTS, env), {"environment": env, "results": _OPTIM_RESULTS}
+
+
+def _probe_built():
+    if not _PROBE_RESULTS:
+        return None
+    env = environment()
+    return _probe_report(_PROBE_RESULTS, env), {"environment": env, "results": _PROBE_RESULTS}
+
+
+register_report("optim_bench", _optim_built)
+register_report("curvature_bench", _probe_built)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    save_reports()  # after every benchmark: a run cut short keeps what it measured
+
+
+def pytest_terminal_summary(terminalreporter):
+    save_reports(terminalreporter)

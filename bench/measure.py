@@ -125,13 +125,31 @@ def markdown(title: str, env: dict, note: str, columns: list[str], cells: list[l
     return "\n".join(lines) + "\n"
 
 
-def write_report(terminalreporter, name: str, text: str, payload: dict) -> None:
-    """Prints a table at the end of the run and writes it as NAME.md and NAME.json."""
+# The run's tables by name, each a builder returning (markdown, JSON payload), or None while it has no
+# rows. conftest.py rewrites their files after every benchmark, so a run stopped midway (a timeout, a
+# machine taken back) keeps the rows it measured, and prints them once, at the end.
+_REPORTS: dict[str, Callable[[], tuple[str, dict] | None]] = {}
+
+
+def register_report(name: str, build: Callable[[], tuple[str, dict] | None]) -> None:
+    """Adds table NAME (NAME.md and NAME.json) to the run's reports; the first registration stands."""
+    _REPORTS.setdefault(name, build)
+
+
+def save_reports(terminalreporter=None) -> None:
+    """Writes every table that has rows to $MUONKERN_BENCH_OUT (default bench_results/), and prints
+    each one where a terminal reporter is given (the end of the run)."""
     out_dir = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.md").write_text(text)
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    terminalreporter.write_sep("=", name)
-    for line in text.splitlines():
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f"written to {out_dir / name}.md and .json")
+    for name, build in _REPORTS.items():
+        built = build()
+        if built is None:
+            continue
+        text, payload = built
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.md").write_text(text)
+        (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        if terminalreporter is not None:
+            terminalreporter.write_sep("=", name)
+            for line in text.splitlines():
+                terminalreporter.write_line(line)
+            terminalreporter.write_line(f"written to {out_dir / name}.md and .json")

@@ -39,7 +39,7 @@ import os
 
 import pytest
 import torch
-from measure import environment, markdown, rotating_inputs, shape_str, time_rotating, write_report
+from measure import environment, markdown, register_report, rotating_inputs, shape_str, time_rotating
 
 from muonkern.ops import triton_gram, triton_small, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
@@ -193,34 +193,30 @@ XXT_IMPLS = {"torch.matmul": lambda X: torch.matmul(X, X.mT),
 _XXT_RESULTS: list[dict] = []
 
 
-class _XxtTable:
-    """The X Xᵀ table, printed and written (xxt_bench.md/.json) at the end of the run."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if not _XXT_RESULTS:
-            return
-        dense = {r["shape"]: r["median_ms"] for r in _XXT_RESULTS if r["impl"] == "torch.matmul"}
-        rows = [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
-                for r in _XXT_RESULTS]
-        env = {**environment(), "triton": getattr(triton_symmetric.triton, "__version__", None)}
-        cells = [[r["shape"], r["impl"], f"{r['median_ms']:.4f}",
-                  "—" if r["ratio_vs_matmul"] is None else f"{r['ratio_vs_matmul']:.2f}x",
-                  f"{r['tflops']:.1f}"] for r in rows]
-        text = markdown("X Xᵀ benchmark: Triton symmetric kernels vs torch.matmul (bf16)", env,
-                        "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul "
-                        "time / this impl's time (> 1 is faster); TFLOP/s counted as the dense product's "
-                        "2m^2n for both (reference-equivalent: the symmetric kernel does about half of that "
-                        "work).", ["shape (m×n)", "impl", "median ms", "ratio vs torch.matmul",
-                                   "reference-equivalent TFLOP/s"], cells)
-        write_report(terminalreporter, "xxt_bench", text, {"environment": env, "results": rows})
+def _xxt_built():
+    """The X Xᵀ table (xxt_bench), ratios against torch.matmul's rows; None while it has none."""
+    if not _XXT_RESULTS:
+        return None
+    dense = {r["shape"]: r["median_ms"] for r in _XXT_RESULTS if r["impl"] == "torch.matmul"}
+    rows = [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
+            for r in _XXT_RESULTS]
+    env = {**environment(), "triton": getattr(triton_symmetric.triton, "__version__", None)}
+    cells = [[r["shape"], r["impl"], f"{r['median_ms']:.4f}",
+              "—" if r["ratio_vs_matmul"] is None else f"{r['ratio_vs_matmul']:.2f}x",
+              f"{r['tflops']:.1f}"] for r in rows]
+    text = markdown("X Xᵀ benchmark: Triton symmetric kernels vs torch.matmul (bf16)", env,
+                    "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul "
+                    "time / this impl's time (> 1 is faster); TFLOP/s counted as the dense product's "
+                    "2m^2n for both (reference-equivalent: the symmetric kernel does about half of that "
+                    "work).", ["shape (m×n)", "impl", "median ms", "ratio vs torch.matmul",
+                               "reference-equivalent TFLOP/s"], cells)
+    return text, {"environment": env, "results": rows}
 
 
 @pytest.fixture
-def record_xxt(request):
-    """Appends a row to the X Xᵀ table; registers the table's writer on first use."""
-    plugins = request.config.pluginmanager
-    if not plugins.has_plugin("muonkern-xxt-table"):
-        plugins.register(_XxtTable(), "muonkern-xxt-table")
+def record_xxt():
+    """Appends a row to the X Xᵀ table (added to the run's reports on first use)."""
+    register_report("xxt_bench", _xxt_built)
     return _XXT_RESULTS.append
 
 

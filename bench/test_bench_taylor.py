@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 from measure import environment as bench_environment
-from measure import measure_call, write_report
+from measure import measure_call, register_report
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU"),
@@ -198,21 +198,15 @@ def _report_text():
                       _table(_ROWS), ""]), env
 
 
-class _Reporter:
-    """Registered as a plugin by the ``report`` fixture: prints and writes the table at the end
-    of the run, after every case (whatever each returned)."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if not _ROWS:
-            return
-        text, env = _report_text()
-        write_report(terminalreporter, "taylor_bench", text, {"environment": env, "results": _ROWS})
+def _report_built():
+    """This file's table (taylor_bench); None while it has no rows."""
+    if not _ROWS:
+        return None
+    text, env = _report_text()
+    return text, {"environment": env, "results": _ROWS}
 
 
 @pytest.fixture(scope="module")
-def report(request):
-    """Makes sure this file's table is printed at the end of the run."""
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("muonkern-taylor-bench"):
-        manager.register(_Reporter(), "muonkern-taylor-bench")
-    yield
+def report():
+    """Adds this file's table to the run's reports (written after every case, printed at the end)."""
+    register_report("taylor_bench", _report_built)
