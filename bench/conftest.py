@@ -163,29 +163,21 @@ def _probe_report(rows: list[dict], env: dict) -> str:
                      ["case", "impl", "median ms", "per", "ms per", "ratio", "peak MB"], cells)
 
 
+def _built(rows: list[dict], render) -> tuple[str, dict] | None:
+    """A table's markdown (render(rows, env)) and JSON payload; None while it has no rows."""
+    if not rows:
+        return None
+    env = environment()
+    return render(rows, env), {"environment": env, "results": rows}
+
+
 def _ns5_built(report: str):
     """The ns5 table of one test file (its rows' ratios against that file's reference rows)."""
-    rows = _table([r for r in _RESULTS if r["report"] == report])
-    env = environment()
-    return _ns5_report(rows, env), {"environment": env, "results": rows}
+    return _built(_table([r for r in _RESULTS if r["report"] == report]), _ns5_report)
 
 
-def _optim_built():
-    if not _OPTIM_RESULTS:
-        return None
-    env = environment()
-    return _optim_report(_OPTIM_RESULTS, env), {"environment": env, "results": _OPTIM_RESULTS}
-
-
-def _probe_built():
-    if not _PROBE_RESULTS:
-        return None
-    env = environment()
-    return _probe_report(_PROBE_RESULTS, env), {"environment": env, "results": _PROBE_RESULTS}
-
-
-register_report("optim_bench", _optim_built)
-register_report("curvature_bench", _probe_built)
+register_report("optim_bench", lambda: _built(_OPTIM_RESULTS, _optim_report))
+register_report("curvature_bench", lambda: _built(_PROBE_RESULTS, _probe_report))
 
 
 def pytest_runtest_logfinish(nodeid, location):
