@@ -44,10 +44,11 @@ def time_rotating(benchmark, fn, inputs: list, device: str, target_round_s: floa
                   time_per_case_s: float = 0.6, warmup_rounds: int = 2) -> dict:
     """fn over the inputs in turn, k calls then one synchronize per timed round (k such that a
     round lasts >= target_round_s: CUDA is asynchronous), about time_per_case_s of 5..200 rounds.
-    The first call (compilation, autotuning, plans) is not timed; its output is returned."""
+    The first call (compilation, autotuning, plans) is not timed; a copy of its output is returned
+    (CUDA-graphed implementations overwrite their output at the next call)."""
     sync = sync_for(device)
     cycle = itertools.cycle(inputs)
-    out = fn(inputs[0])
+    out = fn(inputs[0]).clone()
     sync()
     calls, start = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < 0.05:

@@ -12,7 +12,11 @@ README.txt names each upstream commit, bench/NOTES.md says how to stage it):
                       the same kernels and loop at Jordan's triple (accuracy table only: same cost)
   gram-newton-schulz  Dao-AILab/gram-newton-schulz GramNewtonSchulz at Jordan's triple, restart after
                       step 2; quack's CuTeDSL kernels where installed (short side > 256), else its
-                      torch path; the row's label says which, and "standard NS" for square inputs
+                      torch path; the row's label says which, and "standard NS" for square inputs;
+                      called as ortho(X), which runs eagerly
+  gram-newton-schulz compiled
+                      the same through its own torch.compile wrapper (fullgraph, reduce-overhead),
+                      which ortho(X) never reaches
 An anchor that is missing or fails to import is skipped with the reason.
 
 Tables: anchors_bench (time per shape, ratio = reference time / this), curvature_bench (the GPT-2-small
@@ -45,7 +49,7 @@ ANCHORS = Path(os.environ.get("MUONKERN_ANCHORS", Path(__file__).resolve().paren
 SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (8192, 8192), (2048, 8192),
           (8, 1024, 4096), (48, 128, 128), (12, 64, 768)]
 ACCURACY_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (48, 128, 128)]
-ANCHOR_IMPLS = ["flash-muon", "dion triton", "gram-newton-schulz"]
+ANCHOR_IMPLS = ["flash-muon", "dion triton", "gram-newton-schulz", "gram-newton-schulz compiled"]
 IMPLS = ["reference", "muonkern", *ANCHOR_IMPLS]
 ACCURACY_IMPLS = [*IMPLS, "dion triton kernels (Jordan)"]
 GPT2_CASE = "ns5 of a GPT-2-small step's 72 matrices, vs anchors"
@@ -134,27 +138,40 @@ def _dion_jordan() -> Impl:
     return Impl(run, _fixed("dion triton kernels (Jordan)"))
 
 
-def _gram_newton_schulz() -> Impl:
+def _gram_newton_schulz_impl(compiled: bool) -> Impl:
     gns = _anchor_module("gram-newton-schulz", "gram_newton_schulz")
     kwargs = dict(ns_coefficients=[list(JORDAN_COEFFICIENTS)] * 5, gram_newton_schulz_reset_iterations=[2])
+    if not compiled:
+        kwargs["compile_kwargs"] = None  # what ortho(X) runs anyway (below), without compiling it
     try:
         ortho, kernels = gns.GramNewtonSchulz(ns_use_kernels=True, **kwargs), True
     except Exception:  # quack / CuTeDSL missing or unusable: the package's own torch path
         ortho, kernels = gns.GramNewtonSchulz(ns_use_kernels=False, **kwargs), False
     min_side = importlib.import_module("gram_newton_schulz.gram_newton_schulz").SYMMETRIC_KERNEL_TILE_SIZE
+    name = "gram-newton-schulz compiled" if compiled else "gram-newton-schulz"
 
     def label(shape):
         if shape is None:
-            return f"gram-newton-schulz ({'quack kernels' if kernels else 'torch path'})"
+            return f"{name} ({'quack kernels' if kernels else 'torch path'})"
         path = "quack kernels" if kernels and min(shape[-2:]) > min_side else "torch path"
-        return f"gram-newton-schulz ({path}, {'standard NS' if shape[-2] == shape[-1] else 'gram NS'})"
-    # Called as ortho(X), as its README and Muon do; that runs eagerly (the torch.compile wrapper is
-    # an instance attribute, which a call does not look up). It normalizes an fp32 X in place.
-    return Impl(lambda G: ortho(G), label)
+        return f"{name} ({path}, {'standard NS' if shape[-2] == shape[-1] else 'gram NS'})"
+    # ortho(X), as its README and Muon call it, runs eagerly: __init__ stores its torch.compile
+    # wrapper (fullgraph, mode="reduce-overhead") as an instance attribute, and a call looks __call__
+    # up on the class. The compiled row calls that wrapper itself. Both normalize an fp32 X in place.
+    return Impl(ortho.__dict__["__call__"] if compiled else (lambda G: ortho(G)), label)
+
+
+def _gram_newton_schulz() -> Impl:
+    return _gram_newton_schulz_impl(compiled=False)
+
+
+def _gram_newton_schulz_compiled() -> Impl:
+    return _gram_newton_schulz_impl(compiled=True)
 
 
 LOADERS = {"reference": _reference, "muonkern": _muonkern, "flash-muon": _flash_muon, "dion triton": _dion,
-           "dion triton kernels (Jordan)": _dion_jordan, "gram-newton-schulz": _gram_newton_schulz}
+           "dion triton kernels (Jordan)": _dion_jordan, "gram-newton-schulz": _gram_newton_schulz,
+           "gram-newton-schulz compiled": _gram_newton_schulz_compiled}
 
 
 @functools.cache
