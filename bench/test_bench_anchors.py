@@ -16,7 +16,7 @@ README.txt names each upstream commit, bench/NOTES.md says how to stage it):
                       called as ortho(X), which runs eagerly
   gram-newton-schulz compiled
                       the same through its own torch.compile wrapper (fullgraph, reduce-overhead),
-                      which ortho(X) never reaches
+                      which ortho(X) never reaches; per-shape and accuracy rows only
 An anchor that is missing or fails to import is skipped with the reason.
 
 Tables: anchors_bench (time per shape, ratio = reference time / this), curvature_bench (the GPT-2-small
@@ -208,7 +208,9 @@ def test_ns5_vs_anchors(time_ns5, shape, impl):
 # ---- the matrices of one optimizer step ----------------------------------------------------------
 
 @needs_cuda
-@pytest.mark.parametrize("impl", ["reference", "muonkern.ns5_grouped", *ANCHOR_IMPLS])
+# gram-newton-schulz's compiled wrapper is left out: it would compile a graph per shape of the step
+@pytest.mark.parametrize("impl", ["reference", "muonkern.ns5_grouped",
+                                  *(name for name in ANCHOR_IMPLS if name != "gram-newton-schulz compiled")])
 def test_gpt2_small_step_vs_anchors(time_probe, impl):
     Gs = gpt2_small_matrices("cuda")
     if impl == "muonkern.ns5_grouped":
