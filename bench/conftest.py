@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from measure import (environment, markdown, measure_call, register_report, rotating_inputs, save_reports,
+from measure import (built_table, markdown, measure_call, register_report, rotating_inputs, save_reports,
                      shape_str, time_rotating)
 
 from muonkern.ops import ns5_args
@@ -163,21 +163,13 @@ def _probe_report(rows: list[dict], env: dict) -> str:
                      ["case", "impl", "median ms", "per", "ms per", "ratio", "peak MB"], cells)
 
 
-def _built(rows: list[dict], render) -> tuple[str, dict] | None:
-    """A table's markdown (render(rows, env)) and JSON payload; None while it has no rows."""
-    if not rows:
-        return None
-    env = environment()
-    return render(rows, env), {"environment": env, "results": rows}
-
-
 def _ns5_built(report: str):
     """The ns5 table of one test file (its rows' ratios against that file's reference rows)."""
-    return _built(_table([r for r in _RESULTS if r["report"] == report]), _ns5_report)
+    return built_table(_table([r for r in _RESULTS if r["report"] == report]), _ns5_report)
 
 
-register_report("optim_bench", lambda: _built(_OPTIM_RESULTS, _optim_report))
-register_report("curvature_bench", lambda: _built(_PROBE_RESULTS, _probe_report))
+register_report("optim_bench", lambda: built_table(_OPTIM_RESULTS, _optim_report))
+register_report("curvature_bench", lambda: built_table(_PROBE_RESULTS, _probe_report))
 
 
 def pytest_runtest_logfinish(nodeid, location):

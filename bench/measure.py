@@ -132,6 +132,16 @@ def markdown(title: str, env: dict, note: str, columns: list[str], cells: list[l
 _REPORTS: dict[str, Callable[[], tuple[str, dict] | None]] = {}
 
 
+def built_table(rows: list[dict], render: Callable[[list[dict], dict], str],
+                env: Callable[[], dict] = environment) -> tuple[str, dict] | None:
+    """A report builder's result for `rows`: the markdown render(rows, env) and the JSON payload
+    {environment, results}; None while there are no rows."""
+    if not rows:
+        return None
+    environment_now = env()
+    return render(rows, environment_now), {"environment": environment_now, "results": rows}
+
+
 def register_report(name: str, build: Callable[[], tuple[str, dict] | None]) -> None:
     """Adds table NAME (NAME.md and NAME.json) to the run's reports; the first registration stands."""
     _REPORTS.setdefault(name, build)

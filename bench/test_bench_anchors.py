@@ -21,7 +21,7 @@ An anchor that is missing or fails to import is skipped with the reason.
 
 Tables: anchors_bench (time per shape, ratio = reference time / this), curvature_bench (the GPT-2-small
 step's 72 matrices and flash-muon's X·Xᵀ kernel; ratio = this time / the named reference) and
-anchors_accuracy.md (distance to the exact polar factor), all in $MUONKERN_BENCH_OUT.
+anchors_accuracy (distance to the exact polar factor), each as .md and .json in $MUONKERN_BENCH_OUT.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import Callable
 import pytest
 import torch
 
-from measure import shape_str
+from measure import built_table, register_report, shape_str
 from test_bench_ns5 import gpt2_small_matrices, muonkern_label
 
 from muonkern.ops.fallback import ns5_reference
@@ -161,17 +161,10 @@ def _gram_newton_schulz_impl(compiled: bool) -> Impl:
     return Impl(ortho.__dict__["__call__"] if compiled else (lambda G: ortho(G)), label)
 
 
-def _gram_newton_schulz() -> Impl:
-    return _gram_newton_schulz_impl(compiled=False)
-
-
-def _gram_newton_schulz_compiled() -> Impl:
-    return _gram_newton_schulz_impl(compiled=True)
-
-
 LOADERS = {"reference": _reference, "muonkern": _muonkern, "flash-muon": _flash_muon, "dion triton": _dion,
-           "dion triton kernels (Jordan)": _dion_jordan, "gram-newton-schulz": _gram_newton_schulz,
-           "gram-newton-schulz compiled": _gram_newton_schulz_compiled}
+           "dion triton kernels (Jordan)": _dion_jordan,
+           "gram-newton-schulz": functools.partial(_gram_newton_schulz_impl, compiled=False),
+           "gram-newton-schulz compiled": functools.partial(_gram_newton_schulz_impl, compiled=True)}
 
 
 @functools.cache
@@ -239,7 +232,7 @@ def test_flash_muon_xxt(time_probe, impl):
 
 # ---- accuracy: distance to the exact polar factor ------------------------------------------------
 
-_ACCURACY: dict[str, list[list[str]]] = {}
+_ACCURACY: dict[str, list[dict]] = {}  # impl -> one row per ACCURACY_SHAPES entry
 
 
 @functools.cache
@@ -249,37 +242,42 @@ def _polar_case(shape):
     return G, polar_factor(G)
 
 
-def accuracy_row(impl: Impl, name: str, shape, G: torch.Tensor, polar: torch.Tensor) -> list[str]:
+def accuracy_row(impl: Impl, name: str, shape, G: torch.Tensor, polar: torch.Tensor) -> dict:
+    """The table's cells for one impl and shape: shape, impl, distance, max |σ−1|."""
+    row = {"shape": shape_str(shape), "impl": impl.label(shape)}
     if len(shape) > impl.max_ndim:
-        return [shape_str(shape), impl.label(shape), "—", f"— ({impl.max_ndim}-D only)"]
+        return {**row, "distance": "—", "max_sigma_error": f"— ({impl.max_ndim}-D only)"}
     X = impl.fn(G.clone()).double()  # a clone: gram-newton-schulz normalizes an fp32 input in place
     assert X.shape == G.shape, f"{name} returned shape {tuple(X.shape)} for {shape_str(shape)}"
     # one distance over the whole batch (the batch as one tall matrix), as the README's table has it
     dist = polar_distance(X.reshape(-1, X.shape[-1]), polar.reshape(-1, polar.shape[-1])).item()
     sigma_dev = singular_value_error(X).max().item()
     assert math.isfinite(dist), f"{name} returned non-finite values on {shape_str(shape)}"
-    return [shape_str(shape), impl.label(shape), f"{dist:.4f}", f"{sigma_dev:.3f}"]
+    return {**row, "distance": f"{dist:.4f}", "max_sigma_error": f"{sigma_dev:.3f}"}
 
 
-def _write_accuracy() -> Path:
-    env = f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
-    lines = ["# ns5 accuracy: muonkern and the anchors", "", env, "",
+def _accuracy_rows() -> list[dict]:
+    """The rows measured so far, by shape, then in ACCURACY_IMPLS order."""
+    return [_ACCURACY[name][i] for i in range(len(ACCURACY_SHAPES)) for name in ACCURACY_IMPLS if name in _ACCURACY]
+
+
+def _accuracy_environment() -> dict:
+    return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def _accuracy_report(rows: list[dict], env: dict) -> str:
+    lines = ["# ns5 accuracy: muonkern and the anchors", "", f"torch {env['torch']}, {env['gpu']}", "",
              "Gaussian fp32 input (seed 0), 5 steps; distance = ‖X − UVᵀ‖_F / ‖UVᵀ‖_F over the whole "
              "tensor, UVᵀ from a float64 SVD of the same input; max |σ−1| over every matrix of X.", "",
              "| shape (fp32) | impl | ‖X−UVᵀ‖/‖UVᵀ‖ | max \\|σ−1\\| |", "|---|---|---:|---:|"]
-    for i, shape in enumerate(ACCURACY_SHAPES):
-        for name in ACCURACY_IMPLS:
-            if name in _ACCURACY:
-                lines.append("| " + " | ".join(_ACCURACY[name][i]) + " |")
-    out = Path(os.environ.get("MUONKERN_BENCH_OUT", "bench_results")) / "anchors_accuracy.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    lines += [f"| {r['shape']} | {r['impl']} | {r['distance']} | {r['max_sigma_error']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 @needs_cuda
 @pytest.mark.parametrize("impl", ACCURACY_IMPLS)
 def test_accuracy_vs_polar(impl):
+    # anchors_accuracy.md/.json, rewritten after every impl like every table (bench/conftest.py)
+    register_report("anchors_accuracy", lambda: built_table(_accuracy_rows(), _accuracy_report, _accuracy_environment))
     anchor = get_impl(impl)
     _ACCURACY[impl] = [accuracy_row(anchor, impl, shape, *_polar_case(shape)) for shape in ACCURACY_SHAPES]
-    _write_accuracy()  # rewritten after every impl, so a partial run (-k) still leaves its rows

@@ -39,7 +39,7 @@ import os
 
 import pytest
 import torch
-from measure import environment, markdown, register_report, rotating_inputs, shape_str, time_rotating
+from measure import built_table, environment, markdown, register_report, rotating_inputs, shape_str, time_rotating
 
 from muonkern.ops import triton_gram, triton_small, triton_symmetric
 from muonkern.ops.fallback import ns5_reference
@@ -193,30 +193,33 @@ XXT_IMPLS = {"torch.matmul": lambda X: torch.matmul(X, X.mT),
 _XXT_RESULTS: list[dict] = []
 
 
-def _xxt_built():
-    """The X Xᵀ table (xxt_bench), ratios against torch.matmul's rows; None while it has none."""
-    if not _XXT_RESULTS:
-        return None
+def _xxt_rows() -> list[dict]:
+    """The X Xᵀ rows with their ratio against torch.matmul's row of the same shape."""
     dense = {r["shape"]: r["median_ms"] for r in _XXT_RESULTS if r["impl"] == "torch.matmul"}
-    rows = [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
+    return [{**r, "ratio_vs_matmul": dense[r["shape"]] / r["median_ms"] if r["shape"] in dense else None}
             for r in _XXT_RESULTS]
-    env = {**environment(), "triton": getattr(triton_symmetric.triton, "__version__", None)}
+
+
+def _xxt_environment() -> dict:
+    return {**environment(), "triton": getattr(triton_symmetric.triton, "__version__", None)}
+
+
+def _xxt_report(rows: list[dict], env: dict) -> str:
     cells = [[r["shape"], r["impl"], f"{r['median_ms']:.4f}",
               "—" if r["ratio_vs_matmul"] is None else f"{r['ratio_vs_matmul']:.2f}x",
               f"{r['tflops']:.1f}"] for r in rows]
-    text = markdown("X Xᵀ benchmark: Triton symmetric kernels vs torch.matmul (bf16)", env,
+    return markdown("X Xᵀ benchmark: Triton symmetric kernels vs torch.matmul (bf16)", env,
                     "Median per call (k calls then one synchronize per timed round); ratio = torch.matmul "
                     "time / this impl's time (> 1 is faster); TFLOP/s counted as the dense product's "
                     "2m^2n for both (reference-equivalent: the symmetric kernel does about half of that "
                     "work).", ["shape (m×n)", "impl", "median ms", "ratio vs torch.matmul",
                                "reference-equivalent TFLOP/s"], cells)
-    return text, {"environment": env, "results": rows}
 
 
 @pytest.fixture
 def record_xxt():
     """Appends a row to the X Xᵀ table (added to the run's reports on first use)."""
-    register_report("xxt_bench", _xxt_built)
+    register_report("xxt_bench", lambda: built_table(_xxt_rows(), _xxt_report, _xxt_environment))
     return _XXT_RESULTS.append
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 from measure import environment as bench_environment
-from measure import measure_call, register_report
+from measure import built_table, measure_call, register_report
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA GPU"),
@@ -186,8 +186,7 @@ def _environment() -> dict:
     return env
 
 
-def _report_text():
-    env = _environment()
+def _report_text(rows: list[dict], env: dict) -> str:
     note = ("GPT `small` (6×384, 6 heads of 64, vocab 256), fp32. grad: forward+backward with "
             "fused SDPA; taylor: g·u and uᵀHu for K directions in one forward; hvp: fwd_rev HVP "
             "under exact_attention (math SDPA), one direction. per-direction vs grad = (ms / K) / "
@@ -195,18 +194,10 @@ def _report_text():
             "peak = max allocated during one call, parameters and batch included.")
     return "\n".join(["# muonkern Taylor-curvature benchmark", "",
                       ", ".join(f"{k}: {v}" for k, v in env.items()), "", note, "",
-                      _table(_ROWS), ""]), env
-
-
-def _report_built():
-    """This file's table (taylor_bench); None while it has no rows."""
-    if not _ROWS:
-        return None
-    text, env = _report_text()
-    return text, {"environment": env, "results": _ROWS}
+                      _table(rows), ""])
 
 
 @pytest.fixture(scope="module")
 def report():
     """Adds this file's table to the run's reports (written after every case, printed at the end)."""
-    register_report("taylor_bench", _report_built)
+    register_report("taylor_bench", lambda: built_table(_ROWS, _report_text, _environment))
