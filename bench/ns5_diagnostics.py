@@ -4,8 +4,12 @@
     python bench/ns5_diagnostics.py symmetric-configs  # 4096²: each Triton tile configuration
     python bench/ns5_diagnostics.py fused-clusters     # the fused kernel per cluster size
     python bench/ns5_diagnostics.py graph-bytes        # what one 2040x2056 graph counts against the budget
+    python bench/ns5_diagnostics.py streamk            # the Gram iteration's symmetric products: cuBLAS,
+                                                       # the triangle kernel, stream-K per configuration and
+                                                       # program count; whole calls (host time included)
+    python bench/ns5_diagnostics.py streamk-once       # three launches of each Triton kernel at 2048², for ncu
 
-Needs a CUDA GPU (symmetric-configs also triton).
+Needs a CUDA GPU (symmetric-configs and streamk also triton).
 """
 from __future__ import annotations
 
@@ -88,9 +92,84 @@ def graph_bytes() -> None:
     print(f"2040x2056 standard: {(muonkern._C.ns5_graph_bytes() - before) / 2 ** 20:.1f} MiB")
 
 
+def _back_to_back_us(fn, calls: int = 20, rounds: int = 7) -> float:
+    """Median over rounds of one round's time per call, `calls` calls back to back between CUDA
+    events: the GPU's time where it exceeds the host's, the host's where a call is launch-bound."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls * 1000)
+    return sorted(times)[rounds // 2]
+
+
+def _symmetric_bf16(n: int) -> torch.Tensor:
+    """A Gram-like symmetric n×n matrix, unit Frobenius norm, bf16."""
+    Y = torch.randn(n, n, device="cuda") / n ** 0.5
+    R = Y @ Y.T
+    return (R / R.norm()).to(torch.bfloat16)
+
+
+def streamk() -> None:
+    """bench/NOTES.md, *The stream-K kernel on an H100*: P = c·R·R + b·R + a·I and X·Xᵀ per
+    implementation, the stream-K kernel per configuration and program count (one per SM, one per
+    tile, two tiles each), and whole ns5 calls on the op's route and on the Triton Gram route."""
+    from muonkern.ops import triton_gram as tg
+    from muonkern.ops import triton_symmetric as ts
+    configs = {"128² s4": tg.CONFIGS[0], "128² s3": tg.CONFIGS[1], "64² s4": tg.CONFIGS[2]}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def programs_for(n: int, config) -> list[int]:
+        tiles = -(-n // config.block)
+        tiles = tiles * (tiles + 1) // 2
+        return sorted({sms, tiles, max(1, tiles // 2)})
+
+    for n in (2048, 1024):
+        R, Q = _symmetric_bf16(n), _symmetric_bf16(n)
+        print(f"{n}^3 product: cuBLAS (torch.mm) {_back_to_back_us(lambda: torch.mm(R, Q)):.2f} us, "
+              f"triangle kernel {_back_to_back_us(lambda: ts.symmetric_polynomial(R, 0.5, 0.3)):.2f} us, "
+              f"stream-K autotuned {_back_to_back_us(lambda: tg.symmetric_product(R, Q, 0.3, R, 0.5, 1.0)):.2f} us")
+        for name, config in configs.items():
+            cells = [f"{p} programs {_back_to_back_us(lambda: tg.symmetric_product(R, Q, 0.3, R, 0.5, 1.0, config=config, programs=p)):.2f}"
+                     for p in programs_for(n, config)]
+            print(f"  stream-K {name}: " + ", ".join(cells) + " us")
+    for m, k in ((2048, 8192), (1024, 4096)):
+        X = (torch.randn(m, k, device="cuda") / (m * k) ** 0.5).to(torch.bfloat16)
+        print(f"X X^T {m}x{k}: cuBLAS {_back_to_back_us(lambda: torch.mm(X, X.T)):.2f} us, "
+              f"triangle kernel {_back_to_back_us(lambda: ts.xxt(X)):.2f} us")
+        for name, config in configs.items():
+            cells = [f"{p} programs {_back_to_back_us(lambda: tg.symmetric_product(X, X.T, config=config, programs=p)):.2f}"
+                     for p in programs_for(m, config)]
+            print(f"  stream-K {name}: " + ", ".join(cells) + " us")
+    for shape in ((2048, 8192), (1024, 4096), (768, 3072)):
+        G = torch.randn(*shape, device="cuda")
+        print(f"ns5 {shape[0]}x{shape[1]}: op {_back_to_back_us(lambda: ns5(G, algorithm='auto'), calls=10):.1f} us, Triton Gram "
+              f"route autotuned {_back_to_back_us(lambda: tg.ns5_gram_symmetric(G), calls=10):.1f} us, "
+              f"128² s4 {_back_to_back_us(lambda: tg.ns5_gram_symmetric(G, config=tg.CONFIGS[0]), calls=10):.1f} us")
+
+
+def streamk_once() -> None:
+    """Three launches each of the stream-K kernel and the triangle kernel (P at 2048², 128² tiles, 4
+    stages), for ncu: `ncu --kernel-name regex:"streamk|syrk" --launch-skip 2 --launch-count 2
+    --section SpeedOfLight --section Occupancy --section SchedulerStats python bench/ns5_diagnostics.py streamk-once`."""
+    from muonkern.ops import triton_gram as tg
+    from muonkern.ops import triton_symmetric as ts
+    R = _symmetric_bf16(2048)
+    for _ in range(3):
+        tg.symmetric_product(R, R, 0.3, R, 0.5, 1.0, config=tg.CONFIGS[0])
+        ts.symmetric_polynomial(R, 0.5, 0.3, config=ts.CONFIGS[0])
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     jobs = {"pair-spread": pair_spread, "symmetric-configs": symmetric_configs, "fused-clusters": fused_clusters,
-            "graph-bytes": graph_bytes}
+            "graph-bytes": graph_bytes, "streamk": streamk, "streamk-once": streamk_once}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=list(jobs))
     job = parser.parse_args().job

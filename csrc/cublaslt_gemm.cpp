@@ -8,11 +8,10 @@
 #include <cublasLt.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -42,7 +41,7 @@ struct GemmShapeHash {
 struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;  // d is c unless strides differ
-  cublasLtMatmulAlgo_t algo{};                    // the heuristic's first choice until timed
+  cublasLtMatmulAlgo_t algo{};                    // candidates.front() until timed
   std::vector<cublasLtMatmulAlgo_t> candidates;  // what timing picks from
   bool timed = false;
 };
@@ -65,33 +64,40 @@ cublasLtMatrixLayout_t make_layout(cudaDataType type, int64_t rows, int64_t cols
 }
 
 // A product with few output tiles and a long K (the Gram matrix X X^T of a wide X) leaves most
-// SMs idle; splitting K among them fills the chip. The heuristic rarely does this on its own.
-cublasLtMatmulAlgo_t with_split_k(cublasLtHandle_t handle, const GemmPlan& plan, cublasLtMatmulAlgo_t algo,
-                                  const GemmShape& s, size_t workspace) {
-  const char* disabled = std::getenv("MUONKERN_NS5_SPLITK");
-  if (disabled != nullptr && std::strcmp(disabled, "0") == 0) return algo;
+// SMs idle; splitting K among them fills the chip. The heuristic rarely does this on its own. The
+// split count (computed once per plan; none where MUONKERN_NS5_SPLITK=0): what covers the SMs with
+// typical 128x128 tiles, at most one split per 512 of K.
+std::optional<int32_t> split_k_count(const GemmShape& s) {
+  if (env_int("MUONKERN_NS5_SPLITK", 1) == 0) return std::nullopt;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = ((s.m + 127) / 128) * ((s.n + 127) / 128) * s.batch;  // typical 128x128 tiles
+  const int64_t tiles = ((s.m + 127) / 128) * ((s.n + 127) / 128) * s.batch;
   const int64_t splits = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), s.k / 512);
-  int supported = 0;
-  size_t written = 0;
-  if (splits < 2 || cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported,
-                                                      sizeof(supported), &written) != CUBLAS_STATUS_SUCCESS ||
-      !supported)
-    return algo;
-  cublasLtMatmulAlgo_t split = algo;
-  const int32_t num = static_cast<int32_t>(splits);
+  if (splits < 2) return std::nullopt;
+  return static_cast<int32_t>(splits);
+}
+
+// `algo` split `count` ways, where the algorithm supports it within `workspace` bytes.
+std::optional<cublasLtMatmulAlgo_t> with_split_k(cublasLtHandle_t handle, const GemmPlan& plan,
+                                                 cublasLtMatmulAlgo_t algo, int32_t count, size_t workspace) {
   const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
   cublasLtMatmulHeuristicResult_t check{};
-  if (cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &num, sizeof(num)) ==
+  if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &count, sizeof(count)) ==
           CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoConfigSetAttribute(&split, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
+      cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
           CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, &split, &check) ==
+      cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, &algo, &check) ==
           CUBLAS_STATUS_SUCCESS &&
       check.workspaceSize <= workspace)
-    return split;
-  return algo;
+    return algo;
+  return std::nullopt;
+}
+
+bool supports_split_k(const cublasLtMatmulAlgo_t& algo) {
+  int supported = 0;
+  size_t written = 0;
+  return cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
+                                           &written) == CUBLAS_STATUS_SUCCESS &&
+         supported != 0;
 }
 
 // Plans (descriptors + candidate algorithms) are cached per shape: building one costs more than a
@@ -131,21 +137,21 @@ GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   cublasLtMatmulPreferenceDestroy(pref);
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
                             "x" + std::to_string(s.k) + " bf16 GEMM with output type " + std::to_string(s.out_type));
-  // each algorithm of the heuristic's list, after its split-K variant where it has one; untimed calls
-  // take the first
+  // each algorithm of the heuristic's list, after its split-K variants where it has them; untimed
+  // calls take the first
+  const std::optional<int32_t> split_count = split_k_count(s);
   for (int i = 0; i < found; ++i) {
-    const cublasLtMatmulAlgo_t split = with_split_k(handle, plan, results[i].algo, s, workspace);
-    if (std::memcmp(&split, &results[i].algo, sizeof(split)) != 0) plan.candidates.push_back(split);
-    plan.candidates.push_back(results[i].algo);
+    const cublasLtMatmulAlgo_t& algo = results[i].algo;
+    if (split_count && supports_split_k(algo)) {
+      if (auto split = with_split_k(handle, plan, algo, *split_count, workspace)) plan.candidates.push_back(*split);
+    }
+    plan.candidates.push_back(algo);
   }
   plan.algo = plan.candidates.front();
   return plans.emplace(s, plan).first->second;
 }
 
-bool timing_disabled() {
-  const char* value = std::getenv("MUONKERN_NS5_GEMM_TUNE");
-  return value != nullptr && std::strcmp(value, "0") == 0;
-}
+bool timing_disabled() { return env_int("MUONKERN_NS5_GEMM_TUNE", 1) == 0; }
 
 // Timing: each candidate runs kTimedRuns times as one CUDA graph. Launched one by one from the host,
 // GEMMs of a few microseconds ran at the host's pace, every candidate timed alike and the pick was
