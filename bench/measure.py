@@ -40,6 +40,48 @@ def sync_for(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+def back_to_back_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> list[float]:
+    """The time per call of each of `rounds` rounds of `calls` back-to-back calls between CUDA
+    events, after one warm-up call: the GPU's time where it exceeds the host's, the host's where the
+    calls are launch-bound."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return times
+
+
+def graph_replay_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> list[float]:
+    """The time per call of each of `rounds` replays of a CUDA graph of `calls` calls: the GPU's
+    time alone. Warm-up calls run on the capture stream first, so that state kept per stream (a
+    Triton kernel's workspace) exists before the capture."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return times
+
+
 def time_rotating(benchmark, fn, inputs: list, device: str, target_round_s: float = 2e-3,
                   time_per_case_s: float = 0.6, warmup_rounds: int = 2) -> dict:
     """fn over the inputs in turn, k calls then one synchronize per timed round (k such that a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -25,6 +26,7 @@ from muonkern.ops.ns5_routing import ns5_route
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from ns5_cases import ns5, relative_difference  # noqa: E402  (the tests' own op call and metric)
+from measure import back_to_back_ms, graph_replay_ms  # noqa: E402
 from ns5_fused_algorithms import median_us  # noqa: E402
 
 
@@ -92,21 +94,8 @@ def graph_bytes() -> None:
     print(f"2040x2056 standard: {(muonkern._C.ns5_graph_bytes() - before) / 2 ** 20:.1f} MiB")
 
 
-def _back_to_back_us(fn, calls: int = 20, rounds: int = 7) -> float:
-    """Median over rounds of one round's time per call, `calls` calls back to back between CUDA
-    events: the GPU's time where it exceeds the host's, the host's where a call is launch-bound."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls * 1000)
-    return sorted(times)[rounds // 2]
+def _median_us(times_ms: list[float]) -> float:
+    return statistics.median(times_ms) * 1000
 
 
 def _symmetric_bf16(n: int) -> torch.Tensor:
@@ -117,41 +106,48 @@ def _symmetric_bf16(n: int) -> torch.Tensor:
 
 
 def streamk() -> None:
-    """bench/NOTES.md, *The stream-K kernel on an H100*: P = c·R·R + b·R + a·I and X·Xᵀ per
-    implementation, the stream-K kernel per configuration and program count (one per SM, one per
-    tile, two tiles each), and whole ns5 calls on the op's route and on the Triton Gram route."""
+    """bench/NOTES.md, *The stream-K kernel on an H100*: P = c·R·R + b·R + a·I and X·Xᵀ on cuBLAS,
+    the triangle kernel and the stream-K kernel per configuration and program count (one per SM,
+    one per tile, two tiles each), back to back (host time included: median of 7 rounds of 20
+    calls) and, for cuBLAS and stream-K at one program per SM, as CUDA-graph replays (GPU time:
+    median of 5 replays of 20 calls); then whole ns5 calls on the op's route and on the Triton Gram
+    route (autotuned; 128² s4 with graphs where `graph_pays`, eager, with graph replays)."""
     from muonkern.ops import triton_gram as tg
     from muonkern.ops import triton_symmetric as ts
     configs = {"128² s4": tg.CONFIGS[0], "128² s3": tg.CONFIGS[1], "64² s4": tg.CONFIGS[2]}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
-    def programs_for(n: int, config) -> list[int]:
-        tiles = -(-n // config.block)
-        tiles = tiles * (tiles + 1) // 2
-        return sorted({sms, tiles, max(1, tiles // 2)})
+    def host_us(fn, calls=20):
+        return _median_us(back_to_back_ms(fn, calls, rounds=7))
+
+    def products(title: str, A: torch.Tensor, B: torch.Tensor, polynomial: bool) -> None:
+        """One product (A·B, or c·A·B + b·A + a·I where `polynomial`) on each implementation."""
+        terms = (0.3, A, 0.5, 1.0) if polynomial else ()
+        triangle = (lambda: ts.symmetric_polynomial(A, 0.5, 0.3)) if polynomial else (lambda: ts.xxt(A))
+        print(f"{title}: cuBLAS (torch.mm) {host_us(lambda: torch.mm(A, B)):.2f} us, graph replay "
+              f"{_median_us(graph_replay_ms(lambda: torch.mm(A, B))):.2f} us; triangle kernel {host_us(triangle):.2f} us; "
+              f"stream-K autotuned {host_us(lambda: tg.symmetric_product(A, B, *terms)):.2f} us")
+        for name, config in configs.items():
+            tiles = ts._programs(1, A.size(0), config.block, False)
+            cells = [f"{p} programs {host_us(lambda: tg.symmetric_product(A, B, *terms, config=config, programs=p)):.2f}"
+                     for p in sorted({sms, tiles, max(1, tiles // 2)})]
+            replay = _median_us(graph_replay_ms(lambda: tg.symmetric_product(A, B, *terms, config=config)))
+            print(f"  stream-K {name}: " + ", ".join(cells) + f" us; graph replay, {sms} programs, {replay:.2f} us")
 
     for n in (2048, 1024):
-        R, Q = _symmetric_bf16(n), _symmetric_bf16(n)
-        print(f"{n}^3 product: cuBLAS (torch.mm) {_back_to_back_us(lambda: torch.mm(R, Q)):.2f} us, "
-              f"triangle kernel {_back_to_back_us(lambda: ts.symmetric_polynomial(R, 0.5, 0.3)):.2f} us, "
-              f"stream-K autotuned {_back_to_back_us(lambda: tg.symmetric_product(R, Q, 0.3, R, 0.5, 1.0)):.2f} us")
-        for name, config in configs.items():
-            cells = [f"{p} programs {_back_to_back_us(lambda: tg.symmetric_product(R, Q, 0.3, R, 0.5, 1.0, config=config, programs=p)):.2f}"
-                     for p in programs_for(n, config)]
-            print(f"  stream-K {name}: " + ", ".join(cells) + " us")
+        products(f"P {n}^2", _symmetric_bf16(n), _symmetric_bf16(n), polynomial=True)
     for m, k in ((2048, 8192), (1024, 4096)):
         X = (torch.randn(m, k, device="cuda") / (m * k) ** 0.5).to(torch.bfloat16)
-        print(f"X X^T {m}x{k}: cuBLAS {_back_to_back_us(lambda: torch.mm(X, X.T)):.2f} us, "
-              f"triangle kernel {_back_to_back_us(lambda: ts.xxt(X)):.2f} us")
-        for name, config in configs.items():
-            cells = [f"{p} programs {_back_to_back_us(lambda: tg.symmetric_product(X, X.T, config=config, programs=p)):.2f}"
-                     for p in programs_for(m, config)]
-            print(f"  stream-K {name}: " + ", ".join(cells) + " us")
-    for shape in ((2048, 8192), (1024, 4096), (768, 3072)):
+        products(f"X X^T {m}x{k}", X, X.T, polynomial=False)
+    for shape in ((2048, 8192), (1024, 4096), (768, 3072), (8, 1024, 4096)):
         G = torch.randn(*shape, device="cuda")
-        print(f"ns5 {shape[0]}x{shape[1]}: op {_back_to_back_us(lambda: ns5(G, algorithm='auto'), calls=10):.1f} us, Triton Gram "
-              f"route autotuned {_back_to_back_us(lambda: tg.ns5_gram_symmetric(G), calls=10):.1f} us, "
-              f"128² s4 {_back_to_back_us(lambda: tg.ns5_gram_symmetric(G, config=tg.CONFIGS[0]), calls=10):.1f} us")
+        calls = {"op": lambda: ns5(G, algorithm="auto"),
+                 "Triton Gram route autotuned": lambda: tg.ns5_gram_symmetric(G),
+                 "128² s4": lambda: tg.ns5_gram_symmetric(G, config=tg.CONFIGS[0]),   # graphs where they pay
+                 "128² s4 eager": lambda: tg.ns5_gram_symmetric(G, config=tg.CONFIGS[0], graph=False),
+                 "128² s4 with graph replays": lambda: tg.ns5_gram_symmetric(G, config=tg.CONFIGS[0], graph=True)}
+        print(f"ns5 {'x'.join(map(str, shape))}: "
+              + ", ".join(f"{label} {host_us(fn, calls=10):.1f} us" for label, fn in calls.items()))
 
 
 def streamk_once() -> None:

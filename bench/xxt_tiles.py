@@ -13,6 +13,7 @@ import itertools
 import sys
 
 import torch
+from measure import back_to_back_ms
 from test_bench_anchors import _anchor_module, _dion_module
 
 from muonkern.ops import triton_symmetric
@@ -20,20 +21,8 @@ from muonkern.ops.triton_symmetric import (CONFIGS, TUNED_CONFIGS, WIDE_CONFIGS,
                                            symmetric_polynomial, xxt)
 
 
-
 def best_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    return best
+    return min(back_to_back_ms(fn, reps))
 
 
 def anchor_kernels() -> dict:

@@ -137,7 +137,7 @@ GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   cublasLtMatmulPreferenceDestroy(pref);
   TORCH_CHECK(found > 0, "ns5: cuBLASLt found no algorithm for a " + std::to_string(s.m) + "x" + std::to_string(s.n) +
                             "x" + std::to_string(s.k) + " bf16 GEMM with output type " + std::to_string(s.out_type));
-  // each algorithm of the heuristic's list, after its split-K variants where it has them; untimed
+  // each algorithm of the heuristic's list, after its split-K variant where it has one; untimed
   // calls take the first
   const std::optional<int32_t> split_count = split_k_count(s);
   for (int i = 0; i < found; ++i) {
