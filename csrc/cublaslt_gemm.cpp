@@ -76,9 +76,16 @@ std::optional<int32_t> split_k_count(const GemmShape& s) {
   return static_cast<int32_t>(splits);
 }
 
-// `algo` split `count` ways, where the algorithm supports it within `workspace` bytes.
+// `algo` split `count` ways, where the algorithm supports split-K at all and the split fits in
+// `workspace` bytes.
 std::optional<cublasLtMatmulAlgo_t> with_split_k(cublasLtHandle_t handle, const GemmPlan& plan,
                                                  cublasLtMatmulAlgo_t algo, int32_t count, size_t workspace) {
+  int supported = 0;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
+                                        &written) != CUBLAS_STATUS_SUCCESS ||
+      supported == 0)
+    return std::nullopt;
   const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
   cublasLtMatmulHeuristicResult_t check{};
   if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &count, sizeof(count)) ==
@@ -90,14 +97,6 @@ std::optional<cublasLtMatmulAlgo_t> with_split_k(cublasLtHandle_t handle, const 
       check.workspaceSize <= workspace)
     return algo;
   return std::nullopt;
-}
-
-bool supports_split_k(const cublasLtMatmulAlgo_t& algo) {
-  int supported = 0;
-  size_t written = 0;
-  return cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
-                                           &written) == CUBLAS_STATUS_SUCCESS &&
-         supported != 0;
 }
 
 // Plans (descriptors + candidate algorithms) are cached per shape: building one costs more than a
@@ -142,7 +141,7 @@ GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   const std::optional<int32_t> split_count = split_k_count(s);
   for (int i = 0; i < found; ++i) {
     const cublasLtMatmulAlgo_t& algo = results[i].algo;
-    if (split_count && supports_split_k(algo)) {
+    if (split_count) {
       if (auto split = with_split_k(handle, plan, algo, *split_count, workspace)) plan.candidates.push_back(*split);
     }
     plan.candidates.push_back(algo);
