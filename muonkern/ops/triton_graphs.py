@@ -26,9 +26,12 @@ from .ns5_args import gram_restart_steps, ns5_flops
 __all__ = ["GRAPH_CACHE_SIZE", "MAX_SEEN_LAYOUTS", "GraphedFactors", "graph_pays", "graphed_factors"]
 
 # Host time per launch (Python and Triton's launcher) and the GPU's rate on the Gram iteration's
-# dense FLOPs: estimates, to be fitted to H100 timings (bench/ns5_profile.py --impl triton-gram).
-GRAPH_HOST_SECONDS = 15e-6
-GRAPH_FLOPS = 400e12
+# dense-equivalent FLOPs, fitted to an H100 (torch 2.11, triton 3.6; `python bench/ns5_diagnostics.py
+# streamk`): at 2048x8192 the 21 launches of an eager call took 1397 us against 820 replayed, ~66 us
+# each (a faster host: 840 against 813); the replayed call ran its 515 GFLOP (ns5_flops' gram count)
+# at ~630 TFLOP/s.
+GRAPH_HOST_SECONDS = 60e-6
+GRAPH_FLOPS = 600e12
 # A graph holds its input buffer and intermediates (about 4·batch·m·n + 8·batch·r² bytes in bf16).
 GRAPH_CACHE_SIZE = 16
 MAX_SEEN_LAYOUTS = 4096
