@@ -40,22 +40,30 @@ def sync_for(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+def _per_call_ms(run: Callable[[], object], calls: int, rounds: int) -> list[float]:
+    """run() timed between CUDA events `rounds` times, each time divided by the `calls` it makes."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return times
+
+
 def back_to_back_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> list[float]:
     """The time per call of each of `rounds` rounds of `calls` back-to-back calls between CUDA
     events, after one warm-up call: the GPU's time where it exceeds the host's, the host's where the
     calls are launch-bound."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
+
+    def run():
         for _ in range(calls):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return times
+    return _per_call_ms(run, calls, rounds)
 
 
 def graph_replay_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> list[float]:
@@ -71,15 +79,7 @@ def graph_replay_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 5) 
     with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return times
+    return _per_call_ms(graph.replay, calls, rounds)
 
 
 def time_rotating(benchmark, fn, inputs: list, device: str, target_round_s: float = 2e-3,

@@ -94,7 +94,8 @@ def graph_bytes() -> None:
     print(f"2040x2056 standard: {(muonkern._C.ns5_graph_bytes() - before) / 2 ** 20:.1f} MiB")
 
 
-def _median_us(times_ms: list[float]) -> float:
+def _median_in_us(times_ms: list[float]) -> float:
+    """The median of times in ms, in µs."""
     return statistics.median(times_ms) * 1000
 
 
@@ -114,24 +115,24 @@ def streamk() -> None:
     route (autotuned; 128² s4 with graphs where `graph_pays`, eager, with graph replays)."""
     from muonkern.ops import triton_gram as tg
     from muonkern.ops import triton_symmetric as ts
-    configs = {"128² s4": tg.CONFIGS[0], "128² s3": tg.CONFIGS[1], "64² s4": tg.CONFIGS[2]}
+    configs = {f"{c.block}² s{c.num_stages}": c for c in tg.CONFIGS}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def host_us(fn, calls=20):
-        return _median_us(back_to_back_ms(fn, calls, rounds=7))
+        return _median_in_us(back_to_back_ms(fn, calls, rounds=7))
 
     def products(title: str, A: torch.Tensor, B: torch.Tensor, polynomial: bool) -> None:
         """One product (A·B, or c·A·B + b·A + a·I where `polynomial`) on each implementation."""
         terms = (0.3, A, 0.5, 1.0) if polynomial else ()
         triangle = (lambda: ts.symmetric_polynomial(A, 0.5, 0.3)) if polynomial else (lambda: ts.xxt(A))
         print(f"{title}: cuBLAS (torch.mm) {host_us(lambda: torch.mm(A, B)):.2f} us, graph replay "
-              f"{_median_us(graph_replay_ms(lambda: torch.mm(A, B))):.2f} us; triangle kernel {host_us(triangle):.2f} us; "
+              f"{_median_in_us(graph_replay_ms(lambda: torch.mm(A, B))):.2f} us; triangle kernel {host_us(triangle):.2f} us; "
               f"stream-K autotuned {host_us(lambda: tg.symmetric_product(A, B, *terms)):.2f} us")
         for name, config in configs.items():
             tiles = ts._programs(1, A.size(0), config.block, False)
             cells = [f"{p} programs {host_us(lambda: tg.symmetric_product(A, B, *terms, config=config, programs=p)):.2f}"
                      for p in sorted({sms, tiles, max(1, tiles // 2)})]
-            replay = _median_us(graph_replay_ms(lambda: tg.symmetric_product(A, B, *terms, config=config)))
+            replay = _median_in_us(graph_replay_ms(lambda: tg.symmetric_product(A, B, *terms, config=config)))
             print(f"  stream-K {name}: " + ", ".join(cells) + f" us; graph replay, {sms} programs, {replay:.2f} us")
 
     for n in (2048, 1024):
