@@ -53,13 +53,19 @@ int heuristic_candidates() {
   return static_cast<int>(std::clamp<int64_t>(env_int("MUONKERN_NS5_GEMM_CANDIDATES", 8), 1, 64));
 }
 
+// A strided batch, or (pointer_array) a batch whose matrices' addresses cuBLASLt reads from a device array.
 cublasLtMatrixLayout_t make_layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
-                                   int batch) {
+                                   int batch, bool pointer_array) {
   cublasLtMatrixLayout_t layout;
   MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
   MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
-  MUONKERN_CUBLAS_CHECK(
-      cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  if (pointer_array) {
+    const uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+    MUONKERN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof(mode)));
+  } else {
+    MUONKERN_CUBLAS_CHECK(
+        cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  }
   return layout;
 }
 
@@ -121,10 +127,12 @@ GemmPlan& gemm_plan(GemmShape s, cublasLtHandle_t handle, size_t workspace) {
   }
   const bool na = ta == CUBLAS_OP_N, nb = tb == CUBLAS_OP_N;
   const int batch = static_cast<int>(s.batch);
-  plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch);
-  plan.b = make_layout(CUDA_R_16BF, nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch);
-  plan.c = make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_c, batch);
-  plan.d = s.stride_d < 0 ? plan.c : make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_d, batch);
+  const bool pointers = s.pointer_array != 0;
+  plan.a = make_layout(CUDA_R_16BF, na ? s.m : s.k, na ? s.k : s.m, s.lda, s.stride_a, batch, pointers);
+  plan.b = make_layout(CUDA_R_16BF, nb ? s.k : s.n, nb ? s.n : s.k, s.ldb, s.stride_b, batch, pointers);
+  plan.c = make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_c, batch, pointers);
+  plan.d = s.stride_d < 0 ? plan.c
+                          : make_layout(static_cast<cudaDataType>(s.out_type), s.m, s.n, s.ldc, s.stride_d, batch, pointers);
   cublasLtMatmulPreference_t pref;
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MUONKERN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,

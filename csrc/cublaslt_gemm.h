@@ -1,6 +1,6 @@
 // cuBLASLt GEMMs of the ns5 CUDA paths: D = alpha * op(A) op(B) + beta * C, column-major, bf16
-// operands, fp32 accumulation, strided batches (a batch stride of 0 repeats one matrix); C and D bf16
-// or fp32 (`out_type`, the same for both).
+// operands, fp32 accumulation, strided batches (a batch stride of 0 repeats one matrix) or batches of
+// matrices at any addresses (pointer_array); C and D bf16 or fp32 (`out_type`, the same for both).
 // C and D are separate buffers, which is what lets the Newton-Schulz polynomials ride in alpha and
 // beta; alpha and beta are host floats or, per shape, device pointers. Plans are built once per shape and cached.
 #pragma once
@@ -22,6 +22,9 @@ struct GemmShape {
   int64_t out_type = CUDA_R_16BF;  // cudaDataType of C and D: CUDA_R_16BF or CUDA_R_32F
   int64_t device_scalars = 0;      // 1: alpha and beta are device pointers (the overload below)
   int64_t stride_d = -1;           // D's batch stride where it is not C's (-1: C's)
+  // 1: a pointer-array batch. The A, B, C and D arguments are then device arrays of `batch` matrix
+  // addresses each (cast to the argument types), and the strides are unused.
+  int64_t pointer_array = 0;
   bool operator==(const GemmShape& o) const { return std::memcmp(this, &o, sizeof(GemmShape)) == 0; }
 };
 

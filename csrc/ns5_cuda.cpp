@@ -110,8 +110,8 @@ std::optional<cudaDataType> direct_result_type(const Ns5Problem& p, at::ScalarTy
 }
 
 // The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
-// in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T is split
-// (gram_product; default 2048, 3-5% at 2048x8192 on an H100; 0 never), and
+// in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T runs in blocks
+// (gram_blocks; default 2048; 0 never), and
 // MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100, alternated 3
 // times, no change elsewhere).
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0; }
@@ -202,29 +202,57 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
   return finish_launch(p, w, w.X[cur]);
 }
 
-// X X^T for large short sides in two GEMMs and a mirror: X's rows split at h, the first GEMM writes
-// the h columns [X X1^T] (all r rows), the second the lower-right X2 X2^T, and the mirror kernel the
-// upper-right block as the transpose of the lower-left. r h + (r - h)^2 instead of r^2 output
-// elements (3/4 at h = r/2); the halves still fill the chip at these sizes. h is a multiple of 128
-// (whole tiles, 256-byte aligned offsets; 0, no split, below a short side of 256). From a short
-// side of split_gram_min_short_side() (2048 unless set).
-int64_t gram_split_row(const Ns5Problem& p) {
-  const int min_short_side = split_gram_min_short_side();
-  if (min_short_side <= 0 || p.short_side() < min_short_side || p.batch >= 65536) return 0;
-  return p.short_side() / 2 / 128 * 128;
+// X X^T for large short sides as the lower blocks of a 4 x 4 block grid, one pointer-array batched GEMM
+// (10 of the 16 h x h blocks, h = r / 4: 5/8 of the FLOPs), and a kernel that mirrors the 6 blocks above
+// the diagonal. From a short side of split_gram_min_short_side() (2048 unless set) where r is a
+// multiple of 128 (whole 32-row tiles per block for the mirror, 16-byte aligned block addresses).
+// At 2048x8192 on an H100 (bench/cublaslt_xxt_probe.cu, GPU time): 57.5 us against 83.0 for one GEMM
+// and 70.7 for the two-GEMM split this replaced (the first h = r/2 columns, then the lower-right
+// corner); 3 blocks of 1024^2 took 66.0. Below 2048 one GEMM is as fast (1024x4096: 14.9 us, 10
+// blocks 12.4 before their pointer and mirror kernels).
+constexpr int kGramBlocks = 4;
+
+struct GramBlocks {
+  int nb = 0;                               // 0: X X^T as one GEMM
+  at::Tensor memory;                        // the pointer arrays
+  const void** pointers[2] = {nullptr, nullptr};  // per X buffer: A, B and D arrays of `count` each
+  int64_t count = 0;
+};
+
+// The blocked X X^T's pointer arrays for both X buffers (the restart's X X^T reads X[1]), written once
+// per call by a small kernel each; nb = 0 where the call takes one GEMM. Freed when the call's launches
+// are enqueued: the caching allocator hands the memory out again only in stream order.
+GramBlocks gram_blocks(const Ns5Problem& p, const Ns5Workspace& w, __nv_bfloat16* Rm, const at::TensorOptions& device,
+                       cudaStream_t stream) {
+  GramBlocks g;
+  const int64_t r = p.short_side(), min_short_side = split_gram_min_short_side();
+  if (min_short_side <= 0 || r < min_short_side || r % 128 != 0 || p.batch >= 65536) return g;
+  g.nb = kGramBlocks;
+  g.count = p.batch * g.nb * (g.nb + 1) / 2;
+  g.memory = at::empty({2 * 3 * g.count}, device.dtype(at::kLong));
+  auto* base = reinterpret_cast<const void**>(g.memory.data_ptr());
+  for (int x = 0; x < 2; ++x) {
+    g.pointers[x] = base + x * 3 * g.count;
+    C10_CUDA_CHECK(launch_gram_block_pointers(w.X[x], Rm, p.batch, r, p.long_side(), g.nb, g.pointers[x], stream));
+  }
+  return g;
 }
 
-// Rm = s X X^T (s as in scaled_product), whole or split at row h > 0.
-void gram_product(const Ns5Products& products, int64_t h, const float* scale, const float* zero,
+// Rm = s X[x] X[x]^T (s as in scaled_product), as one GEMM or blocked (GramBlocks).
+void gram_product(const Ns5Products& products, const GramBlocks& blocks, int x, const float* scale, const float* zero,
                   const __nv_bfloat16* X, __nv_bfloat16* Rm, cudaStream_t stream) {
-  if (h == 0) return scaled_product(products.gram, scale, zero, X, X, Rm, stream);
-  const int64_t r = products.gram.m, C = products.gram.k;
-  GemmShape left = products.gram, corner = products.gram;
-  left.n = h;                               // Rm[:, :h] = X X1^T
-  corner.m = corner.n = r - h;              // Rm[h:, h:] = X2 X2^T
-  scaled_product(left, scale, zero, X, X, Rm, stream);
-  scaled_product(corner, scale, zero, X + h * C, X + h * C, Rm + h * r + h, stream);
-  C10_CUDA_CHECK(launch_mirror_block(Rm, products.gram.batch, r, h, stream));
+  if (blocks.nb == 0) return scaled_product(products.gram, scale, zero, X, X, Rm, stream);
+  const int64_t r = products.gram.m, h = r / blocks.nb;
+  GemmShape lower = products.gram;
+  lower.m = lower.n = h;
+  lower.stride_a = lower.stride_b = lower.stride_c = 0;
+  lower.batch = blocks.count;
+  lower.pointer_array = 1;
+  const void** arrays = blocks.pointers[x];
+  scaled_product(lower, scale, zero, reinterpret_cast<const __nv_bfloat16*>(arrays),
+                 reinterpret_cast<const __nv_bfloat16*>(arrays + blocks.count),
+                 const_cast<void**>(arrays + 2 * blocks.count), stream);
+  C10_CUDA_CHECK(launch_mirror_blocks(Rm, products.gram.batch, r, h, stream));
 }
 
 // The Gram iteration (ns5_gram.cpp states it; the same products):
@@ -256,8 +284,8 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
   int cur = 0, q = 0;
   bool stretch_start = true;
-  const int64_t split = gram_split_row(p);
-  if (p.steps > 0) gram_product(products, split, w.scale, zero, w.X[cur], Rm, stream);
+  const GramBlocks blocks = p.steps > 0 ? gram_blocks(p, w, Rm, device, stream) : GramBlocks{};
+  if (p.steps > 0) gram_product(products, blocks, cur, w.scale, zero, w.X[cur], Rm, stream);
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
@@ -282,7 +310,7 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
       scaled_product(products.apply, x_scale, zero, w.X[cur], Qs[q], w.X[1 - cur], stream);
       x_scale = nullptr;
       cur = 1 - cur;
-      gram_product(products, split, nullptr, nullptr, w.X[cur], Rm, stream);
+      gram_product(products, blocks, cur, nullptr, nullptr, w.X[cur], Rm, stream);
       stretch_start = true;
       continue;
     }

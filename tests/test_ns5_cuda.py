@@ -506,10 +506,11 @@ def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):
         assert not torch.isfinite(ns5(G, algorithm="gram")).all()
 
 
-# With MUONKERN_NS5_SPLIT_GRAM=2048 (the default), short sides of at least 2048 compute X X^T as two GEMMs
-# and a mirror kernel (csrc/ns5_cuda.cpp, gram_product): split at r/2 and at a multiple of 128 below
-# it (2200 -> 1024), a batch, tall; one wide matrix also with its scale deferred.
-@pytest.mark.parametrize("shape", [(2048, 2304), (2, 2200, 2400), (2304, 2048)], ids=shape_id)
+# With MUONKERN_NS5_SPLIT_GRAM=2048 (the default), short sides of at least 2048 that are multiples of 128
+# compute X X^T as the 10 lower blocks of a 4 x 4 grid in one pointer-array GEMM and a mirror kernel
+# (csrc/ns5_cuda.cpp, gram_product): blocks of 512 and of 544 (2176), a batch, tall; one wide matrix
+# also with its scale deferred. 2200 is no multiple of 128: one GEMM, against itself.
+@pytest.mark.parametrize("shape", [(2048, 2304), (2, 2176, 2400), (2304, 2048), (2200, 2400)], ids=shape_id)
 def test_gram_split_products(gen, monkeypatch, shape):
     monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "2048")
     monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
@@ -519,7 +520,7 @@ def test_gram_split_products(gen, monkeypatch, shape):
     assert_ns5_output(split, G)
     monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "0")
     diff = relative_difference(split, ns5(G, algorithm="gram"))
-    assert diff <= BF16_RTOL, f"split vs whole X X^T: relative difference {diff:.4g}"
+    assert diff <= BF16_RTOL, f"blocked vs whole X X^T: relative difference {diff:.4g}"
 
 
 @pytest.mark.parametrize("shape", [(12, 64, 768), (3, 768, 64), (1024, 4096), (2, 3, 40, 24)], ids=shape_id)

@@ -59,6 +59,21 @@ def test_replays_match_direct_launches(gen, monkeypatch, shape, algorithm, trans
     assert_ns5_output(outs[-1], inputs[-1])  # and right, not merely equal
 
 
+# X X^T in blocks (MUONKERN_NS5_SPLIT_GRAM=256: 4 x 4 blocks of 64 here): the pointer arrays are
+# written by a kernel inside the call, so a replay points the batched GEMM at its own workspace.
+def test_replays_of_the_blocked_gram_product(gen, monkeypatch):
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
+    monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "256")
+    inputs = [randn(gen, 256, 1032, device="cuda") for _ in range(4)]
+    before = cached_graphs()
+    outs = [ns5(G, algorithm="gram") for G in inputs]  # direct, capture + replay, replay, replay
+    assert cached_graphs() == before + 1
+    for out, expected in zip(outs, direct(monkeypatch, inputs, "gram")):
+        assert torch.equal(out, expected)
+    assert_ns5_output(outs[-1], inputs[-1])
+
+
 @pytest.mark.parametrize("algorithm,defer", [("standard", False), ("gram", False), ("gram", True)],
                          ids=["standard", "gram", "gram-deferred-scale"])
 def test_replays_read_aligned_inputs_in_place_and_copy_the_rest(gen, monkeypatch, algorithm, defer):

@@ -92,8 +92,16 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaS
 // ---- Gram path: the a*I of P = a I + b R + c R R, added in fp32 and rounded once ----
 // M (batch, n, n) bf16, contiguous: M[b, i, i] += a.
 cudaError_t launch_add_diagonal(__nv_bfloat16* M, int64_t batch, int64_t n, float a, cudaStream_t stream);
-// M (batch, n, n) bf16, contiguous: M[b, j, i] = M[b, i, j] for i < h <= j (one off-diagonal block
-// of a symmetric matrix from the other; batch < 65536).
-cudaError_t launch_mirror_block(__nv_bfloat16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream);
+// The blocked X X^T (csrc/ns5_cuda.cpp, gram_product): X (batch, r, C) and R (batch, r, r) bf16,
+// contiguous, cut into nb x nb blocks of h = r / nb. Writes the device pointer arrays of one cuBLASLt
+// pointer-array batch over the lower blocks (block row i >= block column j, in column-major terms),
+// matrix by matrix: out[k] = X + b r C + i h C (A), out[P + k] = X + b r C + j h C (B),
+// out[2P + k] = R + b r r + j h r + i h (D), P = batch nb (nb + 1) / 2.
+cudaError_t launch_gram_block_pointers(const __nv_bfloat16* X, __nv_bfloat16* R, int64_t batch, int64_t r, int64_t C,
+                                       int nb, const void** out, cudaStream_t stream);
+// M (batch, n, n) bf16, contiguous, symmetric but for its missing blocks: M[b, j, i] = M[b, i, j]
+// wherever i / h < j / h (every block above the diagonal from its transpose; n a multiple of h,
+// batch < 65536).
+cudaError_t launch_mirror_blocks(__nv_bfloat16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream);
 
 }  // namespace muonkern

@@ -304,21 +304,37 @@ __global__ void add_diagonal_kernel(bf16* M, int64_t batch, int64_t n, float a) 
   }
 }
 
-// M[b, j, i] = M[b, i, j] for i < h <= j (n x n, contiguous), through a shared-memory tile so that
-// reads run along j and writes along i. Grid: (tiles over j, tiles over i, batch).
-__global__ void __launch_bounds__(kThreads) mirror_block_kernel(bf16* M, int64_t n, int64_t h) {
+// M[b, j, i] = M[b, i, j] for i / h < j / h (n x n, contiguous), through a shared-memory tile so that
+// reads run along j and writes along i. Grid: (32x32 tiles of one h x h block, block pairs above the
+// diagonal, batch); h a multiple of 32.
+__global__ void __launch_bounds__(kThreads) mirror_blocks_kernel(bf16* M, int64_t n, int64_t h) {
   __shared__ bf16 tile[kTile][kTile + 1];
   bf16* m = M + static_cast<int64_t>(blockIdx.z) * n * n;
+  // pair blockIdx.y -> block row bi < block column bj, row by row of the upper triangle
+  const int64_t nb = n / h, tiles_per_side = h / kTile;
+  int64_t bi = 0, pair = blockIdx.y;
+  while (pair >= nb - 1 - bi) pair -= nb - 1 - bi++;
+  const int64_t bj = bi + 1 + pair;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = h + static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int r = ty; r < kTile; r += kRowsPerPass) {
-    const int64_t i = i0 + r, j = j0 + tx;
-    if (i < h && j < n) tile[r][tx] = m[i * n + j];
-  }
+  const int64_t i0 = bi * h + (blockIdx.x / tiles_per_side) * kTile, j0 = bj * h + (blockIdx.x % tiles_per_side) * kTile;
+  for (int r = ty; r < kTile; r += kRowsPerPass) tile[r][tx] = m[(i0 + r) * n + j0 + tx];
   __syncthreads();
-  for (int r = ty; r < kTile; r += kRowsPerPass) {
-    const int64_t j = j0 + r, i = i0 + tx;
-    if (i < h && j < n) m[j * n + i] = tile[tx][r];
+  for (int r = ty; r < kTile; r += kRowsPerPass) m[(j0 + r) * n + i0 + tx] = tile[tx][r];
+}
+
+__global__ void gram_block_pointers_kernel(const bf16* X, bf16* R, int64_t batch, int64_t r, int64_t C, int nb,
+                                           const void** out) {
+  const int64_t per_matrix = static_cast<int64_t>(nb) * (nb + 1) / 2, P = batch * per_matrix, h = r / nb;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < P;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = k / per_matrix;
+    int64_t i = 0, rest = k % per_matrix;  // the k-th lower block: row i, column j <= i
+    while (rest > i) rest -= ++i;
+    const int64_t j = rest;
+    const bf16* x = X + b * r * C;
+    out[k] = x + i * h * C;
+    out[P + k] = x + j * h * C;
+    out[2 * P + k] = R + b * r * r + j * h * r + i * h;
   }
 }
 
@@ -382,11 +398,22 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const bf16* X, cudaStream_t s
   });
 }
 
-cudaError_t launch_mirror_block(bf16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream) {
-  if (batch * h * (n - h) == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((n - h + kTile - 1) / kTile), static_cast<unsigned>((h + kTile - 1) / kTile),
-                  static_cast<unsigned>(batch));
-  mirror_block_kernel<<<grid, kThreads, 0, stream>>>(M, n, h);
+cudaError_t launch_mirror_blocks(bf16* M, int64_t batch, int64_t n, int64_t h, cudaStream_t stream) {
+  if (h <= 0 || n % h != 0 || h % kTile != 0) return cudaErrorInvalidValue;
+  const int64_t nb = n / h, pairs = nb * (nb - 1) / 2, tiles = (h / kTile) * (h / kTile);
+  if (batch * pairs == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(pairs), static_cast<unsigned>(batch));
+  mirror_blocks_kernel<<<grid, kThreads, 0, stream>>>(M, n, h);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gram_block_pointers(const bf16* X, bf16* R, int64_t batch, int64_t r, int64_t C, int nb,
+                                       const void** out, cudaStream_t stream) {
+  const int64_t P = batch * nb * (nb + 1) / 2;
+  if (P == 0) return cudaSuccess;
+  const int64_t blocks = (P + kThreads - 1) / kThreads, cap = static_cast<int64_t>(sm_count()) * 4;
+  gram_block_pointers_kernel<<<static_cast<unsigned>(blocks < cap ? blocks : cap), kThreads, 0, stream>>>(
+      X, R, batch, r, C, nb, out);
   return cudaGetLastError();
 }
 
