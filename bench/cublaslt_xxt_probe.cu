@@ -14,6 +14,8 @@
 // The split variants' blocks are checked against the full product (max |diff| / max |R|).
 //
 //   nvcc -O2 -std=c++17 -arch=sm_90a bench/cublaslt_xxt_probe.cu -lcublasLt -o /tmp/xxt_probe && /tmp/xxt_probe
+// or, after the extension's build (the same cuBLASLt as the op, pip's where the toolkit has none):
+//   cmake --build build/cp3*-* --target cublaslt_xxt_probe && build/cp3*-*/cublaslt_xxt_probe
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
