@@ -7,7 +7,7 @@
 //   split   the two GEMMs the op ran at a short side of 2048 before its blocks (the left panel X·X1ᵀ,
 //           then the corner X2·X2ᵀ) one after the other; the same two on two streams at once, each
 //           planned for a share of the SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET); and the lower
-//           blocks of a 2x2 and a 4x4 block grid as one pointer-array batch
+//           blocks of a 2x2, 4x4 and 8x8 block grid as one pointer-array batch
 //           (CUBLASLT_BATCH_MODE_POINTER_ARRAY), which csrc/ns5_cuda.cpp (gram_product) now runs.
 // Every GEMM is the fastest of the heuristic's first 8 algorithms, each timed alone. Times: one
 // replay of a CUDA graph of 20 repetitions, median of 5 replays, µs per repetition (GPU time only).
@@ -317,7 +317,7 @@ void probe(int64_t r, int64_t C, const Lane& main, const Lane& side) {
     std::printf("  %-44s %8.2f us  (error %.1e)\n", "  both at once", us, block_error(to_host(R, r * r), reference, r, h));
   }
 
-  for (int nb : {2, 4}) {
+  for (int nb : {2, 4, 8}) {
     Gemm g = lower_blocks(X, R, r, C, nb);
     char label[96];
     std::snprintf(label, sizeof(label), "pointer-array batch: %d lower blocks of %ld^2", g.batch, (long)(r / nb));
@@ -339,7 +339,8 @@ int main() {
   std::printf("%s, %d SMs, cuBLASLt %zu\n", prop.name, prop.multiProcessorCount, cublasLtGetVersion());
   CHECK_LT(cublasLtCreate(&handle));
   const Lane main = new_lane(), side = new_lane();
-  const int64_t shapes[][2] = {{2048, 8192}, {1024, 4096}, {2048, 2048}};
+  // X r x r is the R·R form of the Gram iteration's products (R symmetric).
+  const int64_t shapes[][2] = {{2048, 8192}, {1024, 4096}, {768, 3072}, {2048, 2048}, {1024, 1024}, {768, 768}};
   for (const auto& shape : shapes) probe(shape[0], shape[1], main, side);
   return 0;
 }

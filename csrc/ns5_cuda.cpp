@@ -202,57 +202,97 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
   return finish_launch(p, w, w.X[cur]);
 }
 
-// X X^T for large short sides as the lower blocks of a 4 x 4 block grid, one pointer-array batched GEMM
-// (10 of the 16 h x h blocks, h = r / 4: 5/8 of the FLOPs), and a kernel that mirrors the 6 blocks above
-// the diagonal. From a short side of split_gram_min_short_side() (2048 unless set) where r is a
-// multiple of 128 (whole 32-row tiles per block for the mirror, 16-byte aligned block addresses).
-// At 2048x8192 on an H100 (bench/cublaslt_xxt_probe.cu, GPU time): 57.5 us against 83.0 for one GEMM
-// and 70.7 for the two-GEMM split this replaced (the first h = r/2 columns, then the lower-right
-// corner); 3 blocks of 1024^2 took 66.0. Below 2048 one GEMM is as fast (1024x4096: 14.9 us, 10
-// blocks 12.4 before their pointer and mirror kernels).
-constexpr int kGramBlocks = 4;
+// Symmetric products in blocks. The Gram iteration's X X^T and B = c R R + b R are symmetric: from a
+// large enough short side each runs as the lower blocks of a 4 x 4 block grid, one cuBLASLt
+// pointer-array batched GEMM (10 of the 16 h x h blocks, h = r / 4: 5/8 of the FLOPs), and a kernel
+// mirrors the 6 blocks above the diagonal. X X^T from split_gram_min_short_side() (2048 unless set), B
+// from block_square_min_short_side(); r a multiple of 128 (whole 32-row tiles per block for the mirror,
+// 16-byte aligned block addresses). On an H100 (bench/cublaslt_xxt_probe.cu, GPU time): X X^T at
+// 2048x8192 57.5 us against 83.0 for one GEMM and 70.7 for the two-GEMM split this replaced; R R at
+// 2048^2 16.7 against 22.7; below 2048 one GEMM was as fast for X X^T (1024x4096: 14.9 us, 10 blocks
+// 12.4 before their pointer and mirror kernels).
+constexpr int kSymmetricBlocks = 4;
 
-struct GramBlocks {
-  int nb = 0;                               // 0: X X^T as one GEMM
-  at::Tensor memory;                        // the pointer arrays
-  const void** pointers[2] = {nullptr, nullptr};  // per X buffer: A, B and D arrays of `count` each
-  int64_t count = 0;
-};
+int block_square_min_short_side() { return static_cast<int>(env_int("MUONKERN_NS5_BLOCK_SQUARE", 2048)); }
 
-// The blocked X X^T's pointer arrays for both X buffers (the restart's X X^T reads X[1]), written once
-// per call by a small kernel each; nb = 0 where the call takes one GEMM. Freed when the call's launches
-// are enqueued: the caching allocator hands the memory out again only in stream order.
-GramBlocks gram_blocks(const Ns5Problem& p, const Ns5Workspace& w, __nv_bfloat16* Rm, const at::TensorOptions& device,
-                       cudaStream_t stream) {
-  GramBlocks g;
-  const int64_t r = p.short_side(), min_short_side = split_gram_min_short_side();
-  if (min_short_side <= 0 || r < min_short_side || r % 128 != 0 || p.batch >= 65536) return g;
-  g.nb = kGramBlocks;
-  g.count = p.batch * g.nb * (g.nb + 1) / 2;
-  g.memory = at::empty({2 * 3 * g.count}, device.dtype(at::kLong));
-  auto* base = reinterpret_cast<const void**>(g.memory.data_ptr());
-  for (int x = 0; x < 2; ++x) {
-    g.pointers[x] = base + x * 3 * g.count;
-    C10_CUDA_CHECK(launch_gram_block_pointers(w.X[x], Rm, p.batch, r, p.long_side(), g.nb, g.pointers[x], stream));
-  }
-  return g;
+bool blocked_from(const Ns5Problem& p, int min_short_side) {
+  const int64_t r = p.short_side();
+  return p.steps > 0 && min_short_side > 0 && r >= min_short_side && r % 128 == 0 && p.batch < 65536;
 }
 
-// Rm = s X[x] X[x]^T (s as in scaled_product), as one GEMM or blocked (GramBlocks).
-void gram_product(const Ns5Products& products, const GramBlocks& blocks, int x, const float* scale, const float* zero,
-                  const __nv_bfloat16* X, __nv_bfloat16* Rm, cudaStream_t stream) {
-  if (blocks.nb == 0) return scaled_product(products.gram, scale, zero, X, X, Rm, stream);
-  const int64_t r = products.gram.m, h = r / blocks.nb;
-  GemmShape lower = products.gram;
-  lower.m = lower.n = h;
-  lower.stride_a = lower.stride_b = lower.stride_c = 0;
-  lower.batch = blocks.count;
-  lower.pointer_array = 1;
-  const void** arrays = blocks.pointers[x];
-  scaled_product(lower, scale, zero, reinterpret_cast<const __nv_bfloat16*>(arrays),
+// The pointer arrays of a call's blocked products, written by one kernel launch. Freed when the
+// call's launches are enqueued: the caching allocator hands the memory out again only in stream order.
+struct BlockedProducts {
+  at::Tensor memory;
+  int64_t count = 0;                                  // blocks per product: the batch's lower blocks
+  int64_t h = 0;                                      // block side
+  const void** gram[2] = {nullptr, nullptr};          // X[x] X[x]^T into R, per X buffer (a restart's reads X[1])
+  const void** square[kGramSquareBuffers] = {};       // c R R + b R into w.squares[i]
+
+  // `whole` (an X X^T-form product, T N) cut to the blocks of one pointer-array batch
+  GemmShape lower(GemmShape whole) const {
+    whole.m = whole.n = h;
+    whole.stride_a = whole.stride_b = whole.stride_c = 0;
+    whole.batch = count;
+    whole.pointer_array = 1;
+    return whole;
+  }
+};
+
+// For the Gram iteration with R in w.squares[r_index]; `square_outputs` are the buffers B is written to.
+BlockedProducts blocked_products(const Ns5Problem& p, const Ns5Workspace& w, int r_index,
+                                 std::initializer_list<int> square_outputs, const at::TensorOptions& device,
+                                 cudaStream_t stream) {
+  BlockedProducts blocks;
+  const bool gram = blocked_from(p, split_gram_min_short_side()), square = blocked_from(p, block_square_min_short_side());
+  if (!gram && !square) return blocks;
+  SymmetricBlockJobs jobs;
+  jobs.nb = kSymmetricBlocks;
+  jobs.batch = p.batch;
+  jobs.r = p.short_side();
+  blocks.h = jobs.r / jobs.nb;
+  blocks.count = p.batch * jobs.nb * (jobs.nb + 1) / 2;
+  const int64_t arrays = (gram ? 2 * 3 : 0) + (square ? 4 * static_cast<int64_t>(square_outputs.size()) : 0);
+  blocks.memory = at::empty({arrays * blocks.count}, device.dtype(at::kLong));
+  auto* next = reinterpret_cast<const void**>(blocks.memory.data_ptr());
+  const auto add = [&](const __nv_bfloat16* X, int64_t K, const __nv_bfloat16* C, __nv_bfloat16* D) {
+    const void** out = next;
+    next += (C != nullptr ? 4 : 3) * blocks.count;
+    jobs.job[jobs.count++] = SymmetricBlockJob{X, K, C, D, out};
+    return out;
+  };
+  __nv_bfloat16* R = w.squares[r_index];
+  if (gram)
+    for (int x = 0; x < 2; ++x) blocks.gram[x] = add(w.X[x], p.long_side(), nullptr, R);
+  if (square)
+    for (const int i : square_outputs) blocks.square[i] = add(R, jobs.r, R, w.squares[i]);
+  C10_CUDA_CHECK(launch_symmetric_block_pointers(jobs, stream));
+  return blocks;
+}
+
+// R = s X[x] X[x]^T (s as in scaled_product), as one GEMM or blocked.
+void gram_product(const Ns5Products& products, const BlockedProducts& blocks, const Ns5Workspace& w, int x,
+                  const float* scale, const float* zero, __nv_bfloat16* R, cudaStream_t stream) {
+  const void** arrays = blocks.gram[x];
+  if (arrays == nullptr) return scaled_product(products.gram, scale, zero, w.X[x], w.X[x], R, stream);
+  scaled_product(blocks.lower(products.gram), scale, zero, reinterpret_cast<const __nv_bfloat16*>(arrays),
                  reinterpret_cast<const __nv_bfloat16*>(arrays + blocks.count),
                  const_cast<void**>(arrays + 2 * blocks.count), stream);
-  C10_CUDA_CHECK(launch_mirror_blocks(Rm, products.gram.batch, r, h, stream));
+  C10_CUDA_CHECK(launch_mirror_blocks(R, products.gram.batch, products.gram.m, blocks.h, stream));
+}
+
+// w.squares[out] = c R R + b R, as one GEMM or blocked (R R in X X^T form: R is symmetric).
+void square_product(const Ns5Products& products, const BlockedProducts& blocks, const Ns5Workspace& w, int out,
+                    float c, float b, const __nv_bfloat16* R, cudaStream_t stream) {
+  __nv_bfloat16* D = w.squares[out];
+  const void** arrays = blocks.square[out];
+  if (arrays == nullptr) return gemm(products.square, c, R, R, b, R, D, stream);
+  GemmShape whole = products.gram;
+  whole.k = whole.lda = whole.ldb = products.square.k;
+  gemm(blocks.lower(whole), c, reinterpret_cast<const __nv_bfloat16*>(arrays),
+       reinterpret_cast<const __nv_bfloat16*>(arrays + blocks.count), b, arrays + 3 * blocks.count,
+       const_cast<void**>(arrays + 2 * blocks.count), stream);
+  C10_CUDA_CHECK(launch_mirror_blocks(D, products.square.batch, products.square.m, blocks.h, stream));
 }
 
 // The Gram iteration (ns5_gram.cpp states it; the same products):
@@ -277,22 +317,25 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
   const float* x_scale = w.scale != nullptr ? w.scale + 1 : nullptr;
   const float* zero = w.scale != nullptr ? w.scale + 2 : nullptr;
   const Ns5Products products(p.short_side(), p.long_side(), p.batch, device.device().index());
-  __nv_bfloat16* Qs[2] = {w.squares[0], w.squares[1]};
-  __nv_bfloat16 *Rm = w.squares[2], *PR = w.squares[3], *B_later = w.squares[4];
+  // buffer indices in w.squares (kGramSquareBuffers): the two Q, R, P R and B
+  constexpr int kQ0 = 0, kR = 2, kPR = 3, kB = 4;
+  __nv_bfloat16* Qs[2] = {w.squares[kQ0], w.squares[kQ0 + 1]};
+  __nv_bfloat16 *Rm = w.squares[kR], *PR = w.squares[kPR];
   const bool paired = p.batch == 1;
   const std::vector<int64_t> restarts = gram_restart_steps(p.steps);
   const std::optional<cudaDataType> result_type = direct_result_type(p, out_dtype);
   int cur = 0, q = 0;
   bool stretch_start = true;
-  const GramBlocks blocks = p.steps > 0 ? gram_blocks(p, w, Rm, device, stream) : GramBlocks{};
-  if (p.steps > 0) gram_product(products, blocks, cur, w.scale, zero, w.X[cur], Rm, stream);
+  const BlockedProducts blocks = blocked_products(p, w, kR, {kQ0, kQ0 + 1, kB}, device, stream);
+  if (p.steps > 0) gram_product(products, blocks, w, cur, w.scale, zero, Rm, stream);
   for (int s = 1; s <= p.steps; ++s) {
     const float a = static_cast<float>(abc[3 * (s - 1)]), b = static_cast<float>(abc[3 * (s - 1) + 1]),
                 c = static_cast<float>(abc[3 * (s - 1) + 2]);
     // P = PB + shift I: PB is P itself at a stretch's first step, B later
-    __nv_bfloat16* PB = stretch_start ? Qs[q] : B_later;
+    const int pb = stretch_start ? kQ0 + q : kB;
+    __nv_bfloat16* PB = w.squares[pb];
     const float shift = stretch_start ? 0.f : a;
-    gemm(products.square, c, Rm, Rm, b, Rm, PB, stream);
+    square_product(products, blocks, w, pb, c, b, Rm, stream);
     const bool restart = std::find(restarts.begin(), restarts.end(), s) != restarts.end();
     const bool pair = paired && !stretch_start && s < p.steps && !restart;  // P Q and P R in one launch
     if (stretch_start) {
@@ -310,7 +353,7 @@ ResultLaunch ns5_gram_iteration(const Ns5Problem& p, const std::vector<double>& 
       scaled_product(products.apply, x_scale, zero, w.X[cur], Qs[q], w.X[1 - cur], stream);
       x_scale = nullptr;
       cur = 1 - cur;
-      gram_product(products, blocks, cur, nullptr, nullptr, w.X[cur], Rm, stream);
+      gram_product(products, blocks, w, cur, nullptr, nullptr, Rm, stream);
       stretch_start = true;
       continue;
     }
@@ -521,7 +564,8 @@ std::string graph_signature(const at::Tensor& G, bool gram, const std::vector<do
   s += '|';
   append(abc.data(), abc.size() * sizeof(double));  // the step count is abc.size() / 3
   // the Gram iteration's large-call options change its launches
-  s += "|defer" + std::to_string(defer_scale_enabled()) + "|split" + std::to_string(split_gram_min_short_side());
+  s += "|defer" + std::to_string(defer_scale_enabled()) + "|split" + std::to_string(split_gram_min_short_side()) +
+       "|square" + std::to_string(block_square_min_short_side());
   return s;
 }
 

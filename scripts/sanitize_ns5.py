@@ -44,7 +44,7 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("general", "0", "gram", (2, 48, 200), torch.float16),   # the finish kernel
     ("general", "0", "gram", (41, 4101), torch.float32),     # one wide matrix: the deferred scale, element by element
     ("general", "0", "gram", (1, 32, 4096), torch.float64),  # ... in 16-byte vectors, fp64 through finish
-    ("general", "0", "gram", (2, 256, 340), torch.float32),  # X X^T in 4 x 4 blocks of 64, with the mirror kernel
+    ("general", "0", "gram", (2, 256, 340), torch.float32),  # X X^T and B in 4 x 4 blocks of 64, mirrored
 ]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,9 +55,10 @@ if args.racecheck:
     os.environ["MUONKERN_NS5_GEMM_TUNE"], os.environ["MUONKERN_NS5_SPLITK"] = "0", "0"
 cases = [case for case in CASES if case[0] in args.paths]
 # the Gram iteration's large-call pieces: the deferred scale of one wide matrix (the default, set so an
-# inherited MUONKERN_NS5_DEFER_SCALE=0 cannot skip it), the blocked X X^T (from a short side of 256 here,
-# so the blocked case stays small enough for racecheck)
-os.environ["MUONKERN_NS5_DEFER_SCALE"], os.environ["MUONKERN_NS5_SPLIT_GRAM"] = "1", "256"
+# inherited MUONKERN_NS5_DEFER_SCALE=0 cannot skip it), the blocked X X^T and B = c R R + b R (from a
+# short side of 256 here, so the blocked case stays small enough for racecheck)
+os.environ["MUONKERN_NS5_DEFER_SCALE"] = "1"
+os.environ["MUONKERN_NS5_SPLIT_GRAM"] = os.environ["MUONKERN_NS5_BLOCK_SQUARE"] = "256"
 for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
     for _ in range(1 if path == "fused" else 3):

@@ -506,21 +506,45 @@ def test_gram_one_matrix_zero_and_nonfinite(gen, monkeypatch):
         assert not torch.isfinite(ns5(G, algorithm="gram")).all()
 
 
-# With MUONKERN_NS5_SPLIT_GRAM=2048 (the default), short sides of at least 2048 that are multiples of 128
-# compute X X^T as the 10 lower blocks of a 4 x 4 grid in one pointer-array GEMM and a mirror kernel
-# (csrc/ns5_cuda.cpp, gram_product): blocks of 512 and of 544 (2176), a batch, tall; one wide matrix
-# also with its scale deferred. 2200 is no multiple of 128: one GEMM, against itself.
-@pytest.mark.parametrize("shape", [(2048, 2304), (2, 2176, 2400), (2304, 2048), (2200, 2400)], ids=shape_id)
-def test_gram_split_products(gen, monkeypatch, shape):
-    monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "2048")
+# The Gram iteration's symmetric products in blocks (csrc/ns5_cuda.cpp, BlockedProducts): X X^T from
+# the short side MUONKERN_NS5_SPLIT_GRAM names, B = c R R + b R from MUONKERN_NS5_BLOCK_SQUARE's, each as
+# the 10 lower blocks of a 4 x 4 grid in one pointer-array GEMM and a mirror kernel, for short sides that
+# are multiples of 128. Low thresholds keep the shapes small: blocks of 64 and 96, a batch, tall, one wide
+# matrix (its scale deferred); 264 is no multiple of 128 (one GEMM each). Each against float64 and, where
+# blocked, against the same call with one GEMM per product (bf16 roundings in another order only).
+BLOCKED = {"gram": ("256", "0"), "square": ("0", "256"), "both": ("256", "256")}
+
+
+@pytest.mark.parametrize("blocked", list(BLOCKED))
+@pytest.mark.parametrize("shape", [(256, 1032), (2, 384, 1000), (640, 256), (264, 1100)], ids=shape_id)
+def test_blocked_symmetric_products(gen, monkeypatch, shape, blocked):
     monkeypatch.setenv("MUONKERN_NS5_DEFER_SCALE", "1")
+    monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", BLOCKED[blocked][0])
+    monkeypatch.setenv("MUONKERN_NS5_BLOCK_SQUARE", BLOCKED[blocked][1])
     G = randn(gen, *shape, device="cuda")
     poison_allocator()
-    split = ns5(G, algorithm="gram")
-    assert_ns5_output(split, G)
+    out = ns5(G, algorithm="gram")
+    assert_ns5_output(out, G)
+    if min(shape[-2:]) % 128 == 0:
+        monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "0")
+        monkeypatch.setenv("MUONKERN_NS5_BLOCK_SQUARE", "0")
+        diff = relative_difference(out, ns5(G, algorithm="gram"))
+        assert diff <= BF16_RTOL, f"blocked ({blocked}) vs whole products: relative difference {diff:.4g}"
+
+
+# The default thresholds at the sizes they were set for: blocks of 512 and of 544 (2176), a batch, tall.
+@pytest.mark.parametrize("shape", [(2048, 2304), (2, 2176, 2400), (2304, 2048)], ids=shape_id)
+def test_blocked_symmetric_products_at_default_sizes(gen, monkeypatch, shape):
+    for name in ("MUONKERN_NS5_SPLIT_GRAM", "MUONKERN_NS5_BLOCK_SQUARE"):
+        monkeypatch.delenv(name, raising=False)
+    G = randn(gen, *shape, device="cuda")
+    poison_allocator()
+    out = ns5(G, algorithm="gram")
+    assert_ns5_output(out, G)
     monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "0")
-    diff = relative_difference(split, ns5(G, algorithm="gram"))
-    assert diff <= BF16_RTOL, f"blocked vs whole X X^T: relative difference {diff:.4g}"
+    monkeypatch.setenv("MUONKERN_NS5_BLOCK_SQUARE", "0")
+    diff = relative_difference(out, ns5(G, algorithm="gram"))
+    assert diff <= BF16_RTOL, f"blocked vs whole products: relative difference {diff:.4g}"
 
 
 @pytest.mark.parametrize("shape", [(12, 64, 768), (3, 768, 64), (1024, 4096), (2, 3, 40, 24)], ids=shape_id)

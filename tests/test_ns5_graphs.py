@@ -59,12 +59,14 @@ def test_replays_match_direct_launches(gen, monkeypatch, shape, algorithm, trans
     assert_ns5_output(outs[-1], inputs[-1])  # and right, not merely equal
 
 
-# X X^T in blocks (MUONKERN_NS5_SPLIT_GRAM=256: 4 x 4 blocks of 64 here): the pointer arrays are
-# written by a kernel inside the call, so a replay points the batched GEMM at its own workspace.
+# X X^T and B = c R R + b R in blocks (MUONKERN_NS5_SPLIT_GRAM and MUONKERN_NS5_BLOCK_SQUARE=256: 4 x 4
+# blocks of 64 here): the pointer arrays are written by a kernel inside the call, so a replay points the
+# batched GEMMs at its own workspace.
 def test_replays_of_the_blocked_gram_product(gen, monkeypatch):
     monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
     monkeypatch.delenv("MUONKERN_NS5_GRAPH", raising=False)
     monkeypatch.setenv("MUONKERN_NS5_SPLIT_GRAM", "256")
+    monkeypatch.setenv("MUONKERN_NS5_BLOCK_SQUARE", "256")
     inputs = [randn(gen, 256, 1032, device="cuda") for _ in range(4)]
     before = cached_graphs()
     outs = [ns5(G, algorithm="gram") for G in inputs]  # direct, capture + replay, replay, replay

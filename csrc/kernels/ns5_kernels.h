@@ -92,13 +92,28 @@ cudaError_t launch_ns5_finish(const Ns5Problem& p, const __nv_bfloat16* X, cudaS
 // ---- Gram path: the a*I of P = a I + b R + c R R, added in fp32 and rounded once ----
 // M (batch, n, n) bf16, contiguous: M[b, i, i] += a.
 cudaError_t launch_add_diagonal(__nv_bfloat16* M, int64_t batch, int64_t n, float a, cudaStream_t stream);
-// The blocked X X^T (csrc/ns5_cuda.cpp, gram_product): X (batch, r, C) and R (batch, r, r) bf16,
-// contiguous, cut into nb x nb blocks of h = r / nb. Writes the device pointer arrays of one cuBLASLt
-// pointer-array batch over the lower blocks (block row i >= block column j, in column-major terms),
-// matrix by matrix: out[k] = X + b r C + i h C (A), out[P + k] = X + b r C + j h C (B),
-// out[2P + k] = R + b r r + j h r + i h (D), P = batch nb (nb + 1) / 2.
-cudaError_t launch_gram_block_pointers(const __nv_bfloat16* X, __nv_bfloat16* R, int64_t batch, int64_t r, int64_t C,
-                                       int nb, const void** out, cudaStream_t stream);
+// Blocked symmetric products (csrc/ns5_cuda.cpp, BlockedProducts): D = alpha X X^T (+ beta C), X
+// (batch, r, K) bf16 and C, D (batch, r, r) bf16, contiguous, cut into nb x nb blocks of h = r / nb,
+// only the lower blocks computed (block row i >= block column j, in column-major terms). A job's
+// `out` receives the device pointer arrays of one cuBLASLt pointer-array batch over those blocks,
+// matrix by matrix: out[k] = X + b r K + i h K (A), out[P + k] = X + b r K + j h K (B),
+// out[2P + k] = D + b r r + j h r + i h (D) and, where C is set, out[3P + k] = C + b r r + j h r + i h,
+// P = batch nb (nb + 1) / 2. Every job of one launch shares batch, r and nb.
+struct SymmetricBlockJob {
+  const __nv_bfloat16* X;
+  int64_t K;
+  const __nv_bfloat16* C;  // null: no C array
+  __nv_bfloat16* D;
+  const void** out;
+};
+constexpr int kMaxSymmetricBlockJobs = 8;
+struct SymmetricBlockJobs {
+  SymmetricBlockJob job[kMaxSymmetricBlockJobs];
+  int count = 0;
+  int nb = 0;
+  int64_t batch = 0, r = 0;
+};
+cudaError_t launch_symmetric_block_pointers(const SymmetricBlockJobs& jobs, cudaStream_t stream);
 // M (batch, n, n) bf16, contiguous, symmetric but for its missing blocks: M[b, j, i] = M[b, i, j]
 // wherever i / h < j / h (every block above the diagonal from its transpose; n a multiple of h,
 // batch < 65536).

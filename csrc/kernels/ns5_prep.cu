@@ -322,19 +322,22 @@ __global__ void __launch_bounds__(kThreads) mirror_blocks_kernel(bf16* M, int64_
   for (int r = ty; r < kTile; r += kRowsPerPass) m[(j0 + r) * n + i0 + tx] = tile[tx][r];
 }
 
-__global__ void gram_block_pointers_kernel(const bf16* X, bf16* R, int64_t batch, int64_t r, int64_t C, int nb,
-                                           const void** out) {
-  const int64_t per_matrix = static_cast<int64_t>(nb) * (nb + 1) / 2, P = batch * per_matrix, h = r / nb;
+// One job per blockIdx.y (ns5_kernels.h states the arrays).
+__global__ void symmetric_block_pointers_kernel(const SymmetricBlockJobs jobs) {
+  const SymmetricBlockJob& job = jobs.job[blockIdx.y];
+  const int64_t per_matrix = static_cast<int64_t>(jobs.nb) * (jobs.nb + 1) / 2, P = jobs.batch * per_matrix,
+                r = jobs.r, h = r / jobs.nb;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < P;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = k / per_matrix;
     int64_t i = 0, rest = k % per_matrix;  // the k-th lower block: row i, column j <= i
     while (rest > i) rest -= ++i;
-    const int64_t j = rest;
-    const bf16* x = X + b * r * C;
-    out[k] = x + i * h * C;
-    out[P + k] = x + j * h * C;
-    out[2 * P + k] = R + b * r * r + j * h * r + i * h;
+    const int64_t j = rest, block = b * r * r + j * h * r + i * h;
+    const bf16* x = job.X + b * r * job.K;
+    job.out[k] = x + i * h * job.K;
+    job.out[P + k] = x + j * h * job.K;
+    job.out[2 * P + k] = job.D + block;
+    if (job.C != nullptr) job.out[3 * P + k] = job.C + block;
   }
 }
 
@@ -407,13 +410,14 @@ cudaError_t launch_mirror_blocks(bf16* M, int64_t batch, int64_t n, int64_t h, c
   return cudaGetLastError();
 }
 
-cudaError_t launch_gram_block_pointers(const bf16* X, bf16* R, int64_t batch, int64_t r, int64_t C, int nb,
-                                       const void** out, cudaStream_t stream) {
-  const int64_t P = batch * nb * (nb + 1) / 2;
-  if (P == 0) return cudaSuccess;
+cudaError_t launch_symmetric_block_pointers(const SymmetricBlockJobs& jobs, cudaStream_t stream) {
+  if (jobs.count < 0 || jobs.count > kMaxSymmetricBlockJobs || jobs.nb <= 0 || jobs.r % jobs.nb != 0)
+    return cudaErrorInvalidValue;
+  const int64_t P = jobs.batch * jobs.nb * (jobs.nb + 1) / 2;
+  if (P == 0 || jobs.count == 0) return cudaSuccess;
   const int64_t blocks = (P + kThreads - 1) / kThreads, cap = static_cast<int64_t>(sm_count()) * 4;
-  gram_block_pointers_kernel<<<static_cast<unsigned>(blocks < cap ? blocks : cap), kThreads, 0, stream>>>(
-      X, R, batch, r, C, nb, out);
+  const dim3 grid(static_cast<unsigned>(blocks < cap ? blocks : cap), static_cast<unsigned>(jobs.count));
+  symmetric_block_pointers_kernel<<<grid, kThreads, 0, stream>>>(jobs);
   return cudaGetLastError();
 }
 
