@@ -109,13 +109,14 @@ std::optional<cudaDataType> direct_result_type(const Ns5Problem& p, at::ScalarTy
   return std::nullopt;
 }
 
-// The Gram iteration's large-call options (read at every call; graph_signature keys on both; timings
-// in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N, the smallest short side whose X X^T runs in blocks
-// (gram_blocks; default 2048; 0 never), and
-// MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100, alternated 3
-// times, no change elsewhere).
+// The Gram iteration's large-call options (read at every call; graph_signature keys on all three;
+// timings in bench/NOTES.md): MUONKERN_NS5_SPLIT_GRAM=N and MUONKERN_NS5_BLOCK_SQUARE=N, the smallest
+// short side whose X X^T and whose B = c R R + b R run in blocks (BlockedProducts; default 2048 each;
+// 0 never), and MUONKERN_NS5_DEFER_SCALE (Ns5Workspace; on unless 0: 1.3% at 2048x8192 on an H100,
+// alternated 3 times, no change elsewhere).
 bool defer_scale_enabled() { return env_int("MUONKERN_NS5_DEFER_SCALE", 1) != 0; }
 int split_gram_min_short_side() { return static_cast<int>(env_int("MUONKERN_NS5_SPLIT_GRAM", 2048)); }
+int block_square_min_short_side() { return static_cast<int>(env_int("MUONKERN_NS5_BLOCK_SQUARE", 2048)); }
 
 // bf16 working memory of both multi-launch paths: two R x C buffers X[0], X[1] (X[0] normalized from
 // p's input here) and `square_buffers` R x R ones, each holding the whole batch. Where the caller
@@ -209,11 +210,9 @@ ResultLaunch ns5_general(const Ns5Problem& p, const std::vector<double>& abc, co
 // from block_square_min_short_side(); r a multiple of 128 (whole 32-row tiles per block for the mirror,
 // 16-byte aligned block addresses). On an H100 (bench/cublaslt_xxt_probe.cu, GPU time): X X^T at
 // 2048x8192 57.5 us against 83.0 for one GEMM and 70.7 for the two-GEMM split this replaced; R R at
-// 2048^2 16.7 against 22.7; below 2048 one GEMM was as fast for X X^T (1024x4096: 14.9 us, 10 blocks
-// 12.4 before their pointer and mirror kernels).
+// 2048^2 16.6 against 22.7. B in blocks from 768 made whole calls at 768x3072, 1024x4096 and
+// 8x1024x4096 slower (the mirror and pointer kernels cost more than the blocks save there).
 constexpr int kSymmetricBlocks = 4;
-
-int block_square_min_short_side() { return static_cast<int>(env_int("MUONKERN_NS5_BLOCK_SQUARE", 2048)); }
 
 bool blocked_from(const Ns5Problem& p, int min_short_side) {
   const int64_t r = p.short_side();

@@ -66,7 +66,7 @@ fi
 if [[ "$phase" == ns5-bench ]]; then
   step bench_ns5 python -m pytest -q bench/test_bench_ns5.py -k "not compiled and not optim and not cpu"
   # the Gram iteration's large-call pieces (README, "Gram iteration") turned off, against the rows above
-  step bench_ns5_gram_options_off env MUONKERN_NS5_DEFER_SCALE=0 MUONKERN_NS5_SPLIT_GRAM=0 python -m pytest -q \
+  step bench_ns5_gram_options_off env MUONKERN_NS5_DEFER_SCALE=0 MUONKERN_NS5_SPLIT_GRAM=0 MUONKERN_NS5_BLOCK_SQUARE=0 python -m pytest -q \
     bench/test_bench_ns5.py -k "test_ns5_cuda and (1024x4096 or 2048x8192) and muonkern]"
   step profile_gram python bench/ns5_profile.py --impl triton-gram --shape 2048x8192 --shape 1024x4096
   step profile_small python bench/ns5_profile.py --impl triton-small --shape 48x128x128 --shape 12x64x768
