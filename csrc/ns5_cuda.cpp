@@ -438,6 +438,21 @@ std::string forced_path() {
   return forced != nullptr && *forced != '\0' ? forced : "auto";
 }
 
+// The standard iteration on wgmma (kernels/ns5_wgmma.cu) for matrices of at most 128 x 128, one block
+// each: on an H100, 48x128x128 took 18.6 us a launch against 33.7 for the mma.sync fused kernel, and
+// 22.9 us a call against 31.9 (bench/NOTES.md). Opt-in for now (MUONKERN_NS5_WGMMA=1; README says
+// why); only on compute capability 9.0 with sm_90a code built, and a forced MUONKERN_NS5_CLUSTER keeps
+// the mma.sync fused kernel (both read at every call).
+bool wgmma_serves(const Ns5Problem& p, bool gram, const cudaDeviceProp& prop) {
+#if defined(MUONKERN_SM90A)
+  return !gram && prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 0) != 0 &&
+         env_int("MUONKERN_NS5_CLUSTER", 0) == 0 && ns5_wgmma_fits(p);
+#else
+  (void)p, (void)gram, (void)prop;
+  return false;
+#endif
+}
+
 // One algorithm's route: the fused kernel where it fits and the model puts it ahead of the general
 // path (or MUONKERN_NS5_PATH=fused asks for it), else the general path.
 Ns5Route algorithm_route(const Ns5Problem& p, bool gram, const std::string& path, const cudaDeviceProp& prop) {
@@ -458,8 +473,8 @@ Ns5Route algorithm_route(const Ns5Problem& p, bool gram, const std::string& path
 // bench/ns5_fused_algorithms.py; bench/NOTES.md). On the general path small short sides lose with
 // it (many small products), hence the rule there.
 // `rule_gram`: ns5_use_gram's answer for this call (the named algorithm unless "auto").
-Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
-                      const cudaDeviceProp& prop) {
+Ns5Route choose_mma_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
+                          const cudaDeviceProp& prop) {
   const Ns5Route by_rule = algorithm_route(p, rule_gram, path, prop);
   if (algorithm != "auto" || by_rule.gram || by_rule.cluster == 0 || p.m == p.n || p.steps == 0 || p.batch == 0)
     return by_rule;
@@ -468,6 +483,16 @@ Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule
       fused_seconds(p, gram.cluster, prop, true) <= fused_seconds(p, by_rule.cluster, prop, false))
     return gram;
   return by_rule;
+}
+
+// The route above, whose fused standard iteration runs on the wgmma kernel (one block a matrix) where
+// that serves it. Where the model picks the fused Gram iteration it stays: 48x64x128, 64x32x128 and
+// 8x128x64 ran 18.8, 13.6 and 19.7 us there against 20.0, 19.7 and 22.1 on wgmma (H100).
+Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
+                      const cudaDeviceProp& prop) {
+  const Ns5Route route = choose_mma_route(p, algorithm, rule_gram, path, prop);
+  if (route.path == "fused" && !route.gram && wgmma_serves(p, false, prop)) return {"fused", false, 1};
+  return route;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,8 +553,13 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
   std::vector<float> abc32(abc.begin(), abc.end());
   TORCH_INTERNAL_ASSERT(steps <= kFusedMaxSteps, "ns5: the fused kernel takes at most ", kFusedMaxSteps,
                         " steps, got ", steps);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (wgmma_serves(p, gram, *at::cuda::getCurrentDeviceProperties())) {
+    C10_CUDA_CHECK(launch_ns5_wgmma(p, abc32.data(), stream));
+    return out;
+  }
   const FusedGram algorithm{gram, gram ? gram_restart_mask(steps) : 0u};
-  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), algorithm, cluster, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), algorithm, cluster, stream));
   return out;
 }
 

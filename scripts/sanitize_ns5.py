@@ -1,6 +1,7 @@
 """A short run of every CUDA kernel of muonkern::ns5 for compute-sanitizer (memcheck, racecheck):
 the fused kernel at each cluster size (both algorithms; float32 cases also with a norm outside the
-deferred-scale range and with 0 steps), the general path (normalize, cuBLASLt, finish) and the Gram
+deferred-scale range and with 0 steps), the wgmma kernel (cluster "0", with MUONKERN_NS5_WGMMA=1: on a
+compute capability 9.0 GPU the standard iteration up to 128 x 128 goes there), the general path (normalize, cuBLASLt, finish) and the Gram
 iteration (the same pieces and the diagonal kernel; one wide matrix with its scale deferred to the
 GEMMs), over several dtypes, orientations and odd sizes.
 The multi-launch paths run three times: directly, then captured into a CUDA graph and replayed, then
@@ -34,6 +35,9 @@ CASES = [  # path, cluster size, algorithm, shape, dtype
     ("fused", "2", "gram", (2, 96, 130), torch.bfloat16),
     ("fused", "4", "gram", (2, 40, 300), torch.float32),
     ("fused", "8", "gram", (1, 128, 600), torch.float16),
+    ("fused", "0", "standard", (3, 128, 128), torch.float32),  # the wgmma kernel (no forced cluster), 16-byte loads
+    ("fused", "0", "standard", (2, 100, 72), torch.bfloat16),  # ... tall, element loads
+    ("fused", "0", "standard", (2, 40, 120), torch.float16),
     ("general", "0", "standard", (2, 70, 33), torch.float32),
     ("general", "0", "standard", (300, 20), torch.bfloat16),
     ("general", "0", "standard", (2, 33, 4100), torch.float16),  # flat normalize and finish, partial chunk
@@ -61,6 +65,7 @@ os.environ["MUONKERN_NS5_DEFER_SCALE"] = "1"
 os.environ["MUONKERN_NS5_SPLIT_GRAM"] = os.environ["MUONKERN_NS5_BLOCK_SQUARE"] = "256"
 for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
+    os.environ["MUONKERN_NS5_WGMMA"] = "1" if cluster == "0" else "0"  # the wgmma kernel is opt-in
     for _ in range(1 if path == "fused" else 3):
         out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
         torch.cuda.synchronize()

@@ -615,3 +615,107 @@ def test_gram_cuda_graph_replay(gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, ns5(fresh, algorithm="gram"))
+
+
+# The standard iteration on wgmma (csrc/kernels/ns5_wgmma.cu; opt-in, MUONKERN_NS5_WGMMA=1): matrices of
+# at most 128 x 128 on a compute capability 9.0 device, one block each, in place of the mma.sync fused
+# kernel. Against
+# float64, and against that kernel (MUONKERN_NS5_WGMMA=0) within the same bf16 budget: every dtype,
+# tall inputs (transposed on load and store), a view with strides, leading batch dims, sizes that
+# leave most of the 128 x 128 tile padding, one-row matrices.
+hopper = pytest.mark.skipif(muonkern.backend() != "cuda" or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs the CUDA kernels on a compute capability 9.0 GPU")
+WGMMA_CASES = [((48, 128, 128), torch.float32), ((5, 100, 120), torch.float32), ((3, 128, 64), torch.float32),
+               ((2, 3, 32, 40), torch.bfloat16), ((4, 128, 128), torch.float16), ((3, 72, 96), torch.float64),
+               ((2, 1, 128), torch.float32), ((7, 9, 5), torch.float32), ((6, 120, 36), torch.bfloat16),
+               ((3, 20, 36), torch.float32)]  # rows of 36: element loads (16-byte ones need whole 8-column chunks)
+
+
+def wgmma_case_id(case):
+    return f"{shape_id(case[0])}-{str(case[1]).removeprefix('torch.')}"
+
+
+def wgmma_vs_mma(monkeypatch, G, **kwargs):
+    """(wgmma output, mma.sync fused-kernel output) of one call."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    poison_allocator()
+    out = ns5(G, algorithm="standard", **kwargs)
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "0")
+    return out, ns5(G, algorithm="standard", **kwargs)
+
+
+@hopper
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=wgmma_case_id)
+def test_wgmma_kernel(gen, monkeypatch, case):
+    shape, dtype = case
+    G = randn(gen, *shape, dtype=dtype, device="cuda")
+    out, mma = wgmma_vs_mma(monkeypatch, G)
+    assert_ns5_output(out, G)
+    budget = assert_ns5_output(mma, G).max().item() + 0.05  # neither may stray far from the other's error
+    diff = relative_difference(out, mma)
+    assert diff <= max(budget, BF16_RTOL), f"wgmma vs mma.sync kernel: relative difference {diff:.4g}"
+
+
+@hopper
+@pytest.mark.parametrize("steps,coefficients,rtol", [(0, None, NORMALIZE_RTOL), (1, None, BF16_RTOL),
+                                                     (8, None, BF16_RTOL), (5, POLAR_EXPRESS, POLAR_RTOL)],
+                         ids=["steps0", "steps1", "steps8", "polar_express"])
+def test_wgmma_kernel_schedules(gen, monkeypatch, steps, coefficients, rtol):
+    G = randn(gen, 6, 96, 128, device="cuda")
+    out, _ = wgmma_vs_mma(monkeypatch, G, steps=steps, coefficients=coefficients)
+    assert_ns5_output(out, G, steps=steps, coefficients=coefficients, rtol=rtol)
+
+
+@hopper
+@pytest.mark.parametrize("scale", [2.0 ** -70, 2.0 ** 60], ids=["2^-70", "2^60"])
+def test_wgmma_kernel_input_scales(gen, monkeypatch, scale):
+    """Norms far outside fp32's squares (the kernel sums them in double); powers of two leave the
+    bf16 rounding unchanged, so the float64 budget holds after 5 steps and after 0."""
+    G = randn(gen, 3, 64, 128, device="cuda") * scale
+    out, _ = wgmma_vs_mma(monkeypatch, G)
+    assert_ns5_output(out, G)
+    out0, _ = wgmma_vs_mma(monkeypatch, G, steps=0)
+    assert_ns5_output(out0, G, steps=0, rtol=NORMALIZE_RTOL)
+
+
+@hopper
+def test_wgmma_kernel_strided_view_zeros_and_nonfinite(gen, monkeypatch):
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    G = randn(gen, 4, 128, 96, device="cuda").transpose(-2, -1)[:, :, 8:72]  # 4 x 96 x 64: rows 1 apart, columns 96
+    assert_ns5_output(ns5(G), G)
+    zeros = torch.zeros(3, 64, 128, device="cuda")
+    assert (ns5(zeros) == 0).all()
+    for bad in (float("inf"), float("nan")):
+        H = randn(gen, 3, 64, 128, device="cuda")
+        H[1, 5, 7] = bad
+        out = ns5(H)
+        assert not torch.isfinite(out[1]).all()
+        assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+@hopper
+def test_wgmma_kernel_is_what_runs(gen, monkeypatch):
+    """The route takes the wgmma kernel for the fused standard iteration up to 128 x 128 (one block a
+    matrix), the mma.sync kernel with MUONKERN_NS5_WGMMA=0 or past 128."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+
+    def kernels(G):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ns5(G, algorithm="auto")
+            torch.cuda.synchronize()
+        return " ".join(event.key for event in prof.key_averages())
+
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    assert ns5_route(torch.empty(1, device="cuda").expand(48, 96, 128)) == ("fused", "standard", 1)
+    # where "auto" picks the fused Gram iteration (faster there than the wgmma kernel) it keeps it
+    assert ns5_route(torch.empty(1, device="cuda").expand(48, 64, 128)).algorithm == "gram"
+    assert "ns5_wgmma_kernel" in kernels(randn(gen, 48, 128, 128, device="cuda"))
+    assert "ns5_wgmma_kernel" not in kernels(randn(gen, 48, 128, 136, device="cuda"))
+    for off in ("0", None):  # off, and off by default
+        if off is None:
+            monkeypatch.delenv("MUONKERN_NS5_WGMMA")
+        else:
+            monkeypatch.setenv("MUONKERN_NS5_WGMMA", off)
+        assert "ns5_wgmma_kernel" not in kernels(randn(gen, 48, 128, 128, device="cuda"))

@@ -25,8 +25,8 @@ __device__ __forceinline__ int64_t batch_offset(const StridedMatrices& s, int64_
   return offset;
 }
 
-// Sum of `v` over the block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Sum of `v` over the block; every thread gets the result. `scratch` holds 32 values.
+template <typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
   __syncthreads();  // scratch may still be read from a previous call

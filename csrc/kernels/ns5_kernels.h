@@ -45,6 +45,11 @@ struct Ns5Problem {
 inline constexpr float kDeferredMinNorm = 1e-10f;
 inline constexpr float kDeferredMaxNorm = 1e10f;
 
+// ---- the standard iteration on wgmma (sm_90a), one block per matrix of at most 128 x 128 ----
+// (ns5_wgmma.cu). Fits: both sides at most 128, at most kFusedMaxSteps steps; abc holds 3 floats a step.
+bool ns5_wgmma_fits(const Ns5Problem& p);
+cudaError_t launch_ns5_wgmma(const Ns5Problem& p, const float* abc, cudaStream_t stream);
+
 // ---- fused path: one launch; each matrix on a cluster of 1, 2, 4 or 8 blocks, all on chip ----
 inline constexpr int kFusedMaxShortSide = 128;  // the B*X strip of 128 rows lives in registers
 inline constexpr int kFusedMaxSteps = 32;       // coefficients travel in the kernel's parameters
