@@ -10,7 +10,8 @@
 // Two block barriers per step. The mma.sync fused kernel (ns5_fused_kernel.cuh) serves everything else.
 //
 // Machine code only for sm_90a (wgmma); other targets compile a body that traps, and the host side
-// (ns5_wgmma_available) routes here only on a compute capability 9.0 device with sm_90a code built.
+// (csrc/ns5_cuda.cpp, wgmma_serves; opt-in with MUONKERN_NS5_WGMMA=1) routes here only on a compute
+// capability 9.0 device with sm_90a code built.
 #include <cuda_bf16.h>
 
 #include <type_traits>
