@@ -41,13 +41,13 @@ __device__ __forceinline__ uint32_t swizzled(int r, int c) {
   return (c >> 6) * kPanelBytes + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + ((c & 7) << 1);
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // wgmma shared-memory matrix descriptor, 128B swizzle (leading/stride byte offsets as PTX defines them)
 __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, uint32_t stride) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((stride >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // d (+)= A B for a 64 x 128 x 16 step: A from registers (mma fragment layout), B from shared memory
 // (kTransB 0: K-major, 1: MN-major).
 template <int kTransB>
