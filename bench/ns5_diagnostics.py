@@ -4,6 +4,8 @@
     python bench/ns5_diagnostics.py symmetric-configs  # 4096²: each Triton tile configuration
     python bench/ns5_diagnostics.py fused-clusters     # the fused kernel per cluster size
     python bench/ns5_diagnostics.py graph-bytes        # what one 2040x2056 graph counts against the budget
+    python bench/ns5_diagnostics.py wgmma              # "auto" with the wgmma kernel on, off, on (compute
+                                                       # capability 9.0): route and time per shape
     python bench/ns5_diagnostics.py streamk            # the Gram iteration's symmetric products: cuBLAS,
                                                        # the triangle kernel, stream-K per configuration and
                                                        # program count; whole calls (host time included)
@@ -83,6 +85,22 @@ def fused_clusters() -> None:
                              f"{median_us(lambda x: ns5(x, algorithm=algorithm), G):.1f} us")
             del os.environ["MUONKERN_NS5_CLUSTER"]
             print(shape, algorithm, " | ".join(cells), "| model picks", ns5_route(G, 5, algorithm).cluster)
+
+
+def wgmma() -> None:
+    """README's wgmma table: "auto" per shape with MUONKERN_NS5_WGMMA 1, 0, 1 in one process (the
+    route it takes; the median of 5 rounds of 200 back-to-back calls, µs a call)."""
+    os.environ.pop("MUONKERN_NS5_PATH", None)
+    for shape in [(48, 128, 128), (48, 96, 128), (4, 100, 120), (132, 128, 128), (48, 64, 128), (64, 32, 128),
+                  (8, 128, 64)]:
+        G = torch.randn(shape, device="cuda")
+        cells = []
+        for on in ("1", "0", "1"):
+            os.environ["MUONKERN_NS5_WGMMA"] = on
+            per_call = _median_in_us(back_to_back_ms(lambda: ns5(G, algorithm="auto"), calls=200))
+            cells.append(f"wgmma={on} {tuple(ns5_route(G))}: {per_call:.1f} us")
+        print(shape, " | ".join(cells))
+    del os.environ["MUONKERN_NS5_WGMMA"]
 
 
 def graph_bytes() -> None:
@@ -166,7 +184,7 @@ def streamk_once() -> None:
 
 def main() -> None:
     jobs = {"pair-spread": pair_spread, "symmetric-configs": symmetric_configs, "fused-clusters": fused_clusters,
-            "graph-bytes": graph_bytes, "streamk": streamk, "streamk-once": streamk_once}
+            "graph-bytes": graph_bytes, "streamk": streamk, "streamk-once": streamk_once, "wgmma": wgmma}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=list(jobs))
     job = parser.parse_args().job

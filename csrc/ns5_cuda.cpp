@@ -438,17 +438,17 @@ std::string forced_path() {
   return forced != nullptr && *forced != '\0' ? forced : "auto";
 }
 
-// The standard iteration on wgmma (kernels/ns5_wgmma.cu) for matrices of at most 128 x 128, one block
-// each: on an H100, 48x128x128 took 18.6 us a launch against 33.7 for the mma.sync fused kernel, and
-// 22.9 us a call against 31.9 (bench/NOTES.md). Opt-in for now (MUONKERN_NS5_WGMMA=1; README says
-// why); only on compute capability 9.0 with sm_90a code built, and a forced MUONKERN_NS5_CLUSTER keeps
-// the mma.sync fused kernel (both read at every call).
-bool wgmma_serves(const Ns5Problem& p, bool gram, const cudaDeviceProp& prop) {
+// Whether the wgmma kernel (kernels/ns5_wgmma.cu: the standard iteration, one block a matrix of at
+// most 128 x 128) serves p: on an H100, 48x128x128 took 22.9 us a call against 31.9 for the mma.sync
+// fused kernel (bench/NOTES.md). Opt-in for now (MUONKERN_NS5_WGMMA=1; README says why); only on
+// compute capability 9.0 with sm_90a code built, and a forced MUONKERN_NS5_CLUSTER keeps the mma.sync
+// fused kernel (both read at every call, when the route is chosen).
+bool wgmma_serves(const Ns5Problem& p, const cudaDeviceProp& prop) {
 #if defined(MUONKERN_SM90A)
-  return !gram && prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 0) != 0 &&
+  return prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 0) != 0 &&
          env_int("MUONKERN_NS5_CLUSTER", 0) == 0 && ns5_wgmma_fits(p);
 #else
-  (void)p, (void)gram, (void)prop;
+  (void)p, (void)prop;
   return false;
 #endif
 }
@@ -491,7 +491,7 @@ Ns5Route choose_mma_route(const Ns5Problem& p, std::string_view algorithm, bool 
 Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
                       const cudaDeviceProp& prop) {
   const Ns5Route route = choose_mma_route(p, algorithm, rule_gram, path, prop);
-  if (route.path == "fused" && !route.gram && wgmma_serves(p, false, prop)) return {"fused", false, 1};
+  if (route.path == "fused" && !route.gram && wgmma_serves(p, prop)) return {"fused", false, 1, true};
   return route;
 }
 
@@ -544,8 +544,8 @@ ResultLaunch ns5_body(const at::Tensor& G_in, int64_t steps, const std::vector<d
               : ns5_general(p, abc, G.options(), G.scalar_type(), stream);
 }
 
-at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps, int cluster,
-                     bool gram) {
+at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<double>& abc, double eps,
+                     const Ns5Route& route) {
   at::Tensor out = at::empty_like(G_in, {}, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   const at::Tensor G = launch_layout(G_in);
@@ -554,12 +554,12 @@ at::Tensor ns5_fused(const at::Tensor& G_in, int64_t steps, const std::vector<do
   TORCH_INTERNAL_ASSERT(steps <= kFusedMaxSteps, "ns5: the fused kernel takes at most ", kFusedMaxSteps,
                         " steps, got ", steps);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (wgmma_serves(p, gram, *at::cuda::getCurrentDeviceProperties())) {
+  if (route.wgmma) {
     C10_CUDA_CHECK(launch_ns5_wgmma(p, abc32.data(), stream));
     return out;
   }
-  const FusedGram algorithm{gram, gram ? gram_restart_mask(steps) : 0u};
-  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), algorithm, cluster, stream));
+  const FusedGram algorithm{route.gram, route.gram ? gram_restart_mask(steps) : 0u};
+  C10_CUDA_CHECK(launch_ns5_fused(p, abc32.data(), algorithm, route.cluster, stream));
   return out;
 }
 
@@ -637,7 +637,7 @@ at::Tensor ns5_cuda(const at::Tensor& G_in, int64_t steps, std::optional<at::Arr
         .call(G_in, steps, coefficients, eps);
   const Ns5Route& route = call.route;
   const bool gram = route.gram;
-  if (route.cluster > 0) return ns5_fused(G_in, steps, abc, eps, route.cluster, gram);
+  if (route.cluster > 0) return ns5_fused(G_in, steps, abc, eps, route);
   const auto body = [&](const at::Tensor& G) { return ns5_body(G, steps, abc, eps, gram); };
   if (G_in.numel() > 0 && ns5_graph_wanted()) {
     if (auto out = ns5_graph_replay(G_in, graph_signature(G_in, gram, abc, eps), body, graph_budgeted_bytes(shape, gram)))

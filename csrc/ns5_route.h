@@ -12,6 +12,7 @@ struct Ns5Route {
   std::string path;  // "fused", "general" or the Triton op's name ("muonkern::ns5_symmetric", ...)
   bool gram = false; // the Gram iteration, else the standard one
   int cluster = 0;   // blocks per matrix on the fused path, 0 elsewhere
+  bool wgmma = false; // the fused standard iteration on the wgmma kernel (cluster 1)
 };
 
 // The route of ns5(G, steps, algorithm=...) for `batch` m x n matrices on the current CUDA device,

@@ -65,7 +65,8 @@ os.environ["MUONKERN_NS5_DEFER_SCALE"] = "1"
 os.environ["MUONKERN_NS5_SPLIT_GRAM"] = os.environ["MUONKERN_NS5_BLOCK_SQUARE"] = "256"
 for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
-    os.environ["MUONKERN_NS5_WGMMA"] = "1" if cluster == "0" else "0"  # the wgmma kernel is opt-in
+    # the wgmma kernel is opt-in: on for the fused cases without a forced cluster size
+    os.environ["MUONKERN_NS5_WGMMA"] = "1" if (path, cluster) == ("fused", "0") else "0"
     for _ in range(1 if path == "fused" else 3):
         out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
         torch.cuda.synchronize()

@@ -635,12 +635,17 @@ def wgmma_case_id(case):
     return f"{shape_id(case[0])}-{str(case[1]).removeprefix('torch.')}"
 
 
-def wgmma_vs_mma(monkeypatch, G, **kwargs):
-    """(wgmma output, mma.sync fused-kernel output) of one call."""
+def on_wgmma(monkeypatch, G, **kwargs):
+    """ns5(G, algorithm="standard") with the wgmma kernel on, into a NaN-poisoned allocator."""
     monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
     monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
     poison_allocator()
-    out = ns5(G, algorithm="standard", **kwargs)
+    return ns5(G, algorithm="standard", **kwargs)
+
+
+def wgmma_vs_mma(monkeypatch, G, **kwargs):
+    """(wgmma output, mma.sync fused-kernel output) of one call."""
+    out = on_wgmma(monkeypatch, G, **kwargs)
     monkeypatch.setenv("MUONKERN_NS5_WGMMA", "0")
     return out, ns5(G, algorithm="standard", **kwargs)
 
@@ -663,7 +668,7 @@ def test_wgmma_kernel(gen, monkeypatch, case):
                          ids=["steps0", "steps1", "steps8", "polar_express"])
 def test_wgmma_kernel_schedules(gen, monkeypatch, steps, coefficients, rtol):
     G = randn(gen, 6, 96, 128, device="cuda")
-    out, _ = wgmma_vs_mma(monkeypatch, G, steps=steps, coefficients=coefficients)
+    out = on_wgmma(monkeypatch, G, steps=steps, coefficients=coefficients)
     assert_ns5_output(out, G, steps=steps, coefficients=coefficients, rtol=rtol)
 
 
@@ -673,10 +678,8 @@ def test_wgmma_kernel_input_scales(gen, monkeypatch, scale):
     """Norms far outside fp32's squares (the kernel sums them in double); powers of two leave the
     bf16 rounding unchanged, so the float64 budget holds after 5 steps and after 0."""
     G = randn(gen, 3, 64, 128, device="cuda") * scale
-    out, _ = wgmma_vs_mma(monkeypatch, G)
-    assert_ns5_output(out, G)
-    out0, _ = wgmma_vs_mma(monkeypatch, G, steps=0)
-    assert_ns5_output(out0, G, steps=0, rtol=NORMALIZE_RTOL)
+    assert_ns5_output(on_wgmma(monkeypatch, G), G)
+    assert_ns5_output(on_wgmma(monkeypatch, G, steps=0), G, steps=0, rtol=NORMALIZE_RTOL)
 
 
 @hopper

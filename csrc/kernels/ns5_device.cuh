@@ -25,6 +25,19 @@ __device__ __forceinline__ int64_t batch_offset(const StridedMatrices& s, int64_
   return offset;
 }
 
+// Whether G's rows and the output's can move four elements per access (the fused kernel's load_quads
+// and store_quads, the wgmma kernel's loads): the wide orientation, unit column stride, every other
+// stride and both base addresses multiples of four elements (then so is every block's slice of the
+// fused kernel: Cs is a multiple of 16).
+inline bool quads_fit(const Ns5Problem& p, size_t element_bytes) {
+  if (p.transpose() || p.in.col_stride != 1 || p.n % 4 != 0 || p.in.row_stride % 4 != 0) return false;
+  for (int d = 0; d < p.in.batch_dims; ++d)
+    if (p.in.batch_strides[d] % 4 != 0) return false;
+  const uintptr_t quad_bytes = 4 * element_bytes;
+  return reinterpret_cast<uintptr_t>(p.in.data) % quad_bytes == 0 &&
+         reinterpret_cast<uintptr_t>(p.out) % quad_bytes == 0;
+}
+
 // Sum of `v` over the block; every thread gets the result. `scratch` holds 32 values.
 template <typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -816,18 +816,6 @@ cudaError_t launch_with(const FusedParams& params, unsigned grid, size_t smem, c
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 
-// Whether G's rows and the output's can move four elements per access (load_quads, store_quads): the
-// wide orientation, unit column stride, every other stride and both base addresses multiples of four
-// elements (then so is every block's slice: Cs is a multiple of 16).
-inline bool quads_fit(const Ns5Problem& p, size_t element_bytes) {
-  if (p.transpose() || p.in.col_stride != 1 || p.n % 4 != 0 || p.in.row_stride % 4 != 0) return false;
-  for (int d = 0; d < p.in.batch_dims; ++d)
-    if (p.in.batch_strides[d] % 4 != 0) return false;
-  const uintptr_t quad_bytes = 4 * element_bytes;
-  return reinterpret_cast<uintptr_t>(p.in.data) % quad_bytes == 0 &&
-         reinterpret_cast<uintptr_t>(p.out) % quad_bytes == 0;
-}
-
 // One algorithm's launch for every dtype and cluster size.
 template <bool kGram>
 cudaError_t launch_fused_algorithm(const Ns5Problem& p, const float* abc, uint32_t restarts, int cluster, size_t smem,

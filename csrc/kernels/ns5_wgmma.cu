@@ -22,8 +22,6 @@
 namespace muonkern {
 namespace {
 
-using bf16 = __nv_bfloat16;
-
 constexpr int kSide = 128;                          // padded short and long side
 constexpr int kPanelBytes = kSide * 128;            // 64 bf16 columns of all 128 rows, 128 B a row
 constexpr int kMatrixBytes = 2 * kPanelBytes;       // 32 KB
@@ -229,13 +227,9 @@ cudaError_t launch_ns5_wgmma(const Ns5Problem& p, const float* abc, cudaStream_t
   for (int i = 0; i < 3 * p.steps; ++i) params.abc[i] = abc[i];
   return dispatch_dtype(p.in.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const StridedMatrices& in = p.in;
-    bool vec = !p.transpose() && p.n % 8 == 0 && in.col_stride == 1 && in.row_stride % 4 == 0 &&
-               reinterpret_cast<uintptr_t>(in.data) % 16 == 0;
-    for (int d = 0; d < in.batch_dims; ++d) vec = vec && in.batch_strides[d] % 4 == 0;
     auto* kernel = ns5_wgmma_kernel<T, false>;
-    if constexpr (std::is_same_v<T, float>)
-      if (vec) kernel = ns5_wgmma_kernel<T, true>;
+    if constexpr (std::is_same_v<T, float>)  // float quads are 16 bytes; two make a chunk
+      if (quads_fit(p, sizeof(T)) && p.n % 8 == 0) kernel = ns5_wgmma_kernel<T, true>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
     kernel<<<static_cast<unsigned>(p.batch), kThreads, kSmemBytes, stream>>>(params);
