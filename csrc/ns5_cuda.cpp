@@ -440,12 +440,12 @@ std::string forced_path() {
 
 // Whether the wgmma kernel (kernels/ns5_wgmma.cu: the standard iteration, one block a matrix of at
 // most 128 x 128) serves p: on an H100, 48x128x128 took 22.9 us a call against 31.9 for the mma.sync
-// fused kernel (bench/NOTES.md). Opt-in for now (MUONKERN_NS5_WGMMA=1; README says why); only on
+// fused kernel (bench/NOTES.md). On by default (MUONKERN_NS5_WGMMA=0 turns it off); only on
 // compute capability 9.0 with sm_90a code built, and a forced MUONKERN_NS5_CLUSTER keeps the mma.sync
 // fused kernel (both read at every call, when the route is chosen).
 bool wgmma_serves(const Ns5Problem& p, const cudaDeviceProp& prop) {
 #if defined(MUONKERN_SM90A)
-  return prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 0) != 0 &&
+  return prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 1) != 0 &&
          env_int("MUONKERN_NS5_CLUSTER", 0) == 0 && ns5_wgmma_fits(p);
 #else
   (void)p, (void)prop;

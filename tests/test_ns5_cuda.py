@@ -617,10 +617,10 @@ def test_gram_cuda_graph_replay(gen):
     assert torch.equal(static_out, ns5(fresh, algorithm="gram"))
 
 
-# The standard iteration on wgmma (csrc/kernels/ns5_wgmma.cu; opt-in, MUONKERN_NS5_WGMMA=1): matrices of
-# at most 128 x 128 on a compute capability 9.0 device, one block each, in place of the mma.sync fused
-# kernel. Against
-# float64, and against that kernel (MUONKERN_NS5_WGMMA=0) within the same bf16 budget: every dtype,
+# The standard iteration on wgmma (csrc/kernels/ns5_wgmma.cu; on by default, off with
+# MUONKERN_NS5_WGMMA=0): matrices of at most 128 x 128 on a compute capability 9.0 device, one block
+# each, in place of the mma.sync fused kernel. Against float64, and against that kernel
+# (MUONKERN_NS5_WGMMA=0) within the same bf16 budget: every dtype,
 # tall inputs (transposed on load and store), a view with strides, leading batch dims, sizes that
 # leave most of the 128 x 128 tile padding, one-row matrices.
 hopper = pytest.mark.skipif(muonkern.backend() != "cuda" or torch.cuda.get_device_capability() != (9, 0),
@@ -683,6 +683,22 @@ def test_wgmma_kernel_input_scales(gen, monkeypatch, scale):
 
 
 @hopper
+def test_wgmma_kernel_back_to_back(gen, monkeypatch):
+    """Chained calls, each reading the previous one's output while its launch overlaps that kernel
+    (programmatic dependent launch), equal the same calls with the device synchronized between them."""
+    G = randn(gen, 48, 128, 128, device="cuda")
+    chained, synced = G, G
+    for _ in range(4):
+        chained = on_wgmma(monkeypatch, chained * 1.5)  # a kernel before and after each call
+    for _ in range(4):
+        synced = synced * 1.5
+        torch.cuda.synchronize()
+        synced = on_wgmma(monkeypatch, synced)
+        torch.cuda.synchronize()
+    assert torch.equal(chained, synced)  # the same kernel on the same inputs: bit for bit
+
+
+@hopper
 def test_wgmma_kernel_strided_view_zeros_and_nonfinite(gen, monkeypatch):
     monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
     monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
@@ -701,7 +717,7 @@ def test_wgmma_kernel_strided_view_zeros_and_nonfinite(gen, monkeypatch):
 @hopper
 def test_wgmma_kernel_is_what_runs(gen, monkeypatch):
     """The route takes the wgmma kernel for the fused standard iteration up to 128 x 128 (one block a
-    matrix), the mma.sync kernel with MUONKERN_NS5_WGMMA=0 or past 128."""
+    matrix), by default; the mma.sync kernel with MUONKERN_NS5_WGMMA=0 or past 128."""
     monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
 
     def kernels(G):
@@ -710,15 +726,13 @@ def test_wgmma_kernel_is_what_runs(gen, monkeypatch):
             torch.cuda.synchronize()
         return " ".join(event.key for event in prof.key_averages())
 
-    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    monkeypatch.delenv("MUONKERN_NS5_WGMMA", raising=False)  # on by default
     assert ns5_route(torch.empty(1, device="cuda").expand(48, 96, 128)) == ("fused", "standard", 1)
     # where "auto" picks the fused Gram iteration (faster there than the wgmma kernel) it keeps it
     assert ns5_route(torch.empty(1, device="cuda").expand(48, 64, 128)).algorithm == "gram"
     assert "ns5_wgmma_kernel" in kernels(randn(gen, 48, 128, 128, device="cuda"))
     assert "ns5_wgmma_kernel" not in kernels(randn(gen, 48, 128, 136, device="cuda"))
-    for off in ("0", None):  # off, and off by default
-        if off is None:
-            monkeypatch.delenv("MUONKERN_NS5_WGMMA")
-        else:
-            monkeypatch.setenv("MUONKERN_NS5_WGMMA", off)
-        assert "ns5_wgmma_kernel" not in kernels(randn(gen, 48, 128, 128, device="cuda"))
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "0")
+    assert "ns5_wgmma_kernel" not in kernels(randn(gen, 48, 128, 128, device="cuda"))
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    assert "ns5_wgmma_kernel" in kernels(randn(gen, 4, 100, 120, device="cuda"))
