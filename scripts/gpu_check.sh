@@ -6,7 +6,7 @@
 # all: every step; tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build +
 # the op's ns5 GPU tests (CUDA kernels, graphs, grouped, the symmetric Triton route); ns5-triton =
 # build + the stream-K Gram and ns5_small GPU tests + the Triton sanitizer cases; ns5-bench = build +
-# the ns5 benchmark + profiles of the Triton routes beside the op. ns5, ns5-triton and ns5-bench are
+# the ns5 benchmark + the wgmma kernel's A/B + profiles of the Triton routes beside the op. ns5, ns5-triton and ns5-bench are
 # meant to fit a 10-minute run each (on an H200 the four Triton and grouped test
 # files together ran past 230 s). The study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
@@ -68,6 +68,10 @@ if [[ "$phase" == ns5-bench ]]; then
   # the Gram iteration's large-call pieces (README, "Gram iteration") turned off, against the rows above
   step bench_ns5_gram_options_off env MUONKERN_NS5_DEFER_SCALE=0 MUONKERN_NS5_SPLIT_GRAM=0 MUONKERN_NS5_BLOCK_SQUARE=0 python -m pytest -q \
     bench/test_bench_ns5.py -k "test_ns5_cuda and (1024x4096 or 2048x8192) and muonkern]"
+  # the wgmma kernel on, off, on (README, "Backends"), and the small shapes' rows with it off
+  step wgmma_ab python bench/ns5_diagnostics.py wgmma
+  step bench_ns5_wgmma_off env MUONKERN_NS5_WGMMA=0 python -m pytest -q bench/test_bench_ns5.py \
+    -k "test_ns5_cuda and (48x128x128 or 12x64x768) and (reference] or muonkern])"
   step profile_gram python bench/ns5_profile.py --impl triton-gram --shape 2048x8192 --shape 1024x4096
   step profile_small python bench/ns5_profile.py --impl triton-small --shape 48x128x128 --shape 12x64x768
   step profile_fused python bench/ns5_profile.py --algorithm standard --shape 48x128x128 --shape 12x64x768
