@@ -89,7 +89,9 @@ def fused_clusters() -> None:
 
 def wgmma() -> None:
     """README's wgmma table: "auto" per shape with MUONKERN_NS5_WGMMA 1, 0, 1 in one process (the
-    route it takes; the median of 5 rounds of 200 back-to-back calls, µs a call)."""
+    route it takes; the median of 5 rounds of 200 back-to-back calls, µs a call). Where "auto" keeps
+    the fused Gram iteration, also the standard iteration on the wgmma kernel, which it turned down
+    (csrc/ns5_cuda.cpp, choose_route)."""
     os.environ.pop("MUONKERN_NS5_PATH", None)
     for shape in [(48, 128, 128), (48, 96, 128), (4, 100, 120), (132, 128, 128), (48, 64, 128), (64, 32, 128),
                   (8, 128, 64)]:
@@ -99,6 +101,9 @@ def wgmma() -> None:
             os.environ["MUONKERN_NS5_WGMMA"] = on
             per_call = _median_in_us(back_to_back_ms(lambda: ns5(G, algorithm="auto"), calls=200))
             cells.append(f"wgmma={on} {tuple(ns5_route(G))}: {per_call:.1f} us")
+        if ns5_route(G).algorithm == "gram":
+            per_call = _median_in_us(back_to_back_ms(lambda: ns5(G, algorithm="standard"), calls=200))
+            cells.append(f"standard on wgmma: {per_call:.1f} us")
         print(shape, " | ".join(cells))
     del os.environ["MUONKERN_NS5_WGMMA"]
 

@@ -439,10 +439,11 @@ std::string forced_path() {
 }
 
 // Whether the wgmma kernel (kernels/ns5_wgmma.cu: the standard iteration, one block a matrix of at
-// most 128 x 128) serves p: on an H100, 48x128x128 took 22.9 us a call against 31.9 for the mma.sync
-// fused kernel (bench/NOTES.md). On by default (MUONKERN_NS5_WGMMA=0 turns it off); only on
-// compute capability 9.0 with sm_90a code built, and a forced MUONKERN_NS5_CLUSTER keeps the mma.sync
-// fused kernel (both read at every call, when the route is chosen).
+// most 128 x 128) serves p: on an H100, 48x128x128 took 24.5 us a call against 32.4 for the mma.sync
+// fused kernel (python bench/ns5_diagnostics.py wgmma; bench/NOTES.md). On by default
+// (MUONKERN_NS5_WGMMA=0 turns it off); only on compute capability 9.0 with sm_90a code built, and a
+// forced MUONKERN_NS5_CLUSTER keeps the mma.sync fused kernel (both read at every call, when the
+// route is chosen).
 bool wgmma_serves(const Ns5Problem& p, const cudaDeviceProp& prop) {
 #if defined(MUONKERN_SM90A)
   return prop.major == 9 && prop.minor == 0 && env_int("MUONKERN_NS5_WGMMA", 1) != 0 &&
@@ -487,7 +488,8 @@ Ns5Route choose_mma_route(const Ns5Problem& p, std::string_view algorithm, bool 
 
 // The route above, whose fused standard iteration runs on the wgmma kernel (one block a matrix) where
 // that serves it. Where the model picks the fused Gram iteration it stays: 48x64x128, 64x32x128 and
-// 8x128x64 ran 18.8, 13.6 and 19.7 us there against 20.0, 19.7 and 22.1 on wgmma (H100).
+// 8x128x64 ran 18.8, 13.6 and 19.7 us there against 20.0, 19.7 and 22.1 on wgmma (H100, a one-off
+// loop; python bench/ns5_diagnostics.py wgmma now prints the same comparison).
 Ns5Route choose_route(const Ns5Problem& p, std::string_view algorithm, bool rule_gram, const std::string& path,
                       const cudaDeviceProp& prop) {
   const Ns5Route route = choose_mma_route(p, algorithm, rule_gram, path, prop);

@@ -6,9 +6,9 @@
 # all: every step; tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build +
 # the op's ns5 GPU tests (CUDA kernels, graphs, grouped, the symmetric Triton route); ns5-triton =
 # build + the stream-K Gram and ns5_small GPU tests + the Triton sanitizer cases; ns5-bench = build +
-# the ns5 benchmark + the wgmma kernel's A/B + profiles of the Triton routes beside the op. ns5, ns5-triton and ns5-bench are
-# meant to fit a 10-minute run each (on an H200 the four Triton and grouped test
-# files together ran past 230 s). The study's small preset is timed apart:
+# the ns5 benchmark + the wgmma kernel's A/B + profiles of the Triton routes beside the op. ns5,
+# ns5-triton and ns5-bench are meant to fit a 10-minute run each (on an H200 the four Triton and
+# grouped test files together ran past 230 s). The study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,9 +1,9 @@
 """A short run of every CUDA kernel of muonkern::ns5 for compute-sanitizer (memcheck, racecheck):
 the fused kernel at each cluster size (both algorithms; float32 cases also with a norm outside the
-deferred-scale range and with 0 steps), the wgmma kernel (cluster "0", MUONKERN_NS5_WGMMA=1: on a
-compute capability 9.0 GPU the standard iteration up to 128 x 128 goes there), the general path (normalize, cuBLASLt, finish) and the Gram
-iteration (the same pieces and the diagonal kernel; one wide matrix with its scale deferred to the
-GEMMs), over several dtypes, orientations and odd sizes.
+deferred-scale range and with 0 steps), the wgmma kernel (cluster "0": on a compute capability 9.0
+GPU the standard iteration up to 128 x 128 goes there), the general path (normalize, cuBLASLt,
+finish) and the Gram iteration (the same pieces and the diagonal kernel; one wide matrix with its
+scale deferred to the GEMMs), over several dtypes, orientations and odd sizes.
 The multi-launch paths run three times: directly, then captured into a CUDA graph and replayed, then
 replayed.
 
@@ -63,10 +63,11 @@ cases = [case for case in CASES if case[0] in args.paths]
 # short side of 256 here, so the blocked case stays small enough for racecheck)
 os.environ["MUONKERN_NS5_DEFER_SCALE"] = "1"
 os.environ["MUONKERN_NS5_SPLIT_GRAM"] = os.environ["MUONKERN_NS5_BLOCK_SQUARE"] = "256"
+# the wgmma kernel (the default, set so an inherited MUONKERN_NS5_WGMMA=0 cannot skip it) takes the
+# fused cases of cluster "0"; a forced cluster size keeps the mma.sync kernel
+os.environ["MUONKERN_NS5_WGMMA"] = "1"
 for path, cluster, algorithm, shape, dtype in cases:
     os.environ["MUONKERN_NS5_PATH"], os.environ["MUONKERN_NS5_CLUSTER"] = path, cluster
-    # the wgmma kernel on for the fused cases without a forced cluster size (a forced one keeps mma.sync)
-    os.environ["MUONKERN_NS5_WGMMA"] = "1" if (path, cluster) == ("fused", "0") else "0"
     for _ in range(1 if path == "fused" else 3):
         out = torch.ops.muonkern.ns5(torch.randn(*shape, device="cuda", dtype=dtype), 5, None, 1e-7, algorithm)
         torch.cuda.synchronize()

@@ -282,18 +282,9 @@ def test_fused_cluster_sizes(gen, monkeypatch, cluster, algorithm, shape):
     assert_ns5_output(ns5(G, algorithm=algorithm), G)
 
 
-@cuda_kernels
-@pytest.mark.parametrize("cluster", ["1", "2", "8"])
-@pytest.mark.parametrize("algorithm", ["standard", "gram"])
-def test_fused_chained_calls_wait_for_their_input(gen, monkeypatch, cluster, algorithm):
-    """A fused launch lets the next one in the stream start early (programmatic dependent launch),
-    and each waits for the previous kernel's writes before it reads its input. A chain of calls, each
-    on the last one's output (poisoned until written), equals the same chain with the stream
-    synchronized between calls, bit for bit (the kernel is deterministic)."""
-    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
-    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
-    G = randn(gen, 12, 64, 768, device="cuda")
-    assert_fused_route(G, cluster=int(cluster), algorithm=algorithm)
+def assert_chain_matches_synchronized(G, algorithm):
+    """Six calls, each on the last one's output with nothing launched between (poisoned until
+    written), equal the same chain with the stream synchronized between calls, bit for bit."""
     poison_allocator()
     chained = [G]
     for _ in range(6):
@@ -304,6 +295,20 @@ def test_fused_chained_calls_wait_for_their_input(gen, monkeypatch, cluster, alg
         torch.cuda.synchronize()
     for step, (a, b) in enumerate(zip(chained[1:], synchronized[1:]), 1):
         assert torch.equal(a, b), f"call {step} of the chain differs from its synchronized twin"
+
+
+@cuda_kernels
+@pytest.mark.parametrize("cluster", ["1", "2", "8"])
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+def test_fused_chained_calls_wait_for_their_input(gen, monkeypatch, cluster, algorithm):
+    """A fused launch lets the next one in the stream start early (programmatic dependent launch),
+    and each waits for the previous kernel's writes before it reads its input (the kernel is
+    deterministic, so a chain must match its synchronized twin bit for bit)."""
+    monkeypatch.setenv("MUONKERN_NS5_PATH", "fused")
+    monkeypatch.setenv("MUONKERN_NS5_CLUSTER", cluster)
+    G = randn(gen, 12, 64, 768, device="cuda")
+    assert_fused_route(G, cluster=int(cluster), algorithm=algorithm)
+    assert_chain_matches_synchronized(G, algorithm)
 
 
 @cuda_kernels
@@ -683,19 +688,12 @@ def test_wgmma_kernel_input_scales(gen, monkeypatch, scale):
 
 
 @hopper
-def test_wgmma_kernel_back_to_back(gen, monkeypatch):
-    """Chained calls, each reading the previous one's output while its launch overlaps that kernel
-    (programmatic dependent launch), equal the same calls with the device synchronized between them."""
-    G = randn(gen, 48, 128, 128, device="cuda")
-    chained, synced = G, G
-    for _ in range(4):
-        chained = on_wgmma(monkeypatch, chained * 1.5)  # a kernel before and after each call
-    for _ in range(4):
-        synced = synced * 1.5
-        torch.cuda.synchronize()
-        synced = on_wgmma(monkeypatch, synced)
-        torch.cuda.synchronize()
-    assert torch.equal(chained, synced)  # the same kernel on the same inputs: bit for bit
+def test_wgmma_kernel_chained_calls_wait_for_their_input(gen, monkeypatch):
+    """The wgmma kernel is a programmatic dependent launch too: a chain of its calls, each launched
+    straight after the last, reads every input only after the kernel before has written it."""
+    monkeypatch.delenv("MUONKERN_NS5_PATH", raising=False)
+    monkeypatch.setenv("MUONKERN_NS5_WGMMA", "1")
+    assert_chain_matches_synchronized(randn(gen, 48, 128, 128, device="cuda"), "standard")
 
 
 @hopper
