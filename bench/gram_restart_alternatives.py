@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from muonkern.ops.fallback import dense_gram_products, gram_iteration, ns5_reference
+from muonkern.ops.fallback import dense_gram_products, gram_iteration, ns5_reference, products_for
 from muonkern.ops.ns5_args import gram_restart_steps, step_coefficients
 from muonkern.orthogonality import ill_conditioned, polar_distance, polar_factor
 
@@ -37,7 +37,7 @@ def shifted(product, k: float):
 def gram_variant(G: torch.Tensor, restarts, shift: float | None) -> torch.Tensor:
     X0 = G.bfloat16()
     X0 = X0 / (torch.linalg.vector_norm(X0, dim=(-2, -1), keepdim=True) + 1e-7)
-    products = dense_gram_products(G.size(-2) <= G.size(-1))
+    products = dense_gram_products(G.size(-2) <= G.size(-1), products_for(X0))
     if shift is not None:
         products = products._replace(gram=shifted(products.gram, shift), conjugate=shifted(products.conjugate, shift))
     return gram_iteration(X0, step_coefficients(STEPS, None), restarts, products)

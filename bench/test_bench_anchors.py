@@ -39,9 +39,9 @@ import pytest
 import torch
 
 from measure import built_table, register_report, shape_str
+from reference_ns5 import reference_ns5
 from test_bench_ns5 import gpt2_small_matrices, muonkern_label
 
-from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
 from muonkern.orthogonality import polar_distance, polar_factor, singular_value_error
 
@@ -84,7 +84,7 @@ def _anchor_module(folder: str, module: str):
 
 
 def _reference() -> Impl:
-    return Impl(lambda G: ns5_reference(G, 5, None, EPS, "standard"), _fixed("reference"))
+    return Impl(lambda G: reference_ns5(G, 5, EPS), _fixed("reference"))
 
 
 def _muonkern() -> Impl:

@@ -9,7 +9,7 @@ GPU (the baseline shapes, fp32 inputs):
                       GRAPH_SHAPES, the launch-bound ones, where graphs save most
   muonkern standard   algorithm="standard" and algorithm="gram" side by side, on the Gram shapes only
   muonkern gram       (GRAM_SHAPES; TFLOP/s of every row count the standard iteration's FLOPs)
-  reference           muonkern.ops.fallback.ns5_reference, eager: KellerJordan/Muon's algorithm
+  reference           bench/reference_ns5.py, eager: KellerJordan/Muon's iteration as written
   reference_compiled  torch.compile of the reference (default mode, one static graph per shape)
   torch_optim_muon    torch.optim.Muon's internal _zeropower_via_newtonschulz (2-D only)
   muonkern triton-sym muonkern.ops.triton_symmetric.ns5_symmetric: X Xᵀ and a·I + b·A + c·A·A by the
@@ -40,9 +40,9 @@ import os
 import pytest
 import torch
 from measure import built_table, environment, markdown, register_report, rotating_inputs, shape_str, time_rotating
+from reference_ns5 import reference_ns5
 
 from muonkern.ops import triton_gram, triton_small, triton_symmetric
-from muonkern.ops.fallback import ns5_reference
 from muonkern.ops.ns5_args import JORDAN_COEFFICIENTS
 from muonkern.ops.ns5_routing import ns5_route
 
@@ -70,7 +70,7 @@ def _muonkern(G):
 
 
 def _reference(G):
-    return ns5_reference(G, 5, None, 1e-7, "standard")
+    return reference_ns5(G)
 
 
 def _reference_compiled(G):
@@ -80,8 +80,8 @@ def _reference_compiled(G):
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        _compiled_reference = torch.compile(ns5_reference, dynamic=False)
-    return _compiled_reference(G, 5, None, 1e-7, "standard")
+        _compiled_reference = torch.compile(reference_ns5, dynamic=False)
+    return _compiled_reference(G)
 
 
 def _torch_optim_muon(G):

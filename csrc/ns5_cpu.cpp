@@ -19,9 +19,9 @@ at::Tensor ns5_cpu(const at::Tensor& G, int64_t steps, std::optional<at::ArrayRe
   if (transposed) X = X.mT();
   for (int64_t s = 0; s < steps; ++s) {
     const double a = abc[3 * s], b = abc[3 * s + 1], c = abc[3 * s + 2];
-    at::Tensor A = at::matmul(X, X.mT());
-    at::Tensor B = A * b + at::matmul(A, A) * c;
-    X = X * a + at::matmul(B, X);
+    at::Tensor A = ns5_matmul(X, X.mT());
+    at::Tensor B = A * b + ns5_matmul(A, A) * c;
+    X = X * a + ns5_matmul(B, X);
   }
   if (transposed) X = X.mT();
   return X.to(G.scalar_type()).contiguous();

@@ -19,6 +19,20 @@
 
 namespace muonkern {
 
+namespace {
+bool emulated_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 && t.device().is_cpu(); }
+}  // namespace
+
+at::Tensor ns5_matmul(const at::Tensor& a, const at::Tensor& b) {
+  if (!emulated_bf16(a)) return at::matmul(a, b);
+  return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).to(at::kBFloat16);
+}
+
+at::Tensor ns5_baddbmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  if (!emulated_bf16(c)) return at::baddbmm(c, a, b, beta, alpha);
+  return at::baddbmm(c.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat), beta, alpha).to(at::kBFloat16);
+}
+
 at::Tensor ns5_normalized(const at::Tensor& G, double eps) {
   const at::Tensor X = G.to(at::kBFloat16);
   return X / (at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true) + eps);
@@ -31,14 +45,14 @@ at::Tensor ns5_gram(const at::Tensor& G, const std::vector<double>& abc, double 
   const at::Tensor X0 = ns5_normalized(G, eps);
   const int64_t batch = c10::multiply_integers(G.sizes().begin(), G.sizes().end() - 2);
   at::Tensor X = X0.reshape({batch, m, n});
-  const auto gram = [wide](const at::Tensor& Y) { return wide ? at::bmm(Y, Y.mT()) : at::bmm(Y.mT(), Y); };
+  const auto gram = [wide](const at::Tensor& Y) { return wide ? ns5_matmul(Y, Y.mT()) : ns5_matmul(Y.mT(), Y); };
   // Q Y for a wide Y, Y Q for a tall one.
-  const auto apply = [wide](const at::Tensor& Q, const at::Tensor& Y) { return wide ? at::bmm(Q, Y) : at::bmm(Y, Q); };
+  const auto apply = [wide](const at::Tensor& Q, const at::Tensor& Y) { return wide ? ns5_matmul(Q, Y) : ns5_matmul(Y, Q); };
   at::Tensor R = gram(X), Q;  // Q undefined: the identity
   for (int64_t s = 1; s <= steps; ++s) {
     const double a = abc[3 * (s - 1)], b = abc[3 * (s - 1) + 1], c = abc[3 * (s - 1) + 2];
     // baddbmm with alpha = 0 ignores beta for bf16 on CPU (torch 2.14): c = 0 takes b R alone.
-    at::Tensor P = c != 0 ? at::baddbmm(R, R, R, b, c) : R * b;
+    at::Tensor P = c != 0 ? ns5_baddbmm(R, R, R, b, c) : R * b;
     P.diagonal(0, -2, -1).add_(a);
     Q = Q.defined() ? apply(P, Q) : P;
     if (s == steps) break;
@@ -47,7 +61,7 @@ at::Tensor ns5_gram(const at::Tensor& G, const std::vector<double>& abc, double 
       Q = at::Tensor();
       R = gram(X);
     } else {
-      R = at::bmm(at::bmm(P, R), P);
+      R = ns5_matmul(ns5_matmul(P, R), P);
     }
   }
   const at::Tensor out = Q.defined() ? apply(Q, X) : X;

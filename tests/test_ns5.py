@@ -285,3 +285,23 @@ def test_fallback_agrees_with_extension(forced_fallback_run):
             "gram": ns5(inputs["G"], algorithm="gram"), "gram_tall": ns5(inputs["tall"], 5, POLAR_EXPRESS, algorithm="gram")}
     diffs = {name: relative_difference(out, fallback[name]) for name, out in ours.items()}
     assert max(diffs.values()) <= EXT_VS_FALLBACK_RTOL, json.dumps(diffs)
+
+
+def test_cpu_bf16_products_accumulate_in_fp32_and_round_once(gen):
+    """On CPU the fallback's bf16 GEMMs (and the CPU kernel's, which test_fallback_agrees_with_extension
+    ties to them) run as fp32 GEMMs of the bf16 values. Bound for each entry: one rounding to bf16
+    (u = 2^-8 of the result) plus fp32 accumulation over k terms (k 2^-24 sum |a||b|). Over 10 seeds
+    the worst entry reached 0.94-0.98 of it (one rounding nearly reaches u); an accumulation in bf16
+    missed it 53-88-fold, a second rounding (through fp16) 1.02-1.09-fold, the product rounded
+    before beta C is added 2.3-2.9-fold."""
+    from muonkern.ops.fallback import products_for
+    from reference import BF16_U
+    k = 200
+    a, b, C = (randn(gen, 3, 48, k).bfloat16(), randn(gen, 3, k, 40).bfloat16(), randn(gen, 3, 48, 40).bfloat16())
+    matmul, baddbmm = products_for(a)
+    exact, magnitude = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+    for (beta, alpha), out in [((0.0, 1.0), matmul(a, b)), ((0.5, -1.5), baddbmm(C, a, b, 0.5, -1.5))]:
+        assert out.dtype == torch.bfloat16
+        want = beta * C.double() + alpha * exact
+        accumulation = k * 2.0 ** -24 * (abs(beta) * C.double().abs() + abs(alpha) * magnitude)
+        assert ((out.double() - want).abs() <= BF16_U * want.abs() + (1 + BF16_U) * accumulation).all()

@@ -1,11 +1,11 @@
 """Pure-PyTorch implementations of muonkern's ops.
 
 `ns5_reference` is the reference iteration itself (KellerJordan/Muon's zeropower_via_newtonschulz5,
-batched over leading dims, with per-step coefficients) or, with algorithm="gram", the same polynomial
-through the Gram matrix (`gram_iteration`); `dirquad_reference` the per-parameter dot products of the
-curvature probes. They run on any device and are what `torch.ops.muonkern.*` executes when the
-compiled extension is absent. The C++ CPU kernel and the Gram path (CPU and CUDA) run the same ATen
-ops in the same order; the CUDA standard path runs its own kernels.
+batched over leading dims, with per-step coefficients; on CPU its bf16 GEMMs run in fp32, see
+`products_for`) or, with algorithm="gram", the same polynomial through the Gram matrix
+(`gram_iteration`); `dirquad_reference` the per-parameter dot products of the curvature probes.
+They run on any device and are what `torch.ops.muonkern.*` executes when the compiled extension is
+absent. The C++ CPU kernel runs the same ATen ops in the same order; the CUDA kernels run their own.
 """
 from __future__ import annotations
 
@@ -31,18 +31,48 @@ def ns5_reference(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float]
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
+    matmul = products_for(X).matmul
     for a, b, c in triples:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        A = matmul(X, X.mT)
+        B = b * A + c * matmul(A, A)
+        X = a * X + matmul(B, X)
     if transposed:
         X = X.mT
     return X.to(G.dtype).contiguous()
 
 
+class Products(NamedTuple):
+    """The GEMMs of the iterations: matmul(a, b) and baddbmm(C, A, B, beta, alpha), each accumulated
+    in fp32 and rounded once to the operands' dtype."""
+
+    matmul: Callable
+    baddbmm: Callable
+
+
+def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a.float(), b.float()).to(a.dtype)
+
+
+def _fp32_baddbmm(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    return torch.baddbmm(C.float(), A.float(), B.float(), beta=beta, alpha=alpha).to(C.dtype)
+
+
+NATIVE_PRODUCTS = Products(torch.matmul, lambda C, A, B, beta, alpha: torch.baddbmm(C, A, B, beta=beta, alpha=alpha))
+
+
+def products_for(X: torch.Tensor) -> Products:
+    """The GEMMs for X's dtype and device, chosen once per call. bf16 on CPU runs as fp32 GEMMs of the
+    bf16 values: their products are exact in fp32, so it is the same arithmetic, and ATen's CPU
+    bf16 GEMM ran 25-80x slower on a CPU without bf16 matrix instructions (README, *CPU*). The C++
+    CPU kernel does the same (csrc/ns5_gram.cpp, ns5_matmul)."""
+    if X.dtype == torch.bfloat16 and X.device.type == "cpu":
+        return Products(_fp32_matmul, _fp32_baddbmm)
+    return NATIVE_PRODUCTS
+
+
 class GramProducts(NamedTuple):
-    """The products of the Gram iteration, on (batch, ·, ·) tensors: `dense_gram_products` are the
-    reference's (torch.bmm); muonkern.ops.triton_gram computes the symmetric ones on one triangle."""
+    """The products of the Gram iteration, on (batch, ·, ·) tensors: `dense_gram_products` are
+    dense GEMMs (`matmul`, `baddbmm`); muonkern.ops.triton_gram computes the symmetric ones on one triangle."""
 
     gram: Callable         # Y -> Y Yᵀ (wide) or Yᵀ Y (tall)
     polynomial: Callable   # (R, a, b, c) -> a I + b R + c R R
@@ -52,20 +82,22 @@ class GramProducts(NamedTuple):
     output: Callable       # (Q, X) -> the result, apply's product (in the result's dtype where it can)
 
 
-def dense_gram_products(wide: bool) -> GramProducts:
+def dense_gram_products(wide: bool, dense: Products = NATIVE_PRODUCTS) -> GramProducts:
+    matmul, baddbmm = dense
+
     def gram(Y):
-        return torch.bmm(Y, Y.mT) if wide else torch.bmm(Y.mT, Y)
+        return matmul(Y, Y.mT) if wide else matmul(Y.mT, Y)
 
     def polynomial(R, a, b, c):
         # baddbmm with alpha = 0 ignores beta for bf16 on CPU (torch 2.14): c = 0 takes b R alone
-        P = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0 else R * b
+        P = baddbmm(R, R, R, beta=b, alpha=c) if c != 0 else R * b
         P.diagonal(dim1=-2, dim2=-1).add_(a)
         return P
 
     def apply(Q, Y):
-        return torch.bmm(Q, Y) if wide else torch.bmm(Y, Q)
+        return matmul(Q, Y) if wide else matmul(Y, Q)
 
-    return GramProducts(gram, polynomial, apply, lambda P, R: torch.bmm(torch.bmm(P, R), P), apply, apply)
+    return GramProducts(gram, polynomial, apply, lambda P, R: matmul(matmul(P, R), P), apply, apply)
 
 
 def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
@@ -80,7 +112,7 @@ def gram_iteration(X0: torch.Tensor, triples: Sequence[tuple[float, float, float
     CPU kernel runs the same ops (csrc/ns5_gram.cpp); the CUDA kernel the same products on cuBLASLt.
     `products` (default: `dense_gram_products`) computes them."""
     wide = X0.size(-2) <= X0.size(-1)
-    products = products or dense_gram_products(wide)
+    products = products or dense_gram_products(wide, products_for(X0))
     Q, X = gram_factors(X0.reshape(math.prod(X0.shape[:-2]), X0.size(-2), X0.size(-1)), triples, restarts, products)
     out = X if Q is None else products.output(Q, X)
     return out.reshape(X0.shape)
