@@ -12,7 +12,8 @@ Per shape, after 3 warm-up calls (so plans, graphs and algorithm timing are done
     kernels' busy time inside it, the idle rest and the longest gaps between kernels;
   - the time per call of 20 back-to-back calls, once as issued and once queued behind a GPU sleep
     (the host then enqueues every launch before the GPU reaches them: what remains is the GPU's own
-    time, its launch gaps included).
+    time, its launch gaps included), and the host's own time per call in the queued run (enqueueing
+    only: the GPU cannot hold it back). A call costs about the larger of the two.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -53,17 +55,20 @@ def gpu_timeline(prof, calls: int) -> str:
     return "\n".join(lines)
 
 
-def per_call_ms(run, calls: int, preload: bool) -> float:
+def per_call_ms(run, calls: int, preload: bool) -> tuple[float, float]:
+    """(GPU ms, host ms) per call of `calls` back-to-back calls."""
     torch.cuda.synchronize()
-    if preload:  # the GPU sleeps while the host enqueues everything below
+    if preload:  # the GPU sleeps (~0.1 s) while the host enqueues everything below
         torch.cuda._sleep(200_000_000)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    host_start = time.perf_counter()
     for _ in range(calls):
         run()
+    host_ms = (time.perf_counter() - host_start) * 1e3 / calls
     stop.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(stop) / calls
+    return start.elapsed_time(stop) / calls, host_ms
 
 
 IMPLS = ("op", "triton-gram", "triton-small")
@@ -110,8 +115,10 @@ def main() -> None:
         print(f"{'x'.join(map(str, shape))}, {what}, {args.calls} calls")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
         print(gpu_timeline(prof, args.calls))
-        issued, queued = per_call_ms(run, 20, preload=False), per_call_ms(run, 20, preload=True)
-        print(f"per call: {issued:.4f} ms as issued, {queued:.4f} ms queued behind a GPU sleep\n")
+        issued, _ = per_call_ms(run, 20, preload=False)
+        queued, host = per_call_ms(run, 20, preload=True)
+        print(f"per call: {issued:.4f} ms as issued, {queued:.4f} ms queued behind a GPU sleep; "
+              f"host enqueue {host:.4f} ms\n")
 
 
 if __name__ == "__main__":
