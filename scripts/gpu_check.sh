@@ -2,19 +2,21 @@
 # On a GPU machine: rebuild the extension, run the GPU tests, compute-sanitizer on every kernel
 # family, and the benchmarks. Logs and tables go to OUT (default gpu_check) and, after every
 # step, to OUT.tar (or $GPU_CHECK_TAR), so a run cut short still leaves what it did.
-#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5|ns5-triton|ns5-bench]
+#   bash scripts/gpu_check.sh [OUT] [all|tests|bench|ns5|ns5-triton|ns5-bench|cpu-bench]
 # all: every step; tests = build + GPU tests + sanitizers; bench = build + benchmarks; ns5 = build +
 # the op's ns5 GPU tests (CUDA kernels, graphs, grouped, the symmetric Triton route); ns5-triton =
 # build + the stream-K Gram and ns5_small GPU tests + the Triton sanitizer cases; ns5-bench = build +
 # the ns5 benchmark + the wgmma kernel's A/B + profiles of the Triton routes beside the op. ns5,
 # ns5-triton and ns5-bench are meant to fit a 10-minute run each (on an H200 the four Triton and
-# grouped test files together ran past 230 s). The study's small preset is timed apart:
+# grouped test files together ran past 230 s). cpu-bench = build + the CPU ns5 benchmark on the GPU
+# machine's host, whose CPU may have the bf16 matrix instructions CI's lacks (README, "CPU"). The
+# study's small preset is timed apart:
 # time python -m muonkern.study --preset small --out runs/study-small
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)"
 phase="${2:-all}"
-[[ "$phase" =~ ^(all|tests|bench|ns5|ns5-triton|ns5-bench)$ ]] || { echo "phase must be all, tests, bench, ns5, ns5-triton or ns5-bench, got '$phase'"; exit 2; }
+[[ "$phase" =~ ^(all|tests|bench|ns5|ns5-triton|ns5-bench|cpu-bench)$ ]] || { echo "phase must be all, tests, bench, ns5, ns5-triton, ns5-bench or cpu-bench, got '$phase'"; exit 2; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MUONKERN_BENCH_OUT="$out" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME COMMAND...: runs, logs to NAME.log, records a failure without stopping
@@ -75,6 +77,10 @@ if [[ "$phase" == ns5-bench ]]; then
   step profile_gram python bench/ns5_profile.py --impl triton-gram --shape 2048x8192 --shape 1024x4096
   step profile_small python bench/ns5_profile.py --impl triton-small --shape 48x128x128 --shape 12x64x768
   step profile_fused python bench/ns5_profile.py --algorithm standard --shape 48x128x128 --shape 12x64x768
+fi
+if [[ "$phase" == cpu-bench ]]; then
+  lscpu > "$out/lscpu.txt" 2>&1
+  step bench_ns5_cpu env MUONKERN_BENCH_CPU=1 python -m pytest -q bench/test_bench_ns5.py -k test_ns5_cpu
 fi
 if [[ "$phase" == all || "$phase" == bench ]]; then
   # torch.compile of the reference per shape takes minutes; the full table: python -m pytest bench -q
