@@ -10,8 +10,8 @@ namespace muonkern {
 
 // a b and beta c + alpha a b (batched), accumulated in fp32 and rounded once to the operands' dtype.
 // bf16 on CPU runs as fp32 GEMMs of the bf16 values (exact products, so the same arithmetic): ATen's
-// CPU bf16 GEMM is many times slower without bf16 matrix instructions. The fallback's matmul and
-// baddbmm (muonkern/ops/fallback.py) do the same, so the two agree bitwise.
+// CPU bf16 GEMM is many times slower without bf16 matrix instructions. The fallback's products
+// (muonkern/ops/fallback.py, products_for) are the same ATen ops, so the two agree bitwise.
 at::Tensor ns5_matmul(const at::Tensor& a, const at::Tensor& b);
 at::Tensor ns5_baddbmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha);
 

@@ -63,7 +63,7 @@ NATIVE_PRODUCTS = Products(torch.matmul, lambda C, A, B, beta, alpha: torch.badd
 def products_for(X: torch.Tensor) -> Products:
     """The GEMMs for X's dtype and device, chosen once per call. bf16 on CPU runs as fp32 GEMMs of the
     bf16 values: their products are exact in fp32, so it is the same arithmetic, and ATen's CPU
-    bf16 GEMM ran 25-80x slower on a CPU without bf16 matrix instructions (README, *CPU*). The C++
+    bf16 GEMM ran 4-90x slower, by layout, on a CPU without bf16 matrix instructions (README, *CPU*). The C++
     CPU kernel does the same (csrc/ns5_gram.cpp, ns5_matmul)."""
     if X.dtype == torch.bfloat16 and X.device.type == "cpu":
         return Products(_fp32_matmul, _fp32_baddbmm)
