@@ -47,7 +47,10 @@ POLAR_EXPRESS = [
 #     3x5 0.210 | 1x50 0.322 (its first step has |b| = 22.5, |c| = 15.9: ~4x more cancellation)
 # Those ran ATen's CPU bf16 GEMMs; the fp32 GEMMs of the bf16 values that the fallback and the CPU
 # kernel run since (README, *CPU*) gave the same errors to the last digit at 4x4, 16x16 and 1x7 on
-# four seeds of 512 matrices each, and within a few thousandths on the shapes above.
+# four seeds of 512 matrices each, and within a few thousandths on the shapes above. Square tiny
+# matrices have a heavy tail: over 20000 Gaussian 4x4 ones the 99.9th percentile is 0.30 and the
+# worst 0.52 (1.4e-3 of them exceed BF16_RTOL_TINY), so no test checks square tiny inputs against it;
+# 3x5, 5x3 and 2x7 stay within 0.20 (their 99.9th percentile 0.11-0.15).
 # On an H100 (first GPU run) the CUDA kernels, which accumulate in fp32 and apply the polynomial in
 # fp32 epilogues, measured 0.009..0.021 on the same kind of inputs, about half the reference's.
 # Tiny matrices are worse because a Gaussian 3x5 or 4x4 is often ill-conditioned and the bf16
