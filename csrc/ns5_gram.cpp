@@ -15,12 +15,35 @@
 
 #include <algorithm>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "ns5_common.h"
 
 namespace muonkern {
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7 || !__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return false;
+    unsigned xcr0 = 0, xcr0_high = 0;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0 & 0xE6) != 0xE6) return false;  // the OS saves SSE, AVX and AVX-512 (opmask, ZMM) state
+    __cpuid_count(7, 1, a, b, c, d);
+    return (a & (1u << 5)) != 0;  // CPUID.(EAX=7, ECX=1):EAX[5] = AVX512_BF16
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 namespace {
-bool emulated_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 && t.device().is_cpu(); }
+bool emulated_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && !cpu_has_avx512_bf16();
+}
 }  // namespace
 
 at::Tensor ns5_matmul(const at::Tensor& a, const at::Tensor& b) {

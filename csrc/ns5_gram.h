@@ -8,10 +8,16 @@
 
 namespace muonkern {
 
+// Whether the CPU has AVX512-BF16 (and the OS saves AVX-512 state): there ATen's CPU bf16 GEMM runs
+// on bf16 instructions (AMX too where present) and beats fp32 GEMMs; without them it is many times
+// slower than fp32 (README, "CPU"). The same test as torch.cpu._is_avx512_bf16_supported(), which
+// the fallback asks (muonkern/ops/fallback.py, products_for).
+bool cpu_has_avx512_bf16();
+
 // a b and beta c + alpha a b (batched), accumulated in fp32 and rounded once to the operands' dtype.
-// bf16 on CPU runs as fp32 GEMMs of the bf16 values (exact products, so the same arithmetic): ATen's
-// CPU bf16 GEMM is many times slower without bf16 matrix instructions. The fallback's products
-// (muonkern/ops/fallback.py, products_for) are the same ATen ops, so the two agree bitwise.
+// bf16 on a CPU without AVX512-BF16 runs as fp32 GEMMs of the bf16 values (exact products, so the
+// same arithmetic). The fallback's products (products_for) are the same ATen ops, so the two agree
+// bitwise.
 at::Tensor ns5_matmul(const at::Tensor& a, const at::Tensor& b);
 at::Tensor ns5_baddbmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha);
 

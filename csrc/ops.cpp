@@ -8,6 +8,7 @@
 
 #include "dirquad.h"
 #include "ns5_common.h"
+#include "ns5_gram.h"
 #ifdef MUONKERN_WITH_CUDA
 #include "ns5_graphs.h"
 #include "ns5_route.h"
@@ -22,6 +23,10 @@ PyObject* ns5_auto_algorithm(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "LLL", &m, &n, &steps)) return nullptr;
   return PyUnicode_FromString(muonkern::ns5_use_gram("auto", m, n, steps) ? "gram" : "standard");
 }
+
+// muonkern._C.cpu_has_avx512_bf16(): the CPU kernel's rule for its bf16 GEMMs (csrc/ns5_gram.h), so
+// a test can hold it against the fallback's (torch.cpu._is_avx512_bf16_supported()).
+PyObject* cpu_has_avx512_bf16(PyObject*, PyObject*) { return PyBool_FromLong(muonkern::cpu_has_avx512_bf16()); }
 
 // The graph counters of csrc/ns5_graphs.h, for tests: muonkern._C.ns5_cached_graphs() (CUDA graphs
 // the ns5 op has captured) and ns5_graph_bytes() (the memory they count against
@@ -62,6 +67,7 @@ PyObject* ns5_cuda_route(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"ns5_auto_algorithm", ns5_auto_algorithm, METH_VARARGS, "ns5_auto_algorithm(m, n, steps) -> 'gram' | 'standard'"},
+    {"cpu_has_avx512_bf16", cpu_has_avx512_bf16, METH_NOARGS, "cpu_has_avx512_bf16() -> bool"},
     {"ns5_cached_graphs", graph_counter<cached_graphs>, METH_NOARGS, "ns5_cached_graphs() -> int"},
     {"ns5_graph_bytes", graph_counter<graph_bytes>, METH_NOARGS, "ns5_graph_bytes() -> int"},
 #ifdef MUONKERN_WITH_CUDA

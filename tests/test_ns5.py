@@ -289,7 +289,8 @@ def test_fallback_agrees_with_extension(forced_fallback_run):
 
 def test_cpu_bf16_products_accumulate_in_fp32_and_round_once(gen):
     """On CPU the fallback's bf16 GEMMs (and the CPU kernel's, which test_fallback_agrees_with_extension
-    ties to them) run as fp32 GEMMs of the bf16 values. Bound for each entry: one rounding to bf16
+    ties to them) run as fp32 GEMMs of the bf16 values, or as ATen's bf16 GEMM on a CPU with
+    AVX512-BF16; either must meet the GPU's arithmetic. Bound for each entry: one rounding to bf16
     (u = 2^-8 of the result) plus fp32 accumulation over k terms (k 2^-24 sum |a||b|). Over 10 seeds
     the worst entry reached 0.94-0.98 of it (one rounding nearly reaches u); an accumulation in bf16
     missed it 53-88-fold, a second rounding (through fp16) 1.02-1.09-fold, the product rounded
@@ -305,3 +306,13 @@ def test_cpu_bf16_products_accumulate_in_fp32_and_round_once(gen):
         want = beta * C.double() + alpha * exact
         accumulation = k * 2.0 ** -24 * (abs(beta) * C.double().abs() + abs(alpha) * magnitude)
         assert ((out.double() - want).abs() <= BF16_U * want.abs() + (1 + BF16_U) * accumulation).all()
+
+
+def test_cpu_kernel_and_fallback_pick_their_bf16_gemms_alike():
+    """Both use ATen's bf16 GEMM where the CPU has AVX512-BF16 and fp32 GEMMs of the bf16 values
+    elsewhere (README, *CPU*); on large matrices the two round differently, so a split rule would
+    break their bitwise agreement only there, where test_fallback_agrees_with_extension does not look."""
+    if muonkern.backend() == "fallback":
+        pytest.skip("no compiled extension: its rule cannot be asked")
+    from muonkern.ops.fallback import cpu_has_avx512_bf16
+    assert muonkern._C.cpu_has_avx512_bf16() is cpu_has_avx512_bf16()
