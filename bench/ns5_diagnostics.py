@@ -10,6 +10,8 @@
                                                        # the triangle kernel, stream-K per configuration and
                                                        # program count; whole calls (host time included)
     python bench/ns5_diagnostics.py streamk-once       # three launches of each Triton kernel at 2048², for ncu
+    python bench/ns5_diagnostics.py reference-ab       # the benchmarks' reference against the fallback's
+                                                       # ns5_reference (the one before), alternated
 
 Needs a CUDA GPU (symmetric-configs and streamk also triton).
 """
@@ -187,9 +189,23 @@ def streamk_once() -> None:
     torch.cuda.synchronize()
 
 
+def reference_ab() -> None:
+    """README (*Benchmarks*): bench/reference_ns5.py against muonkern.ops.fallback.ns5_reference (the
+    same ATen ops on a GPU plus the op's argument checks), new, old, new, old: the median of 5 rounds
+    of 50 back-to-back calls, µs a call."""
+    from reference_ns5 import reference_ns5
+
+    from muonkern.ops.fallback import ns5_reference
+    for shape in [(48, 128, 128), (12, 64, 768), (768, 768), (768, 3072), (1024, 4096)]:
+        G = torch.randn(shape, device="cuda")
+        calls = [("new", lambda: reference_ns5(G)), ("old", lambda: ns5_reference(G, 5, None, 1e-7, "standard"))] * 2
+        print(shape, " | ".join(f"{name} {_median_in_us(back_to_back_ms(fn, calls=50)):.1f}" for name, fn in calls), "us")
+
+
 def main() -> None:
     jobs = {"pair-spread": pair_spread, "symmetric-configs": symmetric_configs, "fused-clusters": fused_clusters,
-            "graph-bytes": graph_bytes, "streamk": streamk, "streamk-once": streamk_once, "wgmma": wgmma}
+            "graph-bytes": graph_bytes, "streamk": streamk, "streamk-once": streamk_once, "wgmma": wgmma,
+            "reference-ab": reference_ab}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=list(jobs))
     job = parser.parse_args().job

@@ -45,12 +45,11 @@ POLAR_EXPRESS = [
 #     128x32 0.047 | 64x64 0.036 (0.030)
 #   Polar Express:        32x128 0.065 (0.049) | 128x32 0.063 | 64x64 0.044 | 16x16 0.115
 #     3x5 0.210 | 1x50 0.322 (its first step has |b| = 22.5, |c| = 15.9: ~4x more cancellation)
-# Those ran ATen's CPU bf16 GEMMs; the fp32 GEMMs of the bf16 values that the fallback and the CPU
-# kernel run since (README, *CPU*) gave the same errors to the last digit at 4x4, 16x16 and 1x7 on
-# four seeds of 512 matrices each, and within a few thousandths on the shapes above. Square tiny
-# matrices have a heavy tail: over 20000 Gaussian 4x4 ones the 99.9th percentile is 0.30 and the
-# worst 0.52 (1.4e-3 of them exceed BF16_RTOL_TINY), so no test checks square tiny inputs against it;
-# 3x5, 5x3 and 2x7 stay within 0.20 (their 99.9th percentile 0.11-0.15).
+# Those ran ATen's CPU bf16 GEMMs, before the CPU kernel's fp32 GEMMs of the bf16 values (README,
+# *CPU*). Square tiny matrices have a heavy tail (`python bench/cpu_measurements.py tiny-tail`): over
+# 20000 Gaussian 4x4 ones the 99.9th percentile is 0.30 and the worst 0.52 (1.4e-3 of them exceed
+# BF16_RTOL_TINY), so no test checks square tiny inputs against it; 3x5, 5x3 and 2x7 stay within
+# 0.20 (their 99.9th percentile 0.11-0.15).
 # On an H100 (first GPU run) the CUDA kernels, which accumulate in fp32 and apply the polynomial in
 # fp32 epilogues, measured 0.009..0.021 on the same kind of inputs, about half the reference's.
 # Tiny matrices are worse because a Gaussian 3x5 or 4x4 is often ill-conditioned and the bf16
@@ -254,3 +253,15 @@ def muon_scale(rows: int, cols: int, adjust_lr: str = "original") -> float:
         return max(1.0, rows / cols) ** 0.5
     assert adjust_lr == "match_rms_adamw"
     return 0.2 * (max(rows, cols) ** 0.5)
+
+
+def bf16_product_excess(out: torch.Tensor, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float,
+                        alpha: float) -> float:
+    """The worst entry of |out - (beta C + alpha a b)| over the bound of a bf16 GEMM with fp32
+    accumulation: one rounding to bf16 (BF16_U of the result) plus fp32 accumulation over the k
+    terms (k 2^-24 sum |terms|). At most 1 for that arithmetic; a, b (..., m, k), (..., k, n)."""
+    k = a.size(-1)
+    want = beta * C.double() + alpha * (a.double() @ b.double())
+    magnitude = abs(beta) * C.double().abs() + abs(alpha) * (a.double().abs() @ b.double().abs())
+    bound = BF16_U * want.abs() + (1 + BF16_U) * k * 2.0 ** -24 * magnitude
+    return ((out.double() - want).abs() / bound).max().item()
